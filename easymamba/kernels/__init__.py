@@ -1,0 +1,125 @@
+"""Mamba-2 kernels: the SSD scan, the depthwise causal conv1d, and their single-token decode steps.
+
+Public entry points (shapes in `easymamba.typing` letters):
+
+    y, final_state = ssd(x [b,l,h,p], dt [b,l,h], A [h], B [b,l,g,n], C [b,l,g,n], *, chunk_size, ...)
+    y, conv_state  = causal_conv1d(x [b,l,c], weight [c,k], bias=None, *, activation="silu", ...)
+    y, conv_state  = causal_conv1d_update(x [b,c], conv_state [b,c,k], weight, bias=None, *, activation)
+    y, ssm_state   = selective_state_update(ssm_state [b,h,p,n], x [b,h,p], dt [b,h], A, B [b,g,n], C, ...)
+
+`impl` is resolved in `dispatch.py` (see `describe()`); the pure-JAX references (`ssd_naive`, `ssd_chunked`,
+`segsum`, `selective_state_update_ref`, `causal_conv1d_ref`, `causal_conv1d_update_ref`) are re-exported.
+"""
+
+import math
+
+import jax
+
+from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
+from easymamba.kernels.dispatch import describe, resolve_impl
+from easymamba.kernels.ssd_reference import segsum, selective_state_update_ref, ssd_chunked, ssd_naive
+
+__all__ = [
+    "ssd",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "selective_state_update",
+    "ssd_naive",
+    "ssd_chunked",
+    "segsum",
+    "selective_state_update_ref",
+    "causal_conv1d_ref",
+    "causal_conv1d_update_ref",
+    "describe",
+]
+
+_SSD_STATIC = ("chunk_size", "dt_softplus", "dt_limit")
+_ssd_xla = jax.jit(ssd_chunked, static_argnames=_SSD_STATIC)
+_conv_xla = jax.jit(causal_conv1d_ref, static_argnames=("activation",))
+_conv_update_xla = jax.jit(causal_conv1d_update_ref, static_argnames=("activation",))
+_state_update_xla = jax.jit(selective_state_update_ref, static_argnames=("dt_softplus", "dt_limit"))
+
+
+def _static_limit(dt_limit) -> tuple[float, float]:
+    """dt_limit as a hashable pair of Python floats, so it can be a static jit argument."""
+    low, high = dt_limit
+    return float(low), float(high)
+
+
+def ssd(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    chunk_size: int,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus: bool = False,
+    dt_limit=(0.0, math.inf),
+    initial_state=None,
+    seq_idx=None,
+    impl: str = "auto",
+):
+    """The Mamba-2 SSD scan; returns (y [b,l,h,p], final_state [b,h,p,n]) in promote(x.dtype, float32).
+
+    Semantics: `ssd_naive` (the recurrence) — see `easymamba.kernels.ssd_reference` for the math, seq_idx and
+    dtype rules. `impl` in ("auto", "pallas", "xla", "reference"), resolved by `dispatch.resolve_impl`.
+    """
+    impl = resolve_impl(impl, "ssd")
+    fn = _ssd_xla if impl == "xla" else ssd_chunked
+    return fn(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size=chunk_size,
+        D=D,
+        z=z,
+        dt_bias=dt_bias,
+        dt_softplus=bool(dt_softplus),
+        dt_limit=_static_limit(dt_limit),
+        initial_state=initial_state,
+        seq_idx=seq_idx,
+    )
+
+
+def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None, seq_idx=None, impl="auto"):
+    """Depthwise causal conv1d; returns (y [b,l,c], conv_state [b,c,k]) in x's dtype.
+
+    Semantics: `causal_conv1d_ref` (see `easymamba.kernels.conv1d_reference`).
+    """
+    impl = resolve_impl(impl, "causal_conv1d")
+    fn = _conv_xla if impl == "xla" else causal_conv1d_ref
+    return fn(x, weight, bias, activation=activation, initial_state=initial_state, seq_idx=seq_idx)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu"):
+    """One decode step of the causal conv; returns (y [b,c] in x's dtype, new conv_state [b,c,k])."""
+    impl = resolve_impl("auto", "causal_conv1d_update")
+    fn = _conv_update_xla if impl == "xla" else causal_conv1d_update_ref
+    return fn(x, conv_state, weight, bias, activation=activation)
+
+
+def selective_state_update(
+    state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf)
+):
+    """One decode step of the SSD recurrence; returns (y [b,h,p], new state [b,h,p,n] in state's dtype)."""
+    impl = resolve_impl("auto", "selective_state_update")
+    fn = _state_update_xla if impl == "xla" else selective_state_update_ref
+    return fn(
+        state,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D=D,
+        z=z,
+        dt_bias=dt_bias,
+        dt_softplus=bool(dt_softplus),
+        dt_limit=_static_limit(dt_limit),
+    )
