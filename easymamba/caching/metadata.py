@@ -1,0 +1,177 @@
+"""The static description of a Mamba-2 cache: sizes and partition axes, checked once at construction.
+
+`Mamba2CacheMetaData` is hashable and lives in the pytree's static part, so two caches with equal metadata
+share one compiled function, and a cache built for another model or batch is refused by name.
+"""
+
+import dataclasses
+import numbers
+from typing import Any
+
+from easymamba.caching.partition import PartitionAxis
+
+_SIZE_FIELDS = (
+    "num_hidden_layers",
+    "batch_size",
+    "intermediate_size",
+    "num_heads",
+    "head_dim",
+    "state_size",
+    "conv_kernel_size",
+    "n_groups",
+)
+
+# Config attribute read for each metadata field (Hugging Face `Mamba2Config` names).
+_CONFIG_ATTRS = {
+    "num_hidden_layers": "num_hidden_layers",
+    "intermediate_size": "intermediate_size",
+    "num_heads": "num_heads",
+    "head_dim": "head_dim",
+    "state_size": "state_size",
+    "conv_kernel_size": "conv_kernel",
+    "n_groups": "n_groups",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2CacheMetaData:
+    """Sizes of one Mamba-2 cache (EasyDeL's field names) and how it is sharded.
+
+    Shapes it implies (letters of `easymamba/typing.py`): conv window `[b, c, k]` with
+    `c = conv_dim = intermediate_size + 2 * n_groups * state_size`, SSM state `[b, h, p, n]`, positions `[b]`.
+    Construction validates (see `create`); an invalid instance cannot exist.
+    """
+
+    partition_axis: PartitionAxis
+    num_hidden_layers: int
+    batch_size: int
+    intermediate_size: int
+    num_heads: int
+    head_dim: int
+    state_size: int
+    conv_kernel_size: int
+    n_groups: int
+
+    def __post_init__(self):
+        if not isinstance(self.partition_axis, PartitionAxis):
+            raise ValueError(f"partition_axis must be a PartitionAxis; got {self.partition_axis!r}")
+        for name in _SIZE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy ints -> int, so the metadata hashes and serializes
+        if self.num_heads * self.head_dim != self.intermediate_size:
+            raise ValueError(
+                f"num_heads * head_dim ({self.num_heads} * {self.head_dim} = {self.num_heads * self.head_dim}) "
+                f"must equal intermediate_size ({self.intermediate_size})"
+            )
+        if self.num_heads % self.n_groups:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by n_groups ({self.n_groups}): "
+                "each group of B/C serves num_heads // n_groups heads"
+            )
+
+    @classmethod
+    def create(
+        cls,
+        partition_axis: PartitionAxis = PartitionAxis(),
+        *,
+        num_hidden_layers: int,
+        batch_size: int,
+        intermediate_size: int,
+        num_heads: int,
+        head_dim: int,
+        state_size: int,
+        conv_kernel_size: int,
+        n_groups: int,
+    ) -> "Mamba2CacheMetaData":
+        """Validated metadata. Raises `ValueError` when a size is not a positive int, when
+        `num_heads * head_dim != intermediate_size`, or when `n_groups` does not divide `num_heads`."""
+        return cls(
+            partition_axis=partition_axis,
+            num_hidden_layers=num_hidden_layers,
+            batch_size=batch_size,
+            intermediate_size=intermediate_size,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            state_size=state_size,
+            conv_kernel_size=conv_kernel_size,
+            n_groups=n_groups,
+        )
+
+    @classmethod
+    def from_config(
+        cls, config: Any, batch_size: int, partition_axis: PartitionAxis = PartitionAxis()
+    ) -> "Mamba2CacheMetaData":
+        """Metadata for `config` (anything with `Mamba2Config`'s attribute names) and `batch_size` rows."""
+        sizes = {}
+        for field, attr in _CONFIG_ATTRS.items():
+            if not hasattr(config, attr):
+                raise ValueError(f"config {type(config).__name__} has no attribute {attr!r}, needed for {field}")
+            sizes[field] = getattr(config, attr)
+        return cls.create(partition_axis, batch_size=batch_size, **sizes)
+
+    @property
+    def conv_dim(self) -> int:
+        """`c`: the conv channels `[x | B | C]`, `intermediate_size + 2 * n_groups * state_size`."""
+        return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+    @property
+    def conv_state_shape(self) -> tuple[int, int, int]:
+        return (self.batch_size, self.conv_dim, self.conv_kernel_size)  # (b, c, k)
+
+    @property
+    def ssm_state_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch_size, self.num_heads, self.head_dim, self.state_size)  # (b, h, p, n)
+
+    @property
+    def positions_shape(self) -> tuple[int]:
+        return (self.batch_size,)  # (b,)
+
+    def check_compatible(self, other: Any, batch_size: int | None = None) -> None:
+        """Raise `ValueError` naming the first size where this cache and `other` disagree.
+
+        `other` is another `Mamba2CacheMetaData` or a model config (read as in `from_config`). For a config,
+        `batch_size` is the batch the model is called with; `None` skips the batch check. The partition axes
+        are not compared: they change where the numbers live, not what they are.
+        """
+        if isinstance(other, Mamba2CacheMetaData):
+            expected = {name: getattr(other, name) for name in _SIZE_FIELDS}
+            if batch_size is not None:
+                expected["batch_size"] = batch_size
+        else:
+            expected = {}
+            for field, attr in _CONFIG_ATTRS.items():
+                if not hasattr(other, attr):
+                    raise ValueError(f"config {type(other).__name__} has no attribute {attr!r}, needed for {field}")
+                expected[field] = getattr(other, attr)
+            if batch_size is not None:
+                expected["batch_size"] = batch_size
+        for name in _SIZE_FIELDS:
+            if name in expected and expected[name] != getattr(self, name):
+                raise ValueError(
+                    f"the cache does not fit this model: it was built with {name}={getattr(self, name)}, "
+                    f"but the model needs {name}={expected[name]}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"partition_axis": self.partition_axis.to_dict()}
+        d.update({name: getattr(self, name) for name in _SIZE_FIELDS})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "metadata") -> "Mamba2CacheMetaData":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be a dict; got {type(d).__name__}")
+        names = ("partition_axis", *_SIZE_FIELDS)
+        missing = [name for name in names if name not in d]
+        if missing:
+            raise ValueError(f"{where} is missing fields {missing}")
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"{where} has unknown fields {unknown}; expected {list(names)}")
+        partition_axis = PartitionAxis.from_dict(d["partition_axis"], f"{where}.partition_axis")
+        try:
+            return cls.create(partition_axis, **{name: d[name] for name in _SIZE_FIELDS})
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None

@@ -1,0 +1,302 @@
+"""One layer's recurrent state: the conv window and the SSM state, as an immutable JAX pytree.
+
+Leaves (letters of `easymamba/typing.py`):
+
+    conv_states    [b, c, k]     the k most recent pre-conv, pre-activation xBC columns, newest last (Hugging
+                                 Face's convention, `Mamba2Cache.update_conv_state` in transformers 4.57);
+                                 dtype = the cache dtype (the model's compute dtype)
+    ssm_states     [b, h, p, n]  h_t of the recurrence; float32 by default whatever the cache dtype, as
+                                 transformers 5.x keeps it (`ssm_dtype` may ask for e.g. bfloat16)
+    positions      [b] int32     tokens each row has consumed, so the next token's position
+    seqlen_offset  [] int32      tokens the cache has consumed; an array, so it can advance in `lax.while_loop`
+
+Static (the treedef): `metadata`, `partition_specs` `(conv, ssm, positions)`, `layer_index`. Every method
+returns a new view; nothing is mutated. Shapes and dtypes are checked when a view is built or updated, on the
+static shapes, so inside `jit` the checks cost nothing at run time.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Int
+
+from easymamba.caching import partition
+from easymamba.caching.metadata import Mamba2CacheMetaData
+from easymamba.typing import ConvState, SSMState
+
+LEAVES = ("conv_states", "ssm_states", "positions", "seqlen_offset")
+_DIMS = {
+    "conv_states": partition.CONV_DIMS,
+    "ssm_states": partition.SSM_DIMS,
+    "positions": partition.POSITIONS_DIMS,
+    "seqlen_offset": (),
+}
+ViewSpecs = tuple[PartitionSpec, PartitionSpec, PartitionSpec]
+
+
+def expected_shapes(metadata: Mamba2CacheMetaData) -> dict[str, tuple[int, ...]]:
+    return {
+        "conv_states": metadata.conv_state_shape,
+        "ssm_states": metadata.ssm_state_shape,
+        "positions": metadata.positions_shape,
+        "seqlen_offset": (),
+    }
+
+
+def float_dtype(dtype: Any, name: str) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating dtype; got {dtype}")
+    return dtype
+
+
+def normalize_specs(partition_specs: Any, metadata: Mamba2CacheMetaData) -> ViewSpecs:
+    """`(conv, ssm, positions)` PartitionSpecs; `None` takes them from `metadata.partition_axis`."""
+    if partition_specs is None:
+        return metadata.partition_axis.view_specs()
+    if isinstance(partition_specs, PartitionSpec) or not (
+        isinstance(partition_specs, (tuple, list)) and len(partition_specs) == 3
+    ):
+        raise ValueError(
+            "partition_specs must be a tuple (conv_states, ssm_states, positions) of three PartitionSpecs; "
+            f"got {partition_specs!r}"
+        )
+    names = ("conv_states", "ssm_states", "positions")
+    specs = tuple(partition.normalize_spec(s, f"partition spec for {n}") for n, s in zip(names, partition_specs))
+    for name, spec in zip(names, specs):
+        partition.check_spec(spec, expected_shapes(metadata)[name], _DIMS[name], name)
+    return specs
+
+
+def check_specs_on_mesh(metadata: Mamba2CacheMetaData, specs: ViewSpecs, mesh: Mesh) -> None:
+    shapes = expected_shapes(metadata)
+    for name, spec in zip(("conv_states", "ssm_states", "positions"), specs):
+        partition.check_spec(spec, shapes[name], _DIMS[name], name, mesh)
+
+
+def _leaf_spec(specs: ViewSpecs, name: str) -> PartitionSpec:
+    return {"conv_states": specs[0], "ssm_states": specs[1], "positions": specs[2]}.get(name, PartitionSpec())
+
+
+def _check_leaf(name: str, value: Any, shape: tuple[int, ...], dtype: jnp.dtype | None) -> None:
+    """`value` must be an array of `shape`; of `dtype` when given, else floating (states) or int32 (counters)."""
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise ValueError(f"{name} must be an array of shape {shape}; got {type(value).__name__}")
+    dims = _DIMS[name]
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} [{', '.join(dims)}] must have shape {shape}; found {tuple(value.shape)}")
+    found = jnp.dtype(value.dtype)
+    if dtype is not None:
+        if found != dtype:
+            raise ValueError(f"{name} must have dtype {dtype} (the cache's); found {found}")
+    elif name in ("positions", "seqlen_offset"):
+        if found != jnp.int32:
+            raise ValueError(f"{name} must have dtype int32; found {found}")
+    elif not jnp.issubdtype(found, jnp.floating):
+        raise ValueError(f"{name} must have a floating dtype; found {found}")
+
+
+def _as_int32_step(num: Any) -> jax.Array:
+    """A scalar integer step (Python int or integer array, traced or not) as int32."""
+    if isinstance(num, bool):
+        raise ValueError(f"num must be an integer scalar; got {num!r}")
+    try:
+        step = jnp.asarray(num)
+    except TypeError:
+        raise ValueError(f"num must be an integer scalar; got {num!r}") from None
+    if step.ndim != 0 or not jnp.issubdtype(step.dtype, jnp.integer):
+        raise ValueError(f"num must be an integer scalar; got {step.dtype} of shape {step.shape}")
+    return step.astype(jnp.int32)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Mamba2CacheView:
+    """Per-layer Mamba-2 cache (EasyDeL's `Mamba2CacheView`, without the mutation).
+
+    Build one with `init`; change one with `update_conv_state`, `update_ssm_state`, `update_seq`, `reset` or
+    `replace`, each returning a new view.
+    """
+
+    conv_states: ConvState
+    ssm_states: SSMState
+    positions: Int[Array, "b"]
+    seqlen_offset: Int[Array, ""]
+    metadata: Mamba2CacheMetaData
+    partition_specs: ViewSpecs = None
+    layer_index: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.metadata, Mamba2CacheMetaData):
+            raise ValueError(f"metadata must be a Mamba2CacheMetaData; got {self.metadata!r}")
+        index = self.layer_index
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
+            raise ValueError(f"layer_index must be an int or None; got {self.layer_index!r}")
+        object.__setattr__(self, "partition_specs", normalize_specs(self.partition_specs, self.metadata))
+        shapes = expected_shapes(self.metadata)
+        for name in LEAVES:
+            _check_leaf(name, getattr(self, name), shapes[name], None)
+
+    # -- pytree -----------------------------------------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        children = tuple((jax.tree_util.GetAttrKey(name), getattr(self, name)) for name in LEAVES)
+        return children, (self.metadata, self.partition_specs, self.layer_index)
+
+    def tree_flatten(self):
+        return tuple(getattr(self, name) for name in LEAVES), (self.metadata, self.partition_specs, self.layer_index)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        # No validation here: JAX unflattens with placeholders (None, ShapeDtypeStruct, shardings, batched
+        # tracers) whose shapes are not the cache's.
+        view = object.__new__(cls)
+        for name, value in zip(LEAVES, children):
+            object.__setattr__(view, name, value)
+        for name, value in zip(("metadata", "partition_specs", "layer_index"), aux):
+            object.__setattr__(view, name, value)
+        return view
+
+    # -- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        metadata: Mamba2CacheMetaData,
+        partition_specs: ViewSpecs | None = None,
+        dtype: Any = jnp.float32,
+        layer_index: int | None = None,
+        *,
+        ssm_dtype: Any = jnp.float32,
+        mesh: Mesh | None = None,
+    ) -> "Mamba2CacheView":
+        """A zero view. `dtype` is the conv window's (the model's compute dtype), `ssm_dtype` the SSM state's.
+
+        With `mesh`, the specs are checked against it and every array is created already sharded as
+        `NamedSharding(mesh, spec)`; without one the specs are only recorded.
+        """
+        return init_views(metadata, [layer_index], partition_specs, dtype, ssm_dtype, mesh)[0]
+
+    # -- updates ----------------------------------------------------------------------------------------------
+    def replace(self, **fields: Any) -> "Mamba2CacheView":
+        """A new view with some leaves replaced; each must keep its shape and dtype (a `lax.while_loop` carry
+        must not change type). Use `update_ssm_state` / `update_conv_state` to cast on the way in."""
+        unknown = sorted(set(fields) - set(LEAVES))
+        if unknown:
+            raise ValueError(f"replace takes only the leaves {list(LEAVES)}; got {unknown}")
+        shapes = expected_shapes(self.metadata)
+        for name, value in fields.items():
+            current = getattr(self, name)
+            _check_leaf(name, value, shapes[name], jnp.dtype(current.dtype) if hasattr(current, "dtype") else None)
+        # numpy inputs become device arrays (checked first: jnp.asarray would narrow float64 silently)
+        return dataclasses.replace(self, **{name: jnp.asarray(value) for name, value in fields.items()})
+
+    def update_conv_state(self, new_conv_state: Any, cache_position: Any = None) -> "Mamba2CacheView":
+        """Shift new pre-conv columns into the window.
+
+        new_conv_state:
+            `[b, c]`: one decode step. The window rolls left by one and the column lands at index `k - 1`
+                (transformers' `conv_states.roll(-1, -1); conv_states[:, :, -1] = new`).
+            `[b, c, l]`: `l` columns, oldest first. The window becomes the last `k` columns of
+                `concat([window, new], -1)`: for `l >= k` (a prefill) that is `new[..., -k:]`, so a `[b, c, k]`
+                window built by the prefill (left zero-padded when the prompt is shorter than `k`) replaces
+                the whole window; for `l < k` it continues a chunked prefill.
+        cache_position: accepted for EasyDeL's signature and ignored. The window always holds the `k` most
+            recent columns, so where it is written does not depend on the position.
+
+        The result is cast to the window's dtype.
+        """
+        del cache_position  # position-independent, see the docstring
+        b, c, k = self.metadata.conv_state_shape
+        new_conv_state = jnp.asarray(new_conv_state)
+        if new_conv_state.ndim == 2 and tuple(new_conv_state.shape) == (b, c):
+            new = new_conv_state[:, :, None]  # (b, c, 1)
+        elif new_conv_state.ndim == 3 and tuple(new_conv_state.shape[:2]) == (b, c) and new_conv_state.shape[2] > 0:
+            new = new_conv_state  # (b, c, l)
+        else:
+            raise ValueError(
+                f"new_conv_state must have shape {(b, c)} [b, c] or {(b, c, 'l')} [b, c, l] with l >= 1; "
+                f"found {tuple(new_conv_state.shape)}"
+            )
+        new = new.astype(self.conv_states.dtype)
+        if new.shape[2] >= k:
+            window = new[:, :, new.shape[2] - k :]
+        else:
+            window = jnp.concatenate([self.conv_states[:, :, new.shape[2] :], new], axis=-1)  # (b, c, k)
+        return dataclasses.replace(self, conv_states=window)
+
+    def update_ssm_state(self, new_ssm_state: Any) -> "Mamba2CacheView":
+        """Replace the SSM state `[b, h, p, n]`, cast to the state's dtype (float32 unless asked otherwise)."""
+        shape = self.metadata.ssm_state_shape
+        if not hasattr(new_ssm_state, "shape") or tuple(new_ssm_state.shape) != shape:
+            found = tuple(new_ssm_state.shape) if hasattr(new_ssm_state, "shape") else type(new_ssm_state).__name__
+            raise ValueError(f"new_ssm_state [b, h, p, n] must have shape {shape}; found {found}")
+        return dataclasses.replace(self, ssm_states=jnp.asarray(new_ssm_state).astype(self.ssm_states.dtype))
+
+    def update_seq(self, num: Any) -> "Mamba2CacheView":
+        """Advance every row's position and `seqlen_offset` by `num` (an int or integer scalar, may be traced)."""
+        step = _as_int32_step(num)
+        return dataclasses.replace(
+            self,
+            positions=(self.positions + step).astype(jnp.int32),
+            seqlen_offset=(self.seqlen_offset + step).astype(jnp.int32),
+        )
+
+    def reset(self) -> "Mamba2CacheView":
+        """Zero states, positions 0, offset 0; dtypes, specs and (outside `jit`) shardings kept."""
+        return dataclasses.replace(self, **{name: jnp.zeros_like(getattr(self, name)) for name in LEAVES})
+
+    # -- sharding ---------------------------------------------------------------------------------------------
+    def shardings(self, mesh: Mesh) -> "Mamba2CacheView":
+        """The view's structure with a `NamedSharding` per leaf, for `jax.jit(..., out_shardings=...)`."""
+        check_specs_on_mesh(self.metadata, self.partition_specs, mesh)
+        leaves = [NamedSharding(mesh, _leaf_spec(self.partition_specs, name)) for name in LEAVES]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self), leaves)
+
+    def __repr__(self) -> str:
+        def describe(x):
+            return f"{jnp.dtype(x.dtype).name}{list(x.shape)}" if hasattr(x, "shape") else repr(x)
+
+        leaves = ", ".join(f"{name}={describe(getattr(self, name))}" for name in LEAVES)
+        return f"Mamba2CacheView(layer_index={self.layer_index}, {leaves}, partition_specs={self.partition_specs})"
+
+
+def init_views(
+    metadata: Mamba2CacheMetaData,
+    layer_indices: list[int | None],
+    partition_specs: ViewSpecs | None,
+    dtype: Any,
+    ssm_dtype: Any,
+    mesh: Mesh | None,
+) -> list[Mamba2CacheView]:
+    """Zero views for `layer_indices`, all made by one call (one jitted call on a mesh)."""
+    dtype = float_dtype(dtype, "dtype")
+    ssm_dtype = float_dtype(ssm_dtype, "ssm_dtype")
+    specs = normalize_specs(partition_specs, metadata)
+    if mesh is not None:
+        check_specs_on_mesh(metadata, specs, mesh)
+    shapes = expected_shapes(metadata)
+    dtypes = {"conv_states": dtype, "ssm_states": ssm_dtype, "positions": jnp.int32, "seqlen_offset": jnp.int32}
+    layout = [(shapes[name], dtypes[name], _leaf_spec(specs, name)) for name in LEAVES]
+    arrays = partition.zeros(layout * len(layer_indices), mesh)
+    return [
+        Mamba2CacheView(
+            **dict(zip(LEAVES, arrays[4 * i : 4 * i + 4])),
+            metadata=metadata,
+            partition_specs=specs,
+            layer_index=index,
+        )
+        for i, index in enumerate(layer_indices)
+    ]
+
+
+def place_leaf(value: Any, name: str, specs: ViewSpecs, mesh: Mesh | None) -> jax.Array:
+    """Put a host array on the default device, or on `mesh` as `NamedSharding(mesh, spec)` (bits unchanged)."""
+    if mesh is None:
+        array = jnp.asarray(value)
+    else:
+        array = jax.device_put(value, NamedSharding(mesh, _leaf_spec(specs, name)))
+    if array.dtype != value.dtype:  # float64 / int64 without jax_enable_x64 would be narrowed silently
+        raise ValueError(f"{name} has dtype {value.dtype}, which JAX cannot hold here (enable jax_enable_x64?)")
+    return array
