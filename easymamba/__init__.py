@@ -1,0 +1,40 @@
+"""easymamba: Mamba-2 (and Mamba-1) language models in JAX / flax.nnx, exact against Hugging Face.
+
+Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notation used everywhere is in
+`easymamba.typing`.
+"""
+
+from easymamba.caching import Mamba2Cache, Mamba2CacheMetaData, Mamba2CacheView, PartitionAxis
+from easymamba.config import Mamba2Config
+from easymamba.hf import load_state_dict, state_dict
+from easymamba.mixer import Mamba2Mixer
+from easymamba.model import (
+    Mamba2Block,
+    Mamba2CausalLMOutput,
+    Mamba2ForCausalLM,
+    Mamba2Model,
+    Mamba2Output,
+    causal_lm_loss,
+)
+from easymamba.norms import GatedRMSNorm, RMSNorm
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "GatedRMSNorm",
+    "Mamba2Block",
+    "Mamba2Cache",
+    "Mamba2CacheMetaData",
+    "Mamba2CacheView",
+    "Mamba2CausalLMOutput",
+    "Mamba2Config",
+    "Mamba2ForCausalLM",
+    "Mamba2Mixer",
+    "Mamba2Model",
+    "Mamba2Output",
+    "PartitionAxis",
+    "RMSNorm",
+    "causal_lm_loss",
+    "load_state_dict",
+    "state_dict",
+]

@@ -1,0 +1,203 @@
+"""Mamba-2 block, backbone and causal language model (HF `Mamba2Block`, `Mamba2Model`, `Mamba2ForCausalLM`).
+
+Official implementation: `mamba_ssm/models/mixer_seq_simple.py` (`MixerModel`, `MambaLMHeadModel`) and
+`mamba_ssm/modules/block.py`; module and parameter names follow Hugging Face so checkpoints map one to one:
+
+    Mamba2ForCausalLM
+      backbone: Mamba2Model
+        embeddings: Embedding [v, d]
+        layers[i]: Mamba2Block
+          norm: RMSNorm [d]
+          mixer: Mamba2Mixer (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj)
+        norm_f: RMSNorm [d]
+      lm_head: Linear [d, v]   (absent when tie_word_embeddings: the embedding matrix is reused)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from easymamba.caching import Mamba2Cache, Mamba2CacheMetaData
+from easymamba.config import Mamba2Config
+from easymamba.layers import Embedding, is_concrete, normal_init
+from easymamba.mixer import Mamba2Mixer
+from easymamba.norms import RMSNorm
+
+IGNORE_INDEX = -100
+
+
+@struct.dataclass
+class Mamba2Output:
+    last_hidden_state: jax.Array                     # (b, l, d)
+    cache: Mamba2Cache | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+@struct.dataclass
+class Mamba2CausalLMOutput:
+    logits: jax.Array                                # (b, l, v) float32
+    loss: jax.Array | None = None                    # scalar float32
+    cache: Mamba2Cache | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+class Mamba2Block(nnx.Module):
+    """Pre-norm residual block: `h + mixer(norm(h))`, the residual kept in float32 if `residual_in_fp32`."""
+
+    def __init__(self, config: Mamba2Config, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, kernel_impl: str = "auto"):
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
+        self.mixer = Mamba2Mixer(config, layer_idx=layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                 kernel_impl=kernel_impl)
+
+    def __call__(self, hidden: jax.Array, *, attention_mask=None, conv_state=None, ssm_state=None):
+        residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
+        normed = self.norm(hidden.astype(self.norm.weight.dtype))
+        out, states = self.mixer(normed, attention_mask=attention_mask, conv_state=conv_state,
+                                 ssm_state=ssm_state)
+        return residual + out, states
+
+
+class Mamba2Model(nnx.Module):
+    """Embeddings, `num_hidden_layers` blocks and the final norm (HF `Mamba2Model`)."""
+
+    def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_impl: str = "auto"):
+        self.config = config
+        self.dtype = dtype
+        self.embeddings = Embedding(config.vocab_size, config.hidden_size, init_std=config.initializer_range,
+                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([
+            Mamba2Block(config, layer_idx=i, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                        kernel_impl=kernel_impl)
+            for i in range(config.num_hidden_layers)
+        ])
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
+
+    def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None,
+                   mesh=None) -> Mamba2Cache:
+        """A zero cache for this model: conv state in `dtype` (default the model dtype), SSM state float32."""
+        kwargs = {} if partition_axis is None else {"partition_axis": partition_axis}
+        meta = Mamba2CacheMetaData.from_config(self.config, batch_size, **kwargs)
+        return Mamba2Cache.init_cache(self.config.num_hidden_layers, meta,
+                                      dtype=self.dtype if dtype is None else dtype, mesh=mesh,
+                                      ssm_dtype=ssm_dtype)
+
+    def _check_cache(self, cache: Mamba2Cache, batch_size: int) -> None:
+        cache.check_compatible(self.config, batch_size)
+        empty = [i for i, v in enumerate(cache.views) if v is None]
+        if empty:
+            raise ValueError(f"cache layer(s) {empty[:8]} hold no state (an init_empty cache?); build one with "
+                             f"model.init_cache({batch_size})")
+
+    def __call__(self, input_ids=None, *, attention_mask=None, cache: Mamba2Cache | None = None,
+                 inputs_embeds=None, output_hidden_states: bool = False) -> Mamba2Output:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (b, l) and inputs_embeds (b, l, d)")
+        if input_ids is not None:
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must have shape (batch, seq_len), got {input_ids.shape}")
+            hidden = self.embeddings(input_ids)                             # (b, l, d)
+        else:
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), "
+                                 f"got {inputs_embeds.shape}")
+            hidden = inputs_embeds.astype(self.dtype)
+        b, l = hidden.shape[:2]
+        if attention_mask is not None:
+            attention_mask = _check_attention_mask(attention_mask, b, l)
+        if cache is not None:
+            self._check_cache(cache, b)
+
+        all_hidden = [] if output_hidden_states else None
+        new_views = []
+        for i, layer in enumerate(self.layers):
+            view = None if cache is None else cache.views[i]
+            hidden, (conv_state, ssm_state) = layer(
+                hidden, attention_mask=attention_mask,
+                conv_state=None if view is None else view.conv_states,
+                ssm_state=None if view is None else view.ssm_states)
+            if view is not None:
+                new_views.append(view.replace(conv_states=conv_state.astype(view.conv_states.dtype),
+                                              ssm_states=ssm_state.astype(view.ssm_states.dtype)))
+            if all_hidden is not None:  # as HF 5.23: each block's output, then norm_f's (no embeddings)
+                all_hidden.append(hidden)
+        hidden = self.norm_f(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        new_cache = None
+        if cache is not None:
+            new_cache = Mamba2Cache(views=tuple(new_views)).update_seq(l)
+        return Mamba2Output(hidden, new_cache, None if all_hidden is None else tuple(all_hidden))
+
+
+class Mamba2ForCausalLM(nnx.Module):
+    """Mamba-2 language model (HF `Mamba2ForCausalLM`): backbone + tied or untied output head."""
+
+    def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_impl: str = "auto"):
+        self.config = config
+        self.dtype = dtype
+        self.kernel_impl = kernel_impl
+        self.backbone = Mamba2Model(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                    kernel_impl=kernel_impl)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            std = config.initializer_range
+            self.lm_head = nnx.Linear(
+                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs)
+
+    def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None,
+                   mesh=None) -> Mamba2Cache:
+        return self.backbone.init_cache(batch_size, dtype=dtype, ssm_dtype=ssm_dtype,
+                                        partition_axis=partition_axis, mesh=mesh)
+
+    def __call__(self, input_ids=None, *, attention_mask=None, cache: Mamba2Cache | None = None, labels=None,
+                 inputs_embeds=None, output_hidden_states: bool = False) -> Mamba2CausalLMOutput:
+        out = self.backbone(input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
+                            output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state
+        if self.lm_head is None:
+            logits = self.backbone.embeddings.attend(hidden.astype(self.backbone.embeddings.weight.dtype))
+        else:
+            logits = self.lm_head(hidden.astype(self.lm_head.kernel.dtype))
+        logits = logits.astype(jnp.float32)                                 # (b, l, v)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, self.config.vocab_size)
+        return Mamba2CausalLMOutput(logits, loss, out.cache, out.hidden_states)
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array, vocab_size: int | None = None) -> jax.Array:
+    """Mean next-token cross entropy as HF computes it: position t predicts labels[t + 1]; -100 is ignored.
+
+    logits (b, l, v), labels (b, l). With no label left to score the mean is 0/0 = NaN, as in HF.
+    """
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must have shape {logits.shape[:2]} (batch, seq_len), got {labels.shape}")
+    v = logits.shape[-1] if vocab_size is None else vocab_size
+    if is_concrete(labels):
+        lab = np.asarray(labels)
+        bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= v))
+        if bad.any():
+            raise ValueError(f"label {int(lab[tuple(np.argwhere(bad)[0])])} is outside the vocabulary [0, {v}) "
+                             f"and is not the ignore index {IGNORE_INDEX}")
+    targets = labels[:, 1:]                                                 # (b, l-1)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # (b, l-1, v)
+    valid = targets != IGNORE_INDEX
+    picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.sum(valid)
+
+
+def _check_attention_mask(mask, b: int, l: int):
+    if mask.ndim != 2 or mask.shape[0] != b or mask.shape[1] < l:
+        raise ValueError(f"attention_mask must have shape (batch={b}, seq_len>={l}), got {mask.shape}")
+    if is_concrete(mask):
+        values = np.unique(np.asarray(mask))
+        if not np.isin(values, (0, 1)).all():
+            raise ValueError(f"attention_mask must hold only 0 and 1, found values {values.tolist()[:8]}")
+    return mask
