@@ -178,10 +178,10 @@ def main() -> None:
     parser.add_argument("stage", nargs="?", default="all", choices=["all", "prepare", "train"])
     parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path(".data/shakespeare"))
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("easymamba/assets/tiny-shakespeare"))
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.stage in ("all", "prepare"):
