@@ -6,7 +6,7 @@ Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notati
 
 from easymamba.caching import Mamba2Cache, Mamba2CacheMetaData, Mamba2CacheView, PartitionAxis
 from easymamba.config import Mamba2Config
-from easymamba.hf import load_state_dict, state_dict
+from easymamba.hf import from_pretrained, load_state_dict, save_pretrained, state_dict
 from easymamba.mixer import Mamba2Mixer
 from easymamba.model import (
     Mamba2Block,
@@ -17,10 +17,13 @@ from easymamba.model import (
     causal_lm_loss,
 )
 from easymamba.norms import GatedRMSNorm, RMSNorm
+from easymamba.orbax_checkpoint import load_checkpoint, save_checkpoint
+from easymamba.safetensors_io import CheckpointError
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CheckpointError",
     "GatedRMSNorm",
     "Mamba2Block",
     "Mamba2Cache",
@@ -35,6 +38,10 @@ __all__ = [
     "PartitionAxis",
     "RMSNorm",
     "causal_lm_loss",
+    "from_pretrained",
+    "load_checkpoint",
     "load_state_dict",
+    "save_checkpoint",
+    "save_pretrained",
     "state_dict",
 ]

@@ -1,4 +1,4 @@
-"""Hugging Face state dicts in and out of the flax model, through one declarative key table.
+"""Hugging Face checkpoints in and out of the flax model, through one declarative key table.
 
 The table maps each HF tensor name to the module path that holds it and a layout transform:
 
@@ -6,22 +6,78 @@ The table maps each HF tensor name to the module path that holds it and a layout
     conv    torch `[c, 1, k]`   <->  flax `[c, k]`             (drop the channel-group axis)
     copy    same layout
 
-Both directions (`load_state_dict`, `state_dict`) read the same table, so they cannot drift apart. The file
-and directory loaders (`from_pretrained`, `save_pretrained`, sharded safetensors, the state-spaces layout) are
-built on these two functions.
+Every direction reads the same table, so they cannot drift apart: `load_state_dict` / `state_dict` (in-memory
+dicts), `from_pretrained` (a directory) and `save_pretrained` (a directory transformers loads).
+
+`from_pretrained(path)` reads a local directory:
+- `config.json` in HF form, or in the original state-spaces/mamba_ssm form (`d_model`, `n_layer`, `ssm_cfg`;
+  `Mamba2Config.from_hf` reads both and pads the vocabulary to `pad_vocab_size_multiple`, as the checkpoint's
+  embedding already is);
+- weights, the first found of `model.safetensors`, `model.safetensors.index.json` (shards),
+  `pytorch_model.bin`, `pytorch_model.bin.index.json`. The original `backbone.embedding.weight` is renamed
+  to HF's `backbone.embeddings.weight` (`LEGACY_RENAMES`), as transformers' load hook does.
+
+Choices:
+- Safetensors are read with our own numpy reader (`easymamba.safetensors_io`), so they load without torch,
+  bfloat16 included (via ml_dtypes). A `pytorch_model.bin` is a pickle: it is opened only through
+  `torch.load(..., weights_only=True, map_location="cpu")`, and only if torch is installed.
+- No random initialisation and no second copy of the model: the model is built abstractly
+  (`nnx.eval_shape`), every tensor is checked against the config before any is read (names, shapes, dtypes,
+  and config fields that contradict the shapes), then tensors stream one at a time from the memory-mapped
+  file into their parameter, and the model is assembled (`nnx.merge`) only at the end. Any failure raises
+  before a model exists: nothing is ever half-loaded.
+- `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters; both default to float32,
+  whatever the checkpoint holds (a bfloat16 checkpoint is upcast exactly unless `param_dtype=jnp.bfloat16`).
+- With `mesh`, each parameter is placed directly as `NamedSharding(mesh, spec)`, each device's slice read
+  from the file on its own (`jax.make_array_from_callback`); `spec` comes from the optional
+  `shardings(path) -> PartitionSpec | None` hook, where `path` is the parameter's module path
+  (`("backbone", "layers", 3, "mixer", "in_proj", "kernel")`); the default (and `None`) is replicated `P()`.
+- Tied models: a checkpoint without `lm_head.weight` uses the embedding; one whose `lm_head.weight` equals the
+  embedding is accepted; one whose `lm_head.weight` differs is refused, since the tied model would differ.
+- Every problem raises `CheckpointError` (a `ValueError`) naming the file and the tensor.
+- `save_pretrained` writes `config.json` and safetensors in the parameters' own dtype with
+  `{"format": "pt"}` metadata, sharded with an index above `max_shard_size`; tied models carry no
+  `lm_head.weight`, as transformers writes them. Parameters are fetched to the host one at a time.
 """
 
 import dataclasses
-from collections.abc import Mapping
+import json
+import os
+import pathlib
+import re
+import sys
+from collections.abc import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from easymamba.config import Mamba2Config
+from easymamba.model import Mamba2ForCausalLM
+from easymamba.safetensors_io import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    CheckpointError,
+    SafetensorsCheckpoint,
+    TensorToWrite,
+    dtype_code,
+    write_sharded,
+)
 
 # HF renames the original state-spaces name on load (`Mamba2Model.load_hook`); we accept both.
 LEGACY_RENAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+TORCH_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+CONFIG_NAME = "config.json"
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+
+# parameter path -> PartitionSpec, or None for replicated; see the module docstring.
+ShardingHook = Callable[[tuple], "PartitionSpec | None"]
+# progress(done, total, tensor name), called after each tensor is read or written.
+ProgressHook = Callable[[int, int, str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,30 +154,432 @@ def to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+# ---- tensor sources: a dict, safetensors, or torch pickles ----------------------------------------------
+
+_TORCH_CODES = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+                "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
+                "torch.uint8": "U8", "torch.bool": "BOOL"}
+
+
+def _dtype_code_of(value) -> str:
+    if hasattr(value, "detach"):
+        return _TORCH_CODES.get(str(value.dtype), str(value.dtype))
+    try:
+        return dtype_code(value.dtype)
+    except (ValueError, TypeError):
+        return str(value.dtype)
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    """A torch tensor as numpy in its own dtype (bfloat16 bit for bit, as ml_dtypes.bfloat16)."""
+    tensor = tensor.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        torch = sys.modules["torch"]  # a tensor exists, so torch is imported
+        return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+class _DictSource:
+    """HF-named tensors held in memory (a torch state dict, or numpy / jax arrays)."""
+
+    def __init__(self, tensors: Mapping, description: str):
+        self._tensors = dict(tensors)
+        self.description = description
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> str:
+        return _dtype_code_of(self._tensors[name])
+
+    def file_of(self, name: str) -> str:
+        return self.description
+
+    def read(self, name: str) -> np.ndarray:
+        value = self._tensors[name]
+        return _torch_to_numpy(value) if hasattr(value, "detach") else np.asarray(value)
+
+    def close(self) -> None:
+        pass
+
+
+class _SafetensorsSource:
+    def __init__(self, directory: pathlib.Path):
+        self._ckpt = SafetensorsCheckpoint(directory)
+        self.description = str(self._ckpt.source)
+
+    def names(self) -> list[str]:
+        return self._ckpt.names()
+
+    def shape(self, name: str) -> tuple:
+        return self._ckpt.info(name).shape
+
+    def dtype(self, name: str) -> str:
+        return self._ckpt.info(name).dtype
+
+    def file_of(self, name: str) -> str:
+        return str(self._ckpt.file_of(name))
+
+    def read(self, name: str) -> np.ndarray:
+        return self._ckpt.get(name)
+
+    def close(self) -> None:
+        self._ckpt.close()
+
+
+def _torch_load(path: pathlib.Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path} is a torch pickle, which easymamba opens only with torch.load(weights_only=True), and torch "
+            "is not installed: install torch, or convert the checkpoint to safetensors where torch is "
+            "(`easymamba convert SRC DST --to hf`)") from None
+    try:
+        try:  # mmap keeps the tensors in the file until each is read (zip-format checkpoints only)
+            obj = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): "
+                              f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, Mapping) or not all(hasattr(v, "detach") for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict (tensor name -> tensor)")
+    return dict(obj)
+
+
+class _TorchSource(_DictSource):
+    """`pytorch_model.bin`, or the shards a `pytorch_model.bin.index.json` lists."""
+
+    def __init__(self, directory: pathlib.Path, index: bool):
+        self._file: dict[str, str] = {}
+        tensors = {}
+        if index:
+            path = directory / TORCH_WEIGHTS_INDEX_NAME
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{path} is not a checkpoint index (JSON with a weight_map): {exc}") from None
+            for shard in dict.fromkeys(weight_map.values()):
+                if not (directory / shard).is_file():
+                    first = next(k for k, v in weight_map.items() if v == shard)
+                    raise CheckpointError(f"{path} names shard {shard} (for tensor {first}) but {directory} "
+                                          "has no such file")
+                part = _torch_load(directory / shard)
+                tensors.update(part)
+                self._file.update(dict.fromkeys(part, str(directory / shard)))
+            description = str(path)
+        else:
+            path = directory / TORCH_WEIGHTS_NAME
+            tensors = _torch_load(path)
+            self._file = dict.fromkeys(tensors, str(path))
+            description = str(path)
+        super().__init__(tensors, description)
+
+    def file_of(self, name: str) -> str:
+        return self._file[name]
+
+
+def _open_weights(directory: pathlib.Path):
+    if (directory / SAFE_WEIGHTS_NAME).is_file() or (directory / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        return _SafetensorsSource(directory)
+    if (directory / TORCH_WEIGHTS_NAME).is_file():
+        return _TorchSource(directory, index=False)
+    if (directory / TORCH_WEIGHTS_INDEX_NAME).is_file():
+        return _TorchSource(directory, index=True)
+    raise FileNotFoundError(f"{directory} holds no weights: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, "
+                            f"{TORCH_WEIGHTS_NAME} or {TORCH_WEIGHTS_INDEX_NAME}")
+
+
+# ---- checking a checkpoint against a config -------------------------------------------------------------
+
+def _config_contradictions(config: Mamba2Config, src, names: dict[str, str], config_name: str) -> list[str]:
+    """Sentences naming each config field that the tensor shapes contradict (empty when they agree)."""
+    out = []
+
+    def shape_of(hf_name):
+        return tuple(src.shape(names[hf_name])) if hf_name in names else None
+
+    def disagree(field, said, name, shape, implied):
+        out.append(f"{config_name} says {field} = {said}, but {name} in {src.file_of(names[name])} has shape "
+                   f"{shape}, which means {field} = {implied}")
+
+    emb_name = "backbone.embeddings.weight"
+    emb = shape_of(emb_name)
+    if emb is not None and len(emb) == 2:
+        if emb[0] != config.vocab_size:
+            disagree("vocab_size", config.vocab_size, emb_name, emb, emb[0])
+        if emb[1] != config.hidden_size:
+            disagree("hidden_size", config.hidden_size, emb_name, emb, emb[1])
+    layers = {}
+    for name in names:
+        m = re.match(r"backbone\.layers\.(\d+)\.", name)
+        if m:
+            layers.setdefault(int(m.group(1)), name)
+    if layers and max(layers) + 1 != config.num_hidden_layers:
+        last = max(layers)
+        out.append(f"{config_name} says num_hidden_layers = {config.num_hidden_layers}, but the checkpoint has "
+                   f"tensors for {last + 1} layers ({layers[last]} in {src.file_of(names[layers[last]])})")
+    mixer = "backbone.layers.0.mixer."
+    a_log = shape_of(mixer + "A_log")
+    if a_log is not None and len(a_log) == 1 and a_log[0] != config.num_heads:
+        disagree("num_heads", config.num_heads, mixer + "A_log", a_log, a_log[0])
+    norm = shape_of(mixer + "norm.weight")
+    if norm is not None and len(norm) == 1 and norm[0] != config.intermediate_size:
+        disagree("expand * hidden_size", config.intermediate_size, mixer + "norm.weight", norm, norm[0])
+    conv = shape_of(mixer + "conv1d.weight")
+    if conv is not None and len(conv) == 3:
+        if conv[2] != config.conv_kernel:
+            disagree("conv_kernel", config.conv_kernel, mixer + "conv1d.weight", conv, conv[2])
+        gn = config.n_groups * config.state_size
+        if norm is not None and len(norm) == 1 and conv[0] != norm[0] + 2 * gn:
+            disagree("n_groups * state_size", gn, mixer + "conv1d.weight", conv, f"({conv[0]} - {norm[0]}) / 2")
+    for field, tensor in (("use_bias", "in_proj.bias"), ("use_conv_bias", "conv1d.bias")):
+        has = mixer + tensor in names
+        if layers and has != getattr(config, field):
+            where = src.file_of(names[mixer + tensor]) if has else src.description
+            out.append(f"{config_name} says {field} = {str(getattr(config, field)).lower()}, but {where} "
+                       f"{'has' if has else 'has no'} {mixer + tensor}")
+    if not config.tie_word_embeddings and "lm_head.weight" not in names and emb is not None:
+        out.append(f"{config_name} says tie_word_embeddings = false, but {src.description} has no lm_head.weight "
+                   "(tied checkpoints leave it out)")
+    return out
+
+
+def _check_source(model, src, config_name: str, *, strict: bool = True) -> dict[str, str]:
+    """Validate every tensor of `src` against `model` (concrete or abstract) and its config; returns
+    {HF name: name in the source}."""
+    config = model.config
+    names: dict[str, str] = {}
+    for raw in src.names():
+        hf_name = LEGACY_RENAMES.get(raw, raw)
+        if hf_name in names:
+            raise CheckpointError(f"{src.description} has both {names[hf_name]} and {raw}, two names for one tensor")
+        names[hf_name] = raw
+
+    problems = _config_contradictions(config, src, names, config_name)
+    if problems:
+        raise CheckpointError("the config contradicts the tensors:\n  " + "\n  ".join(problems))
+
+    table = mamba2_key_table(config)
+    expected = {spec.hf_name for spec in table}
+    missing = [spec.hf_name for spec in table if spec.hf_name not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more: {missing[1:8]})" if len(missing) > 1 else ""
+        raise CheckpointError(f"tensor {missing[0]} is missing from {src.description}{more}")
+    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = [n for n in names if n not in expected and n not in allowed]
+    if unexpected and strict:
+        listed = "; ".join(f"{n} in {src.file_of(names[n])}" for n in unexpected[:8])
+        raise CheckpointError(f"unexpected tensor(s) that a Mamba2ForCausalLM with this config does not have: "
+                              f"{listed}" + (f" (and {len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+
+    for spec in table:
+        name = names[spec.hf_name]
+        want = hf_shape(spec.kind, _param_at(model, spec.path).shape)
+        found = tuple(src.shape(name))
+        if found != want:
+            raise CheckpointError(f"tensor {name} in {src.file_of(name)}: expected shape {want} for this config, "
+                                  f"found {found}")
+        code = src.dtype(name)
+        if code not in FLOAT_CODES:
+            raise CheckpointError(f"tensor {name} in {src.file_of(name)} has dtype {code}, which is not supported "
+                                  f"for weights (supported: {', '.join(FLOAT_CODES)})")
+    if config.tie_word_embeddings and "lm_head.weight" in names:
+        _check_tied_head(src, names, config_name)
+    return {spec.hf_name: names[spec.hf_name] for spec in table}
+
+
+def _check_tied_head(src, names: dict[str, str], config_name: str) -> None:
+    emb_name, head_name = names["backbone.embeddings.weight"], names["lm_head.weight"]
+    if tuple(src.shape(head_name)) != tuple(src.shape(emb_name)):
+        raise CheckpointError(f"{config_name} says tie_word_embeddings = true, but lm_head.weight in "
+                              f"{src.file_of(head_name)} has shape {tuple(src.shape(head_name))}, not the "
+                              f"embedding's {tuple(src.shape(emb_name))}")
+    emb, head = src.read(emb_name), src.read(head_name)
+    rows = max(1, 2**22 // max(1, emb.shape[1]))  # compare in slices: never a float64 copy of the whole matrix
+    worst = 0.0
+    for i in range(0, emb.shape[0], rows):
+        a, b = emb[i:i + rows].astype(np.float64), head[i:i + rows].astype(np.float64)
+        worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
+    if worst != 0.0:
+        raise CheckpointError(f"{config_name} says tie_word_embeddings = true, but lm_head.weight in "
+                              f"{src.file_of(head_name)} differs from backbone.embeddings.weight (max |diff| "
+                              f"{worst:.3g}): a tied model would compute different logits; set "
+                              "tie_word_embeddings to false to load both")
+
+
+# ---- building a model from a source --------------------------------------------------------------------
+
+def abstract_model(config: Mamba2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, kernel_impl="auto"):
+    """A `Mamba2ForCausalLM` whose parameters are `jax.ShapeDtypeStruct`s: shapes and dtypes, no memory."""
+    return nnx.eval_shape(lambda: Mamba2ForCausalLM(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                                    param_dtype=param_dtype, kernel_impl=kernel_impl))
+
+
+def param_sharding(path: tuple, shape: tuple, mesh, shardings: ShardingHook | None):
+    """The sharding a parameter is placed with: `NamedSharding(mesh, shardings(path) or P())`, or None
+    (jax's default device) without a mesh. A spec longer than the parameter's rank is an error."""
+    if mesh is None:
+        if shardings is not None:
+            raise ValueError("shardings was given without a mesh: pass mesh=... as well")
+        return None
+    spec = PartitionSpec() if shardings is None else shardings(path)
+    spec = PartitionSpec() if spec is None else spec
+    if not isinstance(spec, PartitionSpec):
+        raise TypeError(f"shardings({path}) must return a PartitionSpec or None, got {spec!r}")
+    if len(spec) > len(shape):
+        raise ValueError(f"shardings({path}) returned {spec}, with {len(spec)} entries for a parameter of rank "
+                         f"{len(shape)} (shape {shape})")
+    return NamedSharding(mesh, spec)
+
+
+def _place(view: np.ndarray, dtype, sharding, what: str) -> jax.Array:
+    """`view` (flax layout, possibly a view into a memory-mapped file) as a jax array of `dtype`.
+
+    Every piece handed to jax is a fresh copy: on CPU jax aliases numpy buffers, and aliasing the mapping
+    would tie the parameter to the file. With a sharding each device's slice is read on its own
+    (`make_array_from_callback`), so a sharded parameter never exists whole in host memory.
+    """
+    def piece(index=()):
+        return np.array(view[index], dtype=dtype, order="C", copy=True)
+
+    try:
+        if sharding is None:
+            return jax.device_put(piece())
+        return jax.make_array_from_callback(view.shape, sharding, piece)
+    except ValueError as exc:
+        raise ValueError(f"cannot place {what} of shape {view.shape} with {sharding}: {exc}") from None
+
+
+def build_from_source(config: Mamba2Config, src, config_name: str, *, dtype=None, param_dtype=None, mesh=None,
+                      shardings: ShardingHook | None = None, kernel_impl: str = "auto",
+                      progress: ProgressHook | None = None) -> Mamba2ForCausalLM:
+    """Check `src` against `config`, then stream its tensors into an abstractly built model."""
+    dtype = jnp.float32 if dtype is None else dtype
+    param_dtype = jnp.float32 if param_dtype is None else param_dtype
+    abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype, kernel_impl=kernel_impl)
+    plan = _check_source(abstract, src, config_name)
+    graphdef, state = nnx.split(abstract)
+    variables = dict(nnx.to_flat_state(state))
+    table = mamba2_key_table(config)
+    if set(variables) != {spec.path for spec in table}:  # the table must cover the model exactly
+        raise AssertionError(f"key table and model disagree: {set(variables) ^ {s.path for s in table}}")
+    for done, spec in enumerate(table, start=1):
+        var = variables[spec.path]
+        target = var.get_value()                              # ShapeDtypeStruct
+        name = plan[spec.hf_name]
+        sharding = param_sharding(spec.path, target.shape, mesh, shardings)
+        var.set_value(_place(to_flax_layout(spec.kind, src.read(name)), target.dtype, sharding,
+                             f"{name} from {src.file_of(name)}"))
+        if progress is not None:
+            progress(done, len(table), spec.hf_name)
+    return nnx.merge(graphdef, state)
+
+
+def read_config(path: "str | os.PathLike") -> Mamba2Config:
+    """`Mamba2Config` of checkpoint directory `path` (HF or state-spaces `config.json`)."""
+    file = pathlib.Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}")
+    try:
+        return Mamba2Config.from_hf(file)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{file}: {exc}") from exc
+
+
+def from_pretrained(path: "str | os.PathLike", *, dtype=None, param_dtype=None, mesh=None,
+                    shardings: ShardingHook | None = None, kernel_impl: str = "auto",
+                    progress: ProgressHook | None = None) -> Mamba2ForCausalLM:
+    """A `Mamba2ForCausalLM` from a local HF or state-spaces checkpoint directory (see the module docstring).
+
+    dtype: compute dtype (default float32). param_dtype: parameter dtype (default float32: a bfloat16
+    checkpoint is upcast exactly unless `param_dtype=jnp.bfloat16`). mesh / shardings: place each parameter
+    as `NamedSharding(mesh, shardings(path) or P())` (default replicated). progress(done, total, name) is
+    called after each tensor. Raises `CheckpointError` naming the file and tensor on any mismatch.
+    """
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory: from_pretrained reads a local checkpoint directory "
+                                "(download a hub model first, e.g. huggingface_hub.snapshot_download)")
+    config = read_config(directory)
+    src = _open_weights(directory)
+    try:
+        return build_from_source(config, src, str(directory / CONFIG_NAME), dtype=dtype, param_dtype=param_dtype,
+                                 mesh=mesh, shardings=shardings, kernel_impl=kernel_impl, progress=progress)
+    finally:
+        src.close()
+
+
+def checkpoint_dtype(path: "str | os.PathLike") -> np.dtype:
+    """The floating dtype a checkpoint directory stores its weights in (float32 when mixed or float64)."""
+    src = _open_weights(pathlib.Path(path))
+    try:
+        codes = {src.dtype(n) for n in src.names()} & set(FLOAT_CODES)
+    finally:
+        src.close()
+    return {"F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}.get(
+        codes.pop() if len(codes) == 1 else "F32", np.dtype(np.float32))
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+def save_pretrained(model: Mamba2ForCausalLM, path: "str | os.PathLike", *, max_shard_size: "int | str" = "5GB",
+                    progress: ProgressHook | None = None) -> pathlib.Path:
+    """Write `config.json` and safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Tensors keep the parameters' dtype. Above `max_shard_size` (an int of bytes, or "5GB", "500MiB", ...)
+    the weights are sharded with a `model.safetensors.index.json`. Returns the directory.
+    """
+    directory = pathlib.Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    table = mamba2_key_table(model.config)
+    entries = []
+    for spec in table:
+        param = _param_at(model, spec.path)
+        entries.append(TensorToWrite(
+            spec.hf_name, hf_shape(spec.kind, param.shape), np.dtype(param.dtype),
+            lambda param=param, kind=spec.kind: to_hf_layout(kind, np.asarray(jax.device_get(param[...])))))
+    done = [0]
+
+    def on_tensor(name):
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], len(entries), name)
+
+    write_sharded(directory, entries, max_shard_size=max_shard_size, metadata={"format": "pt"},
+                  on_tensor=on_tensor)
+    config = json.loads(model.config.to_json_string())
+    config["dtype"] = str(np.dtype(_param_at(model, table[0].path).dtype))  # transformers 5's name for it
+    tmp = directory / f".{CONFIG_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / CONFIG_NAME)
+    return directory
+
+
+# ---- in-memory state dicts ------------------------------------------------------------------------------
+
 def load_state_dict(model, state_dict: Mapping, *, strict: bool = True) -> None:
     """Copy an HF-named state dict (torch tensors or arrays) into `model`'s parameters, in place.
 
-    Every tensor is checked (names, shapes) before any parameter is written, so a bad state dict leaves the
-    model untouched. A tied model accepts and ignores a redundant `lm_head.weight`.
+    Every tensor is checked (names, shapes, dtypes, tied head) before any parameter is written, so a bad
+    state dict raises `CheckpointError` and leaves the model untouched. A tied model accepts a redundant
+    `lm_head.weight` equal to the embedding. `strict=False` ignores unexpected tensors.
     """
-    table = mamba2_key_table(model.config)
-    sd = {LEGACY_RENAMES.get(k, k): v for k, v in state_dict.items()}
-    expected = {spec.hf_name for spec in table}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected and not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if missing:
-        raise KeyError(f"state dict is missing {len(missing)} tensor(s): {sorted(missing)[:8]}")
-    if unexpected and strict:
-        raise KeyError(f"state dict has {len(unexpected)} unexpected tensor(s): {sorted(unexpected)[:8]}")
-
+    src = _DictSource(state_dict, "the state dict")
+    plan = _check_source(model, src, "the model's config", strict=strict)
     staged = []
-    for spec in table:
+    for spec in mamba2_key_table(model.config):
         param = _param_at(model, spec.path)
-        value = to_numpy(sd[spec.hf_name])
-        want = hf_shape(spec.kind, param.shape)
-        if tuple(value.shape) != want:
-            raise ValueError(f"tensor {spec.hf_name}: expected shape {want} for this config, found {tuple(value.shape)}")
-        staged.append((param, jnp.asarray(to_flax_layout(spec.kind, value), dtype=param.dtype)))
+        value = to_flax_layout(spec.kind, src.read(plan[spec.hf_name]))
+        staged.append((param, jnp.asarray(np.asarray(value).astype(param.dtype))))
     for param, value in staged:
         param[...] = value
 
@@ -130,3 +588,8 @@ def state_dict(model) -> dict[str, np.ndarray]:
     """The model's parameters as numpy arrays under HF names and layouts (tied models have no lm_head)."""
     return {spec.hf_name: to_hf_layout(spec.kind, np.asarray(_param_at(model, spec.path)[...]))
             for spec in mamba2_key_table(model.config)}
+
+
+__all__ = ["CheckpointError", "KeySpec", "LEGACY_RENAMES", "checkpoint_dtype", "from_pretrained",
+           "load_state_dict", "mamba2_key_table", "param_sharding", "read_config", "save_pretrained",
+           "state_dict"]
