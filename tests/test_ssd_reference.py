@@ -260,8 +260,7 @@ def test_resolve_impl_and_describe():
         assert resolve_impl("auto", op) == "xla"
         assert resolve_impl("xla", op) == "xla"
         assert resolve_impl("reference", op) == "reference"
-        with pytest.raises(NotImplementedError, match=f"Pallas kernel for {op}"):
-            resolve_impl("pallas", op)
+        assert resolve_impl("pallas", op) == "pallas"  # on CPU the Pallas kernels run interpreted
     with pytest.raises(ValueError, match="'triton'") as info:
         resolve_impl("triton", "ssd")
     assert all(impl in str(info.value) for impl in IMPLS)
@@ -282,7 +281,7 @@ def test_public_ssd_wrapper_impls():
     assert rel_err(y, y_ref) == 0 and rel_err(s, s_ref) == 0
     y, s = jax.jit(lambda *a: kernels.ssd(*a, chunk_size=4, impl="reference", **kw))(*args.values())
     assert rel_err(y, y_ref) <= 1e-6 and rel_err(s, s_ref) <= 1e-6
-    with pytest.raises(NotImplementedError):
-        kernels.ssd(*args.values(), chunk_size=4, impl="pallas")
+    y, s = kernels.ssd(*args.values(), chunk_size=4, impl="pallas", **kw)  # interpret mode on CPU
+    assert rel_err(y, y_ref) <= 2e-5 and rel_err(s, s_ref) <= 2e-5  # float32 kernel tolerance (kernels tests)
     with pytest.raises(ValueError, match="'fast'"):
         kernels.ssd(*args.values(), chunk_size=4, impl="fast")

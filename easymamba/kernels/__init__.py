@@ -7,17 +7,22 @@ Public entry points (shapes in `easymamba.typing` letters):
     y, conv_state  = causal_conv1d_update(x [b,c], conv_state [b,c,k], weight, bias=None, *, activation)
     y, ssm_state   = selective_state_update(ssm_state [b,h,p,n], x [b,h,p], dt [b,h], A, B [b,g,n], C, ...)
 
-`impl` is resolved in `dispatch.py` (see `describe()`); the pure-JAX references (`ssd_naive`, `ssd_chunked`,
-`segsum`, `selective_state_update_ref`, `causal_conv1d_ref`, `causal_conv1d_update_ref`) are re-exported.
+`impl` is resolved in `dispatch.py` (see `describe()`). The Pallas kernels live in `ssd_pallas_gpu.py`,
+`conv1d_pallas.py` and `state_update_pallas.py` (docs/kernels.md); the pure-JAX references they are tested
+against (`ssd_naive`, `ssd_chunked`, `segsum`, `selective_state_update_ref`, `causal_conv1d_ref`,
+`causal_conv1d_update_ref`) are re-exported.
 """
 
 import math
 
 import jax
 
+from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas, causal_conv1d_update_pallas, conv1d_supported
 from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
 from easymamba.kernels.dispatch import describe, resolve_impl
+from easymamba.kernels.ssd_pallas_gpu import SSDBlockConfig, ssd_pallas, ssd_supported
 from easymamba.kernels.ssd_reference import segsum, selective_state_update_ref, ssd_chunked, ssd_naive
+from easymamba.kernels.state_update_pallas import selective_state_update_pallas, state_update_supported
 
 __all__ = [
     "ssd",
@@ -31,6 +36,11 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update_ref",
     "describe",
+    "ssd_pallas",
+    "SSDBlockConfig",
+    "causal_conv1d_pallas",
+    "causal_conv1d_update_pallas",
+    "selective_state_update_pallas",
 ]
 
 _SSD_STATIC = ("chunk_size", "dt_softplus", "dt_limit")
@@ -38,6 +48,10 @@ _ssd_xla = jax.jit(ssd_chunked, static_argnames=_SSD_STATIC)
 _conv_xla = jax.jit(causal_conv1d_ref, static_argnames=("activation",))
 _conv_update_xla = jax.jit(causal_conv1d_update_ref, static_argnames=("activation",))
 _state_update_xla = jax.jit(selective_state_update_ref, static_argnames=("dt_softplus", "dt_limit"))
+_ssd_pallas = jax.jit(ssd_pallas, static_argnames=_SSD_STATIC + ("y_dtype", "config"))
+_conv_pallas = jax.jit(causal_conv1d_pallas, static_argnames=("activation",))
+_conv_update_pallas = jax.jit(causal_conv1d_update_pallas, static_argnames=("activation",))
+_state_update_pallas = jax.jit(selective_state_update_pallas, static_argnames=("dt_softplus", "dt_limit"))
 
 
 def _static_limit(dt_limit) -> tuple[float, float]:
@@ -68,8 +82,8 @@ def ssd(
     Semantics: `ssd_naive` (the recurrence) — see `easymamba.kernels.ssd_reference` for the math, seq_idx and
     dtype rules. `impl` in ("auto", "pallas", "xla", "reference"), resolved by `dispatch.resolve_impl`.
     """
-    impl = resolve_impl(impl, "ssd")
-    fn = _ssd_xla if impl == "xla" else ssd_chunked
+    impl = resolve_impl(impl, "ssd", shape_ok=x.ndim == B.ndim == 4 and ssd_supported(x.shape[-1], B.shape[-1]))
+    fn = {"pallas": _ssd_pallas, "xla": _ssd_xla}.get(impl, ssd_chunked)
     return fn(
         x,
         dt,
@@ -92,24 +106,27 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None
 
     Semantics: `causal_conv1d_ref` (see `easymamba.kernels.conv1d_reference`).
     """
-    impl = resolve_impl(impl, "causal_conv1d")
-    fn = _conv_xla if impl == "xla" else causal_conv1d_ref
+    impl = resolve_impl(impl, "causal_conv1d", shape_ok=weight.ndim == 2 and conv1d_supported(*weight.shape))
+    fn = {"pallas": _conv_pallas, "xla": _conv_xla}.get(impl, causal_conv1d_ref)
     return fn(x, weight, bias, activation=activation, initial_state=initial_state, seq_idx=seq_idx)
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu"):
+def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu", impl="auto"):
     """One decode step of the causal conv; returns (y [b,c] in x's dtype, new conv_state [b,c,k])."""
-    impl = resolve_impl("auto", "causal_conv1d_update")
-    fn = _conv_update_xla if impl == "xla" else causal_conv1d_update_ref
+    shape_ok = weight.ndim == 2 and conv1d_supported(*weight.shape)
+    impl = resolve_impl(impl, "causal_conv1d_update", shape_ok=shape_ok)
+    fn = {"pallas": _conv_update_pallas, "xla": _conv_update_xla}.get(impl, causal_conv1d_update_ref)
     return fn(x, conv_state, weight, bias, activation=activation)
 
 
 def selective_state_update(
-    state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf)
+    state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
+    impl="auto",
 ):
     """One decode step of the SSD recurrence; returns (y [b,h,p], new state [b,h,p,n] in state's dtype)."""
-    impl = resolve_impl("auto", "selective_state_update")
-    fn = _state_update_xla if impl == "xla" else selective_state_update_ref
+    shape_ok = state.ndim == 4 and state_update_supported(*state.shape[2:])
+    impl = resolve_impl(impl, "selective_state_update", shape_ok=shape_ok)
+    fn = {"pallas": _state_update_pallas, "xla": _state_update_xla}.get(impl, selective_state_update_ref)
     return fn(
         state,
         x,

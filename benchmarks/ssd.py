@@ -1,0 +1,332 @@
+"""SSD forward, decode step and conv1d timings on one GPU, beside the floor and the peers, in one run.
+
+    PYTHONPATH=. python benchmarks/ssd.py [--out results.json] [--quick]
+
+Prints one table per part (medians in ms) and writes every number to --out. Shapes are the issue's (tokens
+32K): 2.7B-like h80 p64 n128 g1 at b16 l2k and b4 l8k, 130M-like h24 at b4 l8k, Codestral-like h128 g8 at b2 l4k;
+bf16 x/B/C/z/y, float32 dt, A, D, dt_bias, states. Every SSD call does dt_bias + softplus and the D skip.
+
+Floor: max(minimum bytes / measured copy bandwidth, matmul FLOPs / measured bf16 matmul rate), where the
+bytes are x, B, C, dt read once, y (bf16) and the float32 final state written once, and the FLOPs are the
+causal-aware count of docs/benchmarks.md. Peers are imported from the git-ignored `third_party_peers/site`
+(wheels and a copy of mamba_ssm's Triton files; see docs/benchmarks.md) and skipped, with a line saying so,
+when absent.
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from easymamba.kernels import SSDBlockConfig, ssd_chunked, ssd_pallas
+from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas, causal_conv1d_update_pallas
+from easymamba.kernels.conv1d_reference import causal_conv1d_ref
+from easymamba.kernels.ssd_reference import selective_state_update_ref
+from easymamba.kernels.state_update_pallas import selective_state_update_pallas
+
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "third_party_peers", "site")
+
+SHAPES = [  # name, b, l, h, p, n, g
+    ("2.7B b16 l2k", 16, 2048, 80, 64, 128, 1),
+    ("2.7B b4 l8k", 4, 8192, 80, 64, 128, 1),
+    ("130M b4 l8k", 4, 8192, 24, 64, 128, 1),
+    ("Codestral b2 l4k", 2, 4096, 128, 64, 128, 8),
+]
+CONFIGS = [SSDBlockConfig(64, 4, 2), SSDBlockConfig(64, 4, 3), SSDBlockConfig(64, 4, 4), SSDBlockConfig(32, 4, 3),
+           SSDBlockConfig(128, 8, 2)]
+
+
+def bench_jax(fn, *args, iters=20, repeats=7):
+    """Median over `repeats` of the mean time of `iters` back-to-back calls (ms); compiled and warmed first."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters * 1e3)
+    return statistics.median(times)
+
+
+def measure_ceilings():
+    x = jnp.ones((1 << 29,), jnp.bfloat16) * 1.5  # 1 GiB
+    copy = jax.jit(lambda a: a + 1)
+    ms = bench_jax(copy, x, iters=10, repeats=5)
+    bandwidth = 2 * x.nbytes / (ms * 1e-3)  # bytes read + written per second
+    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+    mm = jax.jit(lambda u, v: u @ v)
+    ms = bench_jax(mm, a, a, iters=10, repeats=5)
+    flops = 2 * 8192**3 / (ms * 1e-3)
+    return bandwidth, flops
+
+
+def ssd_floor(b, l, h, p, n, g, bandwidth, flops, q=256):
+    t = b * l
+    nbytes = t * h * p * 2 * 2 + 2 * t * g * n * 2 + t * h * 4 + b * h * p * n * 4
+    nflops = t * h * (q * p + 4 * n * p) + t * g * q * n
+    return max(nbytes / bandwidth, nflops / flops) * 1e3, nbytes, nflops
+
+
+def ssd_inputs(b, l, h, p, n, g, seed=0):
+    k = jax.random.split(jax.random.key(seed), 8)
+    bf = jnp.bfloat16
+    return dict(
+        x=jax.random.normal(k[0], (b, l, h, p), bf),
+        dt=jax.random.normal(k[1], (b, l, h), jnp.float32) - 3.0,
+        A=-jnp.exp(jax.random.normal(k[2], (h,), jnp.float32)),
+        B=jax.random.normal(k[3], (b, l, g, n), bf),
+        C=jax.random.normal(k[4], (b, l, g, n), bf),
+        D=jax.random.normal(k[5], (h,), jnp.float32),
+        dt_bias=jax.random.normal(k[6], (h,), jnp.float32) * 0.5,
+    )
+
+
+def peer_mamba_ssm():
+    sys.path.insert(0, PEERS)
+    import torch
+    import triton.testing
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return torch, triton.testing.do_bench, mamba_chunk_scan_combined, selective_state_update
+
+
+def to_torch(torch, a):
+    a = np.asarray(jnp.asarray(a, jnp.float32))
+    return torch.from_numpy(a).cuda()
+
+
+def run_ssd(rows, bandwidth, flops, quick, mosaic=False, peers=True):
+    torch = mamba2_ssd = ssd_forward = None
+    try:
+        assert peers, "--no-peers"
+        torch, do_bench, mcsc, _ = peer_mamba_ssm()
+    except Exception as e:  # noqa: BLE001 - any import failure means the peer is absent
+        print(f"mamba_ssm: skipped ({type(e).__name__}: {e})")
+    try:
+        assert peers, "--no-peers"
+        sys.path.insert(0, PEERS)
+        from jla.layers.ssm import mamba2_ssd
+    except Exception as e:  # noqa: BLE001
+        print(f"jax-linear-attention: skipped ({type(e).__name__}: {e})")
+    try:
+        assert peers, "--no-peers"
+        sys.path.insert(0, PEERS)
+        from mamba2_jax.modeling import ssd_forward
+    except Exception as e:  # noqa: BLE001
+        print(f"mamba2-jax: skipped ({type(e).__name__}: {e})")
+
+    for name, b, l, h, p, n, g in SHAPES:
+        args = ssd_inputs(b, l, h, p, n, g)
+        floor, nbytes, nflops = ssd_floor(b, l, h, p, n, g, bandwidth, flops)
+        row = dict(shape=name, floor=floor, bytes=nbytes, flops=nflops)
+        common = dict(D=args["D"], dt_bias=args["dt_bias"], dt_softplus=True)
+        main = (args["x"], args["dt"], args["A"], args["B"], args["C"])
+
+        best = None
+        for cfg in CONFIGS[:1] if quick else CONFIGS:
+            fn = jax.jit(functools.partial(ssd_pallas, chunk_size=256, y_dtype=jnp.bfloat16, config=cfg, **common))
+            try:
+                ms = bench_jax(fn, *main)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+                print(f"  pallas {cfg}: failed ({type(e).__name__}: {str(e)[:200]})")
+                continue
+            row[f"pallas q{cfg.block_q} w{cfg.num_warps} s{cfg.num_stages}"] = ms
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        if best:
+            row["pallas"], row["pallas_config"] = best[0], str(best[1])
+        if mosaic:  # the same kernel through jax's default GPU lowering (Mosaic GPU on jax >= 0.9)
+            os.environ["EASYMAMBA_PALLAS_GPU_BACKEND"] = "mosaic"
+            try:
+                fn = jax.jit(functools.partial(ssd_pallas, chunk_size=256, y_dtype=jnp.bfloat16, **common))
+                row["pallas_mosaic"] = bench_jax(fn, *main)
+                ref = jax.jit(functools.partial(ssd_pallas, chunk_size=256, y_dtype=jnp.bfloat16,
+                                                config=best[1], **common))
+                os.environ.pop("EASYMAMBA_PALLAS_GPU_BACKEND")
+                ya, yb = fn(*main)[0], ref(*main)[0]
+                row["mosaic_vs_triton_rel"] = float(jnp.abs(ya.astype(jnp.float32) - yb.astype(jnp.float32)).max()
+                                                    / jnp.abs(yb.astype(jnp.float32)).max())
+            except Exception as e:  # noqa: BLE001
+                print(f"  pallas (mosaic lowering): failed ({type(e).__name__}: {str(e)[:300]})")
+            os.environ.pop("EASYMAMBA_PALLAS_GPU_BACKEND", None)
+
+        xla = jax.jit(lambda x, dt, A, B, C: jax.tree.map(
+            lambda a: a, ssd_chunked(x, dt, A, B, C, chunk_size=256, **common)))
+        xla_bf16 = jax.jit(lambda *a: (lambda y, s: (y.astype(jnp.bfloat16), s))(*xla(*a)))
+        row["xla"] = bench_jax(xla_bf16, *main)
+
+        if mamba2_ssd is not None:
+            def jla_fn(x, dt, A, B, C):
+                dtp = jax.nn.softplus(dt + args["dt_bias"])
+                return mamba2_ssd(x, dtp, A, B, C, d=args["D"], output_final_state=True)
+            try:
+                row["jla"] = bench_jax(jax.jit(jla_fn), *main)
+            except Exception as e:  # noqa: BLE001
+                print(f"  jla {name}: failed ({type(e).__name__}: {str(e)[:300]})")
+        if ssd_forward is not None:
+            r = h // g
+
+            def m2j_fn(x, dt, A, B, C):
+                Bh, Ch = jnp.repeat(B, r, axis=2), jnp.repeat(C, r, axis=2)
+                return ssd_forward(x, dt, A, Bh, Ch, 256, args["D"], args["dt_bias"], 0.0, float("inf"),
+                                   return_final_states=True)
+            try:
+                row["mamba2_jax"] = bench_jax(jax.jit(m2j_fn), *main)
+            except Exception as e:  # noqa: BLE001
+                print(f"  mamba2-jax {name}: failed ({type(e).__name__}: {str(e)[:300]})")
+        if torch is not None:
+            t = {k: to_torch(torch, v) for k, v in args.items()}
+            for key in ("x", "B", "C"):
+                t[key] = t[key].to(torch.bfloat16)
+            def call():
+                return mcsc(t["x"], t["dt"], t["A"], t["B"], t["C"], 256, D=t["D"], dt_bias=t["dt_bias"],
+                            dt_softplus=True, return_final_states=True)
+
+            call()
+            row["mamba_ssm"] = do_bench(call, warmup=50, rep=300, return_mode="median")
+            del t
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def run_decode(rows, bandwidth):
+    try:
+        torch, do_bench, _, ssu = peer_mamba_ssm()
+    except Exception:  # noqa: BLE001
+        torch = None
+    h, p, n, g = 80, 64, 128, 1
+    for b in (1, 64, 256):
+        k = jax.random.split(jax.random.key(1), 8)
+        state = jax.random.normal(k[0], (b, h, p, n), jnp.float32)
+        x = jax.random.normal(k[1], (b, h, p), jnp.bfloat16)
+        dt = jax.random.normal(k[2], (b, h), jnp.float32)
+        A = -jnp.exp(jax.random.normal(k[3], (h,), jnp.float32))
+        B = jax.random.normal(k[4], (b, g, n), jnp.bfloat16)
+        C = jax.random.normal(k[5], (b, g, n), jnp.bfloat16)
+        D = jnp.ones((h,), jnp.float32)
+        bias = jnp.zeros((h,), jnp.float32)
+        nbytes = 2 * state.nbytes + 2 * x.nbytes + 2 * B.nbytes + dt.nbytes
+        row = dict(shape=f"decode 2.7B layer b{b}", floor=nbytes / bandwidth * 1e3, bytes=nbytes)
+        for label, fn in (("pallas", selective_state_update_pallas), ("xla", selective_state_update_ref)):
+            step = jax.jit(
+                lambda s, x, dt, A, B, C, fn=fn: fn(s, x, dt, A, B, C, D=D, dt_bias=bias, dt_softplus=True),
+                donate_argnums=(0,))
+            s = state + 0  # a fresh buffer: the step donates it
+            y, s = step(s, x, dt, A, B, C)
+            jax.block_until_ready(s)
+            times = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                for _ in range(50):
+                    y, s = step(s, x, dt, A, B, C)
+                jax.block_until_ready(s)
+                times.append((time.perf_counter() - t0) / 50 * 1e3)
+            row[label] = statistics.median(times)
+        if torch is not None:
+            ts = to_torch(torch, state)
+            tx = to_torch(torch, x).to(torch.bfloat16)
+            tdt = to_torch(torch, dt)[..., None].expand(b, h, p)
+            tA = to_torch(torch, A)[:, None, None].expand(h, p, n)
+            tB, tC = to_torch(torch, B).to(torch.bfloat16), to_torch(torch, C).to(torch.bfloat16)
+            tD = to_torch(torch, D)[:, None].expand(h, p)
+            tbias = to_torch(torch, bias)[:, None].expand(h, p)
+            call = lambda: ssu(ts, tx, tdt, tA, tB, tC, D=tD, dt_bias=tbias, dt_softplus=True)  # noqa: E731
+            call()
+            row["mamba_ssm"] = do_bench(call, warmup=50, rep=300, return_mode="median")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def run_conv(rows, bandwidth):
+    b, l, c, k = 4, 8192, 5376, 4
+    keys = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(keys[0], (b, l, c), jnp.bfloat16)
+    w = jax.random.normal(keys[1], (c, k), jnp.bfloat16)
+    bias = jax.random.normal(keys[2], (c,), jnp.bfloat16)
+    nbytes = 2 * x.nbytes
+    row = dict(shape=f"conv1d 2.7B b{b} l{l} c{c}", floor=nbytes / bandwidth * 1e3, bytes=nbytes)
+    row["copy"] = bench_jax(jax.jit(lambda a: a + 1), x)
+    row["pallas"] = bench_jax(jax.jit(causal_conv1d_pallas), x, w, bias)
+    row["xla"] = bench_jax(jax.jit(causal_conv1d_ref), x, w, bias)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    state = jax.random.normal(keys[0], (256, c, k), jnp.bfloat16)
+    xs = x[0, :256]
+    row = dict(shape="conv1d_update b256 c5376", floor=(2 * state.nbytes + 2 * xs.nbytes) / bandwidth * 1e3)
+    for label, fn in (("pallas", causal_conv1d_update_pallas),
+                      ("xla", __import__("easymamba.kernels", fromlist=["x"]).causal_conv1d_update_ref)):
+        step = jax.jit(lambda xs, s, fn=fn: fn(xs, s, w, bias), donate_argnums=(1,))
+        s = state + 0  # a fresh buffer: the step donates it
+        y, s = step(xs, s)
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(50):
+                y, s = step(xs, s)
+            jax.block_until_ready(s)
+            times.append((time.perf_counter() - t0) / 50 * 1e3)
+        row[label] = statistics.median(times)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def table(rows, columns):
+    print("| shape | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for row in rows:
+        cells = []
+        for col in columns:
+            v = row.get(col)
+            cells.append("—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+        print(f"| {row['shape']} | " + " | ".join(cells) + " |")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true", help="one kernel config per shape")
+    parser.add_argument("--parts", default="ssd,decode,conv")
+    parser.add_argument("--mosaic", action="store_true", help="also time the kernel through Mosaic GPU lowering")
+    parser.add_argument("--no-peers", action="store_true")
+    opts = parser.parse_args()
+    info = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
+    bandwidth, flops = measure_ceilings()
+    info.update(copy_bandwidth_TBps=bandwidth / 1e12, matmul_TFLOPs=flops / 1e12)
+    print(json.dumps(info), flush=True)
+    rows = []
+    parts = opts.parts.split(",")
+    if "ssd" in parts:
+        run_ssd(rows, bandwidth, flops, opts.quick, mosaic=opts.mosaic, peers=not opts.no_peers)
+    if "decode" in parts:
+        run_decode(rows, bandwidth)
+    if "conv" in parts:
+        run_conv(rows, bandwidth)
+    if opts.out:
+        with open(opts.out, "w") as f:
+            json.dump(dict(info=info, rows=rows), f, indent=1)
+    print()
+    ssd_rows = [r for r in rows if "decode" not in r["shape"] and "conv" not in r["shape"]]
+    for r in ssd_rows:
+        for peer in ("mamba_ssm", "jla", "xla"):
+            if r.get("pallas") and r.get(peer):
+                r[f"pallas/{peer}"] = r["pallas"] / r[peer]
+    table(ssd_rows, ["floor", "pallas", "xla", "mamba_ssm", "jla", "mamba2_jax", "pallas/mamba_ssm", "pallas/jla",
+                     "pallas/xla", "pallas_mosaic", "mosaic_vs_triton_rel", "pallas_config"])
+    print()
+    table([r for r in rows if r not in ssd_rows], ["floor", "copy", "pallas", "xla", "mamba_ssm"])
+
+
+if __name__ == "__main__":
+    main()
