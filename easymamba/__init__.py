@@ -7,6 +7,7 @@ Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notati
 from easymamba.caching import Mamba2Cache, Mamba2CacheMetaData, Mamba2CacheView, PartitionAxis
 from easymamba.config import Mamba2Config
 from easymamba.hf import from_pretrained, load_state_dict, save_pretrained, state_dict
+from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.mixer import Mamba2Mixer
 from easymamba.model import (
     Mamba2Block,
@@ -38,9 +39,11 @@ __all__ = [
     "PartitionAxis",
     "RMSNorm",
     "causal_lm_loss",
+    "compute_effective_attention",
     "from_pretrained",
     "load_checkpoint",
     "load_state_dict",
+    "run_with_cache",
     "save_checkpoint",
     "save_pretrained",
     "state_dict",

@@ -30,6 +30,22 @@ def _inverse_softplus(y: jax.Array) -> jax.Array:
     return y + jnp.log(-jnp.expm1(-y))
 
 
+class HookValue(nnx.Intermediate):
+    """An activation recorded at a `hook_*` point; `easymamba.interp.run_with_cache` is what asks for them."""
+
+
+def sow_hook(module: nnx.Module, name: str, value) -> None:
+    """Record `value` (an array, or a zero-argument function returning one) as `name` on `module`, but only
+    when `run_with_cache` requested that hook (it marks `module.__hooks__` on the copy of the model it runs).
+    Otherwise nothing happens and nothing is traced: the forward without hooks is op for op the
+    forward before hooks existed. A function is called only when requested, so a hook that needs extra math
+    (`hook_dt`) costs nothing unless asked for.
+    """
+    if name in getattr(module, "__hooks__", ()):
+        module.sow(HookValue, name, value() if callable(value) else value,
+                   reduce_fn=lambda _, new: new, init_fn=lambda: None)
+
+
 def init_dt_bias(key, num_heads: int, config: Mamba2Config, dtype) -> jax.Array:
     """HF/mamba_ssm: dt log-uniform in [time_step_min, time_step_max], floored, stored as softplus^-1(dt)."""
     lo, hi = math.log(config.time_step_min), math.log(config.time_step_max)
@@ -39,7 +55,15 @@ def init_dt_bias(key, num_heads: int, config: Mamba2Config, dtype) -> jax.Array:
 
 
 class Mamba2Mixer(nnx.Module):
-    """One Mamba-2 SSM mixer (HF `Mamba2Mixer`), parameters named as in HF's state dict."""
+    """One Mamba-2 SSM mixer (HF `Mamba2Mixer`), parameters named as in HF's state dict.
+
+    Hook points (recorded only under `easymamba.interp.run_with_cache`): `hook_in_proj` (b, l, 2e+2gn+h),
+    `hook_conv` (b, l, c) after conv + SiLU + padding mask, `hook_dt` (b, l, h) after dt_bias, softplus and
+    limit, `hook_ssm_out` (b, l, h, p) the SSD output with the D skip, `hook_inner_norm` (b, l, e),
+    `hook_out_proj` (b, l, d).
+    """
+
+    HOOKS = ("hook_in_proj", "hook_conv", "hook_dt", "hook_ssm_out", "hook_inner_norm", "hook_out_proj")
 
     def __init__(self, config: Mamba2Config, *, layer_idx: int = 0, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, kernel_impl: str = "auto"):
@@ -88,6 +112,7 @@ class Mamba2Mixer(nnx.Module):
         if mask is not None:
             hidden = hidden * mask
         zxbcdt = self.in_proj(hidden)                                      # (b, l, 2e + 2gn + h)
+        sow_hook(self, "hook_in_proj", zxbcdt)
         z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)     # (b,l,e) (b,l,c) (b,l,h)
         weight = self.conv1d.weight[...].astype(xbc.dtype)
         bias = None if self.conv1d.bias is None else self.conv1d.bias[...].astype(xbc.dtype)
@@ -100,11 +125,13 @@ class Mamba2Mixer(nnx.Module):
                                                     initial_state=conv_state, impl=self.kernel_impl)
         if mask is not None:
             xbc = xbc * mask
+        sow_hook(self, "hook_conv", xbc)
         x, B, C = jnp.split(xbc, [e, e + g * n], axis=-1)                   # (b,l,e) (b,l,gn) (b,l,gn)
 
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))                  # (h,)
         ssm_kwargs = dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True,
                           dt_limit=cfg.time_step_limit)
+        sow_hook(self, "hook_dt", lambda: _step_size(dt, self.dt_bias[...], cfg.time_step_limit, x.dtype))
         if decode:
             y, ssm_state = kernels.selective_state_update(
                 ssm_state, x[:, 0].reshape(b, h, p), dt[:, 0], A, B[:, 0].reshape(b, g, n),
@@ -114,5 +141,16 @@ class Mamba2Mixer(nnx.Module):
             y, ssm_state = kernels.ssd(
                 x.reshape(b, l, h, p), dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
                 chunk_size=cfg.chunk_size, initial_state=ssm_state, impl=self.kernel_impl, **ssm_kwargs)
+        sow_hook(self, "hook_ssm_out", y)                                  # (b, l, h, p)
         y = self.norm(y.reshape(b, l, e), z)                               # (b, l, e)
-        return self.out_proj(y.astype(self.dtype)), (conv_state, ssm_state)
+        sow_hook(self, "hook_inner_norm", y)
+        out = self.out_proj(y.astype(self.dtype))                          # (b, l, d)
+        sow_hook(self, "hook_out_proj", out)
+        return out, (conv_state, ssm_state)
+
+
+def _step_size(dt, dt_bias, dt_limit, x_dtype) -> jax.Array:
+    """The step size the SSD kernels use, clip(softplus(dt + dt_bias), *dt_limit) in their compute dtype
+    promote(x, float32) (`_process_dt` in kernels/ssd_reference.py); only evaluated for `hook_dt`."""
+    dtype = jnp.promote_types(x_dtype, jnp.float32)
+    return jnp.clip(jax.nn.softplus(dt.astype(dtype) + dt_bias.astype(dtype)), dt_limit[0], dt_limit[1])

@@ -21,7 +21,7 @@ from flax import nnx, struct
 from easymamba.caching import Mamba2Cache, Mamba2CacheMetaData
 from easymamba.config import Mamba2Config
 from easymamba.layers import Embedding, is_concrete, normal_init
-from easymamba.mixer import Mamba2Mixer
+from easymamba.mixer import Mamba2Mixer, sow_hook
 from easymamba.norms import RMSNorm
 
 IGNORE_INDEX = -100
@@ -43,7 +43,12 @@ class Mamba2CausalLMOutput:
 
 
 class Mamba2Block(nnx.Module):
-    """Pre-norm residual block: `h + mixer(norm(h))`, the residual kept in float32 if `residual_in_fp32`."""
+    """Pre-norm residual block: `h + mixer(norm(h))`, the residual kept in float32 if `residual_in_fp32`.
+
+    Hook point: `hook_resid_post` (b, l, d), the block output (see `easymamba.interp.run_with_cache`).
+    """
+
+    HOOKS = ("hook_resid_post",)
 
     def __init__(self, config: Mamba2Config, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, kernel_impl: str = "auto"):
@@ -57,11 +62,18 @@ class Mamba2Block(nnx.Module):
         normed = self.norm(hidden.astype(self.norm.weight.dtype))
         out, states = self.mixer(normed, attention_mask=attention_mask, conv_state=conv_state,
                                  ssm_state=ssm_state)
-        return residual + out, states
+        hidden = residual + out
+        sow_hook(self, "hook_resid_post", hidden)
+        return hidden, states
 
 
 class Mamba2Model(nnx.Module):
-    """Embeddings, `num_hidden_layers` blocks and the final norm (HF `Mamba2Model`)."""
+    """Embeddings, `num_hidden_layers` blocks and the final norm (HF `Mamba2Model`).
+
+    Hook point: `hook_embed` (b, l, d), the embeddings (or `inputs_embeds`) entering layer 0.
+    """
+
+    HOOKS = ("hook_embed",)
 
     def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  kernel_impl: str = "auto"):
@@ -105,6 +117,7 @@ class Mamba2Model(nnx.Module):
                 raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), "
                                  f"got {inputs_embeds.shape}")
             hidden = inputs_embeds.astype(self.dtype)
+        sow_hook(self, "hook_embed", hidden)
         b, l = hidden.shape[:2]
         if attention_mask is not None:
             attention_mask = _check_attention_mask(attention_mask, b, l)
