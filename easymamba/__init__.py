@@ -4,10 +4,19 @@ Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notati
 `easymamba.typing`.
 """
 
-from easymamba.caching import Mamba2Cache, Mamba2CacheMetaData, Mamba2CacheView, PartitionAxis
-from easymamba.config import Mamba2Config
+from easymamba.caching import (
+    Mamba2Cache,
+    Mamba2CacheMetaData,
+    Mamba2CacheView,
+    MambaCache,
+    MambaCacheMetaData,
+    MambaCacheView,
+    PartitionAxis,
+)
+from easymamba.config import Mamba2Config, MambaConfig
 from easymamba.hf import from_pretrained, load_state_dict, save_pretrained, state_dict
 from easymamba.interp import compute_effective_attention, run_with_cache
+from easymamba.mamba1 import MambaBlock, MambaForCausalLM, MambaMixer, MambaModel
 from easymamba.mixer import Mamba2Mixer
 from easymamba.model import (
     Mamba2Block,
@@ -36,6 +45,14 @@ __all__ = [
     "Mamba2Mixer",
     "Mamba2Model",
     "Mamba2Output",
+    "MambaBlock",
+    "MambaCache",
+    "MambaCacheMetaData",
+    "MambaCacheView",
+    "MambaConfig",
+    "MambaForCausalLM",
+    "MambaMixer",
+    "MambaModel",
     "PartitionAxis",
     "RMSNorm",
     "causal_lm_loss",

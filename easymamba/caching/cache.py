@@ -1,4 +1,7 @@
-"""The whole model's Mamba-2 cache: one `Mamba2CacheView` per layer, as an immutable JAX pytree.
+"""The whole model's cache: one view per layer, as an immutable JAX pytree.
+
+`BaseCache` holds the machinery every family shares; `Mamba2Cache` holds `Mamba2CacheView`s, and
+`easymamba.caching.mamba1.MambaCache` holds `MambaCacheView`s.
 
 The names follow EasyDeL's `Mamba2Cache` so its users feel at home; unlike it, every update returns a new cache
 (safe under `jit`, `lax.while_loop` and buffer donation), the documents round-trip bit for bit, and every
@@ -7,30 +10,37 @@ PartitionSpec is checked against its array and mesh before anything is allocated
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from easymamba.caching import serialization
-from easymamba.caching.metadata import Mamba2CacheMetaData
-from easymamba.caching.view import LEAVES, Mamba2CacheView, ViewSpecs, init_views
+from easymamba.caching.view import LEAVES, BaseCacheView, Mamba2CacheView, ViewSpecs
 
 
-@jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class Mamba2Cache:
-    """`views[i]` is layer i's `Mamba2CacheView`, or `None` in a cache from `init_empty` not yet filled."""
+class BaseCache:
+    """Shared machinery of the whole-model caches (not used on its own).
 
-    views: tuple[Mamba2CacheView | None, ...]
+    `views[i]` is layer i's view, or `None` in a cache from `init_empty` not yet filled. A subclass sets `VIEW`
+    (its view class) and `FORMAT` (the name its documents carry) and is registered with
+    `jax.tree_util.register_pytree_with_keys_class`.
+    """
+
+    views: tuple[BaseCacheView | None, ...]
+
+    VIEW: ClassVar[type] = BaseCacheView
+    FORMAT: ClassVar[str] = ""
 
     def __post_init__(self):
+        name = self.VIEW.__name__
         if not isinstance(self.views, (tuple, list)):
-            raise ValueError(f"views must be a tuple of Mamba2CacheView or None; got {type(self.views).__name__}")
+            raise ValueError(f"views must be a tuple of {name} or None; got {type(self.views).__name__}")
         for i, view in enumerate(self.views):
-            if view is not None and not isinstance(view, Mamba2CacheView):
-                raise ValueError(f"views[{i}] must be a Mamba2CacheView or None; got {type(view).__name__}")
+            if view is not None and not isinstance(view, self.VIEW):
+                raise ValueError(f"views[{i}] must be a {name} or None; got {type(view).__name__}")
         object.__setattr__(self, "views", tuple(self.views))
 
     # -- pytree -----------------------------------------------------------------------------------------------
@@ -52,13 +62,13 @@ class Mamba2Cache:
     def init_cache(
         cls,
         num_hidden_layers: int,
-        metadata: Mamba2CacheMetaData,
+        metadata: Any,
         dtype: Any = jnp.float32,
         partition_specs: ViewSpecs | None = None,
         mesh: Mesh | None = None,
         *,
         ssm_dtype: Any = jnp.float32,
-    ) -> "Mamba2Cache":
+    ):
         """Zero views for layers `0 .. num_hidden_layers - 1` (`views[i].layer_index == i`).
 
         `dtype`: conv windows' dtype (the model's compute dtype). `ssm_dtype`: SSM states' (float32 default).
@@ -70,10 +80,11 @@ class Mamba2Cache:
                 f"num_hidden_layers ({num_hidden_layers}) must equal metadata.num_hidden_layers "
                 f"({metadata.num_hidden_layers})"
             )
-        return cls(tuple(init_views(metadata, list(range(num_hidden_layers)), partition_specs, dtype, ssm_dtype, mesh)))
+        layers = list(range(num_hidden_layers))
+        return cls(tuple(cls.VIEW.init_many(metadata, layers, partition_specs, dtype, ssm_dtype, mesh)))
 
     @classmethod
-    def init_empty(cls, num_hidden_layers: int) -> "Mamba2Cache":
+    def init_empty(cls, num_hidden_layers: int):
         """A cache of `num_hidden_layers` empty slots (`None`), filled with `update_view`."""
         if isinstance(num_hidden_layers, bool) or not isinstance(num_hidden_layers, int) or num_hidden_layers < 0:
             raise ValueError(f"num_hidden_layers must be a non-negative int; got {num_hidden_layers!r}")
@@ -83,7 +94,7 @@ class Mamba2Cache:
     def __len__(self) -> int:
         return len(self.views)
 
-    def __getitem__(self, layer_idx: int) -> Mamba2CacheView | None:
+    def __getitem__(self, layer_idx: int) -> BaseCacheView | None:
         return self.views[layer_idx]
 
     def __iter__(self):
@@ -93,11 +104,11 @@ class Mamba2Cache:
     def num_hidden_layers(self) -> int:
         return len(self.views)
 
-    def _first_view(self) -> Mamba2CacheView | None:
+    def _first_view(self) -> BaseCacheView | None:
         return next((view for view in self.views if view is not None), None)
 
     @property
-    def metadata(self) -> Mamba2CacheMetaData | None:
+    def metadata(self) -> Any:
         """The views' shared metadata (`None` while every slot is empty)."""
         view = self._first_view()
         return None if view is None else view.metadata
@@ -115,28 +126,28 @@ class Mamba2Cache:
             raise ValueError(f"layer_idx {layer_idx} is out of range for a cache of {len(self.views)} layers")
         return layer_idx % len(self.views)
 
-    def _view(self, layer_idx: int) -> Mamba2CacheView:
+    def _view(self, layer_idx: int) -> BaseCacheView:
         view = self.views[self._index(layer_idx)]
         if view is None:
             raise ValueError(f"layer {layer_idx} has no view (an init_empty slot); set one with update_view")
         return view
 
-    def _with_view(self, layer_idx: int, view: Mamba2CacheView) -> "Mamba2Cache":
+    def _with_view(self, layer_idx: int, view: BaseCacheView):
         views = list(self.views)
         views[self._index(layer_idx)] = view
-        return Mamba2Cache(tuple(views))
+        return type(self)(tuple(views))
 
     # -- updates ----------------------------------------------------------------------------------------------
-    def update_conv_state(self, layer_idx: int, new_conv_state: Any, cache_position: Any = None) -> "Mamba2Cache":
+    def update_conv_state(self, layer_idx: int, new_conv_state: Any, cache_position: Any = None):
         """`views[layer_idx].update_conv_state(...)` in a new cache (`[b, c]` rolls in a column; `[b, c, l]`
         shifts in `l` columns, replacing the window when `l >= k`)."""
         return self._with_view(layer_idx, self._view(layer_idx).update_conv_state(new_conv_state, cache_position))
 
-    def update_ssm_state(self, layer_idx: int, new_ssm_state: Any) -> "Mamba2Cache":
-        """`views[layer_idx].update_ssm_state(new [b, h, p, n])` in a new cache."""
+    def update_ssm_state(self, layer_idx: int, new_ssm_state: Any):
+        """`views[layer_idx].update_ssm_state(new)` in a new cache (`[b, h, p, n]` for Mamba-2)."""
         return self._with_view(layer_idx, self._view(layer_idx).update_ssm_state(new_ssm_state))
 
-    def update_view(self, layer_idx: int, view: Mamba2CacheView) -> "Mamba2Cache":
+    def update_view(self, layer_idx: int, view: BaseCacheView):
         """A new cache with `views[layer_idx] = view`.
 
         The view must agree with the cache: its `layer_index` is `layer_idx` (or `None`, then set), its metadata
@@ -144,8 +155,8 @@ class Mamba2Cache:
         slot's (so the cache's pytree type is unchanged, as a `lax.while_loop` carry requires).
         """
         index = self._index(layer_idx)
-        if not isinstance(view, Mamba2CacheView):
-            raise ValueError(f"view must be a Mamba2CacheView; got {type(view).__name__}")
+        if not isinstance(view, self.VIEW):
+            raise ValueError(f"view must be a {self.VIEW.__name__}; got {type(view).__name__}")
         if view.layer_index is not None and view.layer_index != index:
             raise ValueError(f"the view has layer_index {view.layer_index}; it cannot go in slot {index}")
         others = [v for i, v in enumerate(self.views) if v is not None and i != index]
@@ -172,18 +183,18 @@ class Mamba2Cache:
             view = dataclasses.replace(view, layer_index=index)
         return self._with_view(index, view)
 
-    def update_seq(self, num: Any) -> "Mamba2Cache":
+    def update_seq(self, num: Any):
         """Advance every view's `positions` and `seqlen_offset` by `num` (an int or an integer scalar array,
         traced or not, e.g. inside `lax.while_loop`)."""
-        return Mamba2Cache(tuple(None if v is None else v.update_seq(num) for v in self.views))
+        return type(self)(tuple(None if v is None else v.update_seq(num) for v in self.views))
 
-    def reset(self) -> "Mamba2Cache":
+    def reset(self):
         """Zero states, positions and offsets in every view; empty slots stay empty."""
-        return Mamba2Cache(tuple(None if v is None else v.reset() for v in self.views))
+        return type(self)(tuple(None if v is None else v.reset() for v in self.views))
 
     def check_compatible(self, other: Any, batch_size: int | None = None) -> None:
         """Raise `ValueError` naming the first size where this cache does not fit `other` (a model config or a
-        `Mamba2CacheMetaData`) called with `batch_size` rows (`None`: any)."""
+        metadata of this cache's kind) called with `batch_size` rows (`None`: any)."""
         expected_layers = getattr(other, "num_hidden_layers", None)
         if expected_layers is not None and expected_layers != len(self.views):
             raise ValueError(
@@ -194,26 +205,26 @@ class Mamba2Cache:
             if view is not None:
                 view.metadata.check_compatible(other, batch_size)
 
-    def shardings(self, mesh: Mesh) -> "Mamba2Cache":
+    def shardings(self, mesh: Mesh):
         """The cache's structure with a `NamedSharding` per leaf, for `jax.jit(..., out_shardings=...)`."""
-        return Mamba2Cache.tree_unflatten(None, (tuple(None if v is None else v.shardings(mesh) for v in self.views),))
+        return type(self).tree_unflatten(None, (tuple(None if v is None else v.shardings(mesh) for v in self.views),))
 
     # -- documents --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (numpy arrays, bfloat16 as `ml_dtypes.bfloat16`) that `from_dict` reads back exactly."""
-        return serialization.views_to_dict(self.views)
+        return serialization.views_to_dict(self.views, self.FORMAT)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], mesh: Mesh | None = None) -> "Mamba2Cache":
+    def from_dict(cls, d: dict[str, Any], mesh: Mesh | None = None):
         """Read `to_dict`'s output; with `mesh`, each array is placed as `NamedSharding(mesh, its spec)`."""
-        return cls(serialization.views_from_dict(d, mesh))
+        return cls(serialization.views_from_dict(d, mesh, cls.VIEW, cls.FORMAT))
 
     def to_json(self) -> str:
         """JSON text; arrays as `{"dtype", "shape", "data": base64 of little-endian bytes}`."""
         return json.dumps(serialization.dict_to_jsonable(self.to_dict()), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, s: str, mesh: Mesh | None = None) -> "Mamba2Cache":
+    def from_json(cls, s: str, mesh: Mesh | None = None):
         try:
             d = json.loads(s)
         except (TypeError, json.JSONDecodeError) as err:
@@ -222,4 +233,13 @@ class Mamba2Cache:
 
     def __repr__(self) -> str:
         filled = sum(view is not None for view in self.views)
-        return f"Mamba2Cache({len(self.views)} layers, {filled} filled, metadata={self.metadata})"
+        return f"{type(self).__name__}({len(self.views)} layers, {filled} filled, metadata={self.metadata})"
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Mamba2Cache(BaseCache):
+    """The Mamba-2 cache: `views[i]` is layer i's `Mamba2CacheView`, or `None` in a cache from `init_empty` not
+    yet filled. Documents carry the format name `easymamba.Mamba2Cache`."""
+
+    VIEW: ClassVar[type] = Mamba2CacheView
+    FORMAT: ClassVar[str] = serialization.FORMAT

@@ -26,9 +26,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from easymamba.caching import partition
-from easymamba.caching.metadata import Mamba2CacheMetaData
 from easymamba.caching.view import (
     LEAVES,
+    BaseCacheView,
     Mamba2CacheView,
     check_specs_on_mesh,
     expected_shapes,
@@ -36,7 +36,7 @@ from easymamba.caching.view import (
     place_leaf,
 )
 
-FORMAT = "easymamba.Mamba2Cache"
+FORMAT = "easymamba.Mamba2Cache"  # the Mamba-2 document's format; each cache class names its own
 VERSION = 1
 
 DTYPES = {
@@ -114,7 +114,7 @@ def array_from_json(obj: Any, where: str) -> np.ndarray:
 
 
 # -- one view -------------------------------------------------------------------------------------------------
-def view_to_dict(view: Mamba2CacheView) -> dict[str, Any]:
+def view_to_dict(view: BaseCacheView) -> dict[str, Any]:
     where = f"layer {view.layer_index}"
     d: dict[str, Any] = {
         "layer_index": view.layer_index,
@@ -127,12 +127,13 @@ def view_to_dict(view: Mamba2CacheView) -> dict[str, Any]:
     return d
 
 
-def view_from_dict(d: Any, where: str, mesh: Mesh | None = None) -> Mamba2CacheView:
+def view_from_dict(d: Any, where: str, mesh: Mesh | None = None,
+                   view_cls: type[BaseCacheView] = Mamba2CacheView) -> BaseCacheView:
     _require(d, _VIEW_FIELDS, where)
     index = d["layer_index"]
     if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
         raise ValueError(f"{where}.layer_index must be an int or None; got {index!r}")
-    metadata = Mamba2CacheMetaData.from_dict(d["metadata"], f"{where}.metadata")
+    metadata = view_cls.METADATA.from_dict(d["metadata"], f"{where}.metadata")
     _require(d["partition_specs"], _SPEC_FIELDS, f"{where}.partition_specs")
     specs = tuple(
         partition.spec_from_json(d["partition_specs"][name], f"{where}.partition_specs.{name}")
@@ -164,23 +165,24 @@ def view_from_dict(d: Any, where: str, mesh: Mesh | None = None) -> Mamba2CacheV
     if mesh is not None:
         check_specs_on_mesh(metadata, specs, mesh)
     placed = {name: place_leaf(value, name, specs, mesh) for name, value in leaves.items()}
-    return Mamba2CacheView(**placed, metadata=metadata, partition_specs=specs, layer_index=index)
+    return view_cls(**placed, metadata=metadata, partition_specs=specs, layer_index=index)
 
 
 # -- a whole cache's documents --------------------------------------------------------------------------------
-def views_to_dict(views: tuple[Mamba2CacheView | None, ...]) -> dict[str, Any]:
+def views_to_dict(views: tuple[BaseCacheView | None, ...], fmt: str = FORMAT) -> dict[str, Any]:
     return {
-        "format": FORMAT,
+        "format": fmt,
         "version": VERSION,
         "num_hidden_layers": len(views),
         "views": [None if view is None else view_to_dict(view) for view in views],
     }
 
 
-def views_from_dict(d: Any, mesh: Mesh | None = None) -> tuple[Mamba2CacheView | None, ...]:
+def views_from_dict(d: Any, mesh: Mesh | None = None, view_cls: type[BaseCacheView] = Mamba2CacheView,
+                    fmt: str = FORMAT) -> tuple[BaseCacheView | None, ...]:
     _require(d, ("format", "version", "num_hidden_layers", "views"), "cache document")
-    if d["format"] != FORMAT:
-        raise ValueError(f"cache document has format {d['format']!r}; expected {FORMAT!r}")
+    if d["format"] != fmt:
+        raise ValueError(f"cache document has format {d['format']!r}; expected {fmt!r}")
     if d["version"] != VERSION:
         raise ValueError(f"cache document has version {d['version']!r}; this easymamba reads version {VERSION}")
     views = d["views"]
@@ -190,7 +192,7 @@ def views_from_dict(d: Any, mesh: Mesh | None = None) -> tuple[Mamba2CacheView |
         raise ValueError(
             f"cache document num_hidden_layers is {d['num_hidden_layers']!r} but it holds {len(views)} views"
         )
-    return tuple(None if v is None else view_from_dict(v, f"views[{i}]", mesh) for i, v in enumerate(views))
+    return tuple(None if v is None else view_from_dict(v, f"views[{i}]", mesh, view_cls) for i, v in enumerate(views))
 
 
 def dict_to_jsonable(d: dict[str, Any]) -> dict[str, Any]:

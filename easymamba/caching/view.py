@@ -1,6 +1,10 @@
 """One layer's recurrent state: the conv window and the SSM state, as an immutable JAX pytree.
 
-Leaves (letters of `easymamba/typing.py`):
+`BaseCacheView` holds the machinery (checks, functional updates, pytree, sharded init) that every family's view
+shares; `Mamba2CacheView` is the Mamba-2 one, `easymamba.caching.mamba1.MambaCacheView` the Mamba-1 one. The
+shapes and dimension letters come from the view's metadata class (`LEAF_DIMS`, `conv_state_shape`, ...).
+
+Mamba-2 leaves (letters of `easymamba/typing.py`):
 
     conv_states    [b, c, k]     the k most recent pre-conv, pre-activation xBC columns, newest last (Hugging
                                  Face's convention, `Mamba2Cache.update_conv_state` in transformers 4.57);
@@ -16,7 +20,7 @@ static shapes, so inside `jit` the checks cost nothing at run time.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -24,20 +28,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Int
 
 from easymamba.caching import partition
-from easymamba.caching.metadata import Mamba2CacheMetaData
-from easymamba.typing import ConvState, SSMState
+from easymamba.caching.metadata import BaseCacheMetaData, Mamba2CacheMetaData
 
 LEAVES = ("conv_states", "ssm_states", "positions", "seqlen_offset")
-_DIMS = {
-    "conv_states": partition.CONV_DIMS,
-    "ssm_states": partition.SSM_DIMS,
-    "positions": partition.POSITIONS_DIMS,
-    "seqlen_offset": (),
-}
 ViewSpecs = tuple[PartitionSpec, PartitionSpec, PartitionSpec]
 
 
-def expected_shapes(metadata: Mamba2CacheMetaData) -> dict[str, tuple[int, ...]]:
+def expected_shapes(metadata: BaseCacheMetaData) -> dict[str, tuple[int, ...]]:
     return {
         "conv_states": metadata.conv_state_shape,
         "ssm_states": metadata.ssm_state_shape,
@@ -53,10 +50,10 @@ def float_dtype(dtype: Any, name: str) -> jnp.dtype:
     return dtype
 
 
-def normalize_specs(partition_specs: Any, metadata: Mamba2CacheMetaData) -> ViewSpecs:
+def normalize_specs(partition_specs: Any, metadata: BaseCacheMetaData) -> ViewSpecs:
     """`(conv, ssm, positions)` PartitionSpecs; `None` takes them from `metadata.partition_axis`."""
     if partition_specs is None:
-        return metadata.partition_axis.view_specs()
+        return metadata.view_specs()
     if isinstance(partition_specs, PartitionSpec) or not (
         isinstance(partition_specs, (tuple, list)) and len(partition_specs) == 3
     ):
@@ -67,25 +64,25 @@ def normalize_specs(partition_specs: Any, metadata: Mamba2CacheMetaData) -> View
     names = ("conv_states", "ssm_states", "positions")
     specs = tuple(partition.normalize_spec(s, f"partition spec for {n}") for n, s in zip(names, partition_specs))
     for name, spec in zip(names, specs):
-        partition.check_spec(spec, expected_shapes(metadata)[name], _DIMS[name], name)
+        partition.check_spec(spec, expected_shapes(metadata)[name], metadata.LEAF_DIMS[name], name)
     return specs
 
 
-def check_specs_on_mesh(metadata: Mamba2CacheMetaData, specs: ViewSpecs, mesh: Mesh) -> None:
+def check_specs_on_mesh(metadata: BaseCacheMetaData, specs: ViewSpecs, mesh: Mesh) -> None:
     shapes = expected_shapes(metadata)
     for name, spec in zip(("conv_states", "ssm_states", "positions"), specs):
-        partition.check_spec(spec, shapes[name], _DIMS[name], name, mesh)
+        partition.check_spec(spec, shapes[name], metadata.LEAF_DIMS[name], name, mesh)
 
 
 def _leaf_spec(specs: ViewSpecs, name: str) -> PartitionSpec:
     return {"conv_states": specs[0], "ssm_states": specs[1], "positions": specs[2]}.get(name, PartitionSpec())
 
 
-def _check_leaf(name: str, value: Any, shape: tuple[int, ...], dtype: jnp.dtype | None) -> None:
+def _check_leaf(name: str, value: Any, shape: tuple[int, ...], dtype: jnp.dtype | None,
+                dims: tuple[str, ...]) -> None:
     """`value` must be an array of `shape`; of `dtype` when given, else floating (states) or int32 (counters)."""
     if not (hasattr(value, "shape") and hasattr(value, "dtype")):
         raise ValueError(f"{name} must be an array of shape {shape}; got {type(value).__name__}")
-    dims = _DIMS[name]
     if tuple(value.shape) != shape:
         raise ValueError(f"{name} [{', '.join(dims)}] must have shape {shape}; found {tuple(value.shape)}")
     found = jnp.dtype(value.dtype)
@@ -112,33 +109,35 @@ def _as_int32_step(num: Any) -> jax.Array:
     return step.astype(jnp.int32)
 
 
-@jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class Mamba2CacheView:
-    """Per-layer Mamba-2 cache (EasyDeL's `Mamba2CacheView`, without the mutation).
+class BaseCacheView:
+    """Shared machinery of the per-layer views (not used on its own).
 
-    Build one with `init`; change one with `update_conv_state`, `update_ssm_state`, `update_seq`, `reset` or
-    `replace`, each returning a new view.
+    A subclass sets `METADATA` (its metadata class) and is registered with
+    `jax.tree_util.register_pytree_with_keys_class`. Build one with `init`; change one with `update_conv_state`,
+    `update_ssm_state`, `update_seq`, `reset` or `replace`, each returning a new view.
     """
 
-    conv_states: ConvState
-    ssm_states: SSMState
+    conv_states: jax.Array
+    ssm_states: jax.Array
     positions: Int[Array, "b"]
     seqlen_offset: Int[Array, ""]
-    metadata: Mamba2CacheMetaData
+    metadata: BaseCacheMetaData
     partition_specs: ViewSpecs = None
     layer_index: int | None = None
 
+    METADATA: ClassVar[type] = BaseCacheMetaData
+
     def __post_init__(self):
-        if not isinstance(self.metadata, Mamba2CacheMetaData):
-            raise ValueError(f"metadata must be a Mamba2CacheMetaData; got {self.metadata!r}")
+        if not isinstance(self.metadata, self.METADATA):
+            raise ValueError(f"metadata must be a {self.METADATA.__name__}; got {self.metadata!r}")
         index = self.layer_index
         if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
             raise ValueError(f"layer_index must be an int or None; got {self.layer_index!r}")
         object.__setattr__(self, "partition_specs", normalize_specs(self.partition_specs, self.metadata))
         shapes = expected_shapes(self.metadata)
         for name in LEAVES:
-            _check_leaf(name, getattr(self, name), shapes[name], None)
+            _check_leaf(name, getattr(self, name), shapes[name], None, self.metadata.LEAF_DIMS[name])
 
     # -- pytree -----------------------------------------------------------------------------------------------
     def tree_flatten_with_keys(self):
@@ -163,23 +162,55 @@ class Mamba2CacheView:
     @classmethod
     def init(
         cls,
-        metadata: Mamba2CacheMetaData,
+        metadata: BaseCacheMetaData,
         partition_specs: ViewSpecs | None = None,
         dtype: Any = jnp.float32,
         layer_index: int | None = None,
         *,
         ssm_dtype: Any = jnp.float32,
         mesh: Mesh | None = None,
-    ) -> "Mamba2CacheView":
+    ):
         """A zero view. `dtype` is the conv window's (the model's compute dtype), `ssm_dtype` the SSM state's.
 
         With `mesh`, the specs are checked against it and every array is created already sharded as
         `NamedSharding(mesh, spec)`; without one the specs are only recorded.
         """
-        return init_views(metadata, [layer_index], partition_specs, dtype, ssm_dtype, mesh)[0]
+        return cls.init_many(metadata, [layer_index], partition_specs, dtype, ssm_dtype, mesh)[0]
+
+    @classmethod
+    def init_many(
+        cls,
+        metadata: BaseCacheMetaData,
+        layer_indices: list[int | None],
+        partition_specs: ViewSpecs | None,
+        dtype: Any,
+        ssm_dtype: Any,
+        mesh: Mesh | None,
+    ) -> list:
+        """Zero views for `layer_indices`, all made by one call (one jitted call on a mesh)."""
+        if not isinstance(metadata, cls.METADATA):
+            raise ValueError(f"metadata must be a {cls.METADATA.__name__}; got {metadata!r}")
+        dtype = float_dtype(dtype, "dtype")
+        ssm_dtype = float_dtype(ssm_dtype, "ssm_dtype")
+        specs = normalize_specs(partition_specs, metadata)
+        if mesh is not None:
+            check_specs_on_mesh(metadata, specs, mesh)
+        shapes = expected_shapes(metadata)
+        dtypes = {"conv_states": dtype, "ssm_states": ssm_dtype, "positions": jnp.int32, "seqlen_offset": jnp.int32}
+        layout = [(shapes[name], dtypes[name], _leaf_spec(specs, name)) for name in LEAVES]
+        arrays = partition.zeros(layout * len(layer_indices), mesh)
+        return [
+            cls(
+                **dict(zip(LEAVES, arrays[4 * i : 4 * i + 4])),
+                metadata=metadata,
+                partition_specs=specs,
+                layer_index=index,
+            )
+            for i, index in enumerate(layer_indices)
+        ]
 
     # -- updates ----------------------------------------------------------------------------------------------
-    def replace(self, **fields: Any) -> "Mamba2CacheView":
+    def replace(self, **fields: Any):
         """A new view with some leaves replaced; each must keep its shape and dtype (a `lax.while_loop` carry
         must not change type). Use `update_ssm_state` / `update_conv_state` to cast on the way in."""
         unknown = sorted(set(fields) - set(LEAVES))
@@ -188,11 +219,12 @@ class Mamba2CacheView:
         shapes = expected_shapes(self.metadata)
         for name, value in fields.items():
             current = getattr(self, name)
-            _check_leaf(name, value, shapes[name], jnp.dtype(current.dtype) if hasattr(current, "dtype") else None)
+            expected_dtype = jnp.dtype(current.dtype) if hasattr(current, "dtype") else None
+            _check_leaf(name, value, shapes[name], expected_dtype, self.metadata.LEAF_DIMS[name])
         # numpy inputs become device arrays (checked first: jnp.asarray would narrow float64 silently)
         return dataclasses.replace(self, **{name: jnp.asarray(value) for name, value in fields.items()})
 
-    def update_conv_state(self, new_conv_state: Any, cache_position: Any = None) -> "Mamba2CacheView":
+    def update_conv_state(self, new_conv_state: Any, cache_position: Any = None):
         """Shift new pre-conv columns into the window.
 
         new_conv_state:
@@ -226,15 +258,17 @@ class Mamba2CacheView:
             window = jnp.concatenate([self.conv_states[:, :, new.shape[2] :], new], axis=-1)  # (b, c, k)
         return dataclasses.replace(self, conv_states=window)
 
-    def update_ssm_state(self, new_ssm_state: Any) -> "Mamba2CacheView":
-        """Replace the SSM state `[b, h, p, n]`, cast to the state's dtype (float32 unless asked otherwise)."""
+    def update_ssm_state(self, new_ssm_state: Any):
+        """Replace the SSM state (`[b, h, p, n]` for Mamba-2), cast to the state's dtype (float32 unless asked
+        otherwise)."""
         shape = self.metadata.ssm_state_shape
         if not hasattr(new_ssm_state, "shape") or tuple(new_ssm_state.shape) != shape:
             found = tuple(new_ssm_state.shape) if hasattr(new_ssm_state, "shape") else type(new_ssm_state).__name__
-            raise ValueError(f"new_ssm_state [b, h, p, n] must have shape {shape}; found {found}")
+            dims = ", ".join(self.metadata.LEAF_DIMS["ssm_states"])
+            raise ValueError(f"new_ssm_state [{dims}] must have shape {shape}; found {found}")
         return dataclasses.replace(self, ssm_states=jnp.asarray(new_ssm_state).astype(self.ssm_states.dtype))
 
-    def update_seq(self, num: Any) -> "Mamba2CacheView":
+    def update_seq(self, num: Any):
         """Advance every row's position and `seqlen_offset` by `num` (an int or integer scalar, may be traced)."""
         step = _as_int32_step(num)
         return dataclasses.replace(
@@ -243,12 +277,12 @@ class Mamba2CacheView:
             seqlen_offset=(self.seqlen_offset + step).astype(jnp.int32),
         )
 
-    def reset(self) -> "Mamba2CacheView":
+    def reset(self):
         """Zero states, positions 0, offset 0; dtypes, specs and (outside `jit`) shardings kept."""
         return dataclasses.replace(self, **{name: jnp.zeros_like(getattr(self, name)) for name in LEAVES})
 
     # -- sharding ---------------------------------------------------------------------------------------------
-    def shardings(self, mesh: Mesh) -> "Mamba2CacheView":
+    def shardings(self, mesh: Mesh):
         """The view's structure with a `NamedSharding` per leaf, for `jax.jit(..., out_shardings=...)`."""
         check_specs_on_mesh(self.metadata, self.partition_specs, mesh)
         leaves = [NamedSharding(mesh, _leaf_spec(self.partition_specs, name)) for name in LEAVES]
@@ -259,36 +293,16 @@ class Mamba2CacheView:
             return f"{jnp.dtype(x.dtype).name}{list(x.shape)}" if hasattr(x, "shape") else repr(x)
 
         leaves = ", ".join(f"{name}={describe(getattr(self, name))}" for name in LEAVES)
-        return f"Mamba2CacheView(layer_index={self.layer_index}, {leaves}, partition_specs={self.partition_specs})"
+        return (f"{type(self).__name__}(layer_index={self.layer_index}, {leaves}, "
+                f"partition_specs={self.partition_specs})")
 
 
-def init_views(
-    metadata: Mamba2CacheMetaData,
-    layer_indices: list[int | None],
-    partition_specs: ViewSpecs | None,
-    dtype: Any,
-    ssm_dtype: Any,
-    mesh: Mesh | None,
-) -> list[Mamba2CacheView]:
-    """Zero views for `layer_indices`, all made by one call (one jitted call on a mesh)."""
-    dtype = float_dtype(dtype, "dtype")
-    ssm_dtype = float_dtype(ssm_dtype, "ssm_dtype")
-    specs = normalize_specs(partition_specs, metadata)
-    if mesh is not None:
-        check_specs_on_mesh(metadata, specs, mesh)
-    shapes = expected_shapes(metadata)
-    dtypes = {"conv_states": dtype, "ssm_states": ssm_dtype, "positions": jnp.int32, "seqlen_offset": jnp.int32}
-    layout = [(shapes[name], dtypes[name], _leaf_spec(specs, name)) for name in LEAVES]
-    arrays = partition.zeros(layout * len(layer_indices), mesh)
-    return [
-        Mamba2CacheView(
-            **dict(zip(LEAVES, arrays[4 * i : 4 * i + 4])),
-            metadata=metadata,
-            partition_specs=specs,
-            layer_index=index,
-        )
-        for i, index in enumerate(layer_indices)
-    ]
+@jax.tree_util.register_pytree_with_keys_class
+class Mamba2CacheView(BaseCacheView):
+    """Per-layer Mamba-2 cache (EasyDeL's `Mamba2CacheView`, without the mutation): conv window `[b, c, k]`,
+    SSM state `[b, h, p, n]`, positions `[b]`, seqlen_offset `[]` (see the module docstring)."""
+
+    METADATA: ClassVar[type] = Mamba2CacheMetaData
 
 
 def place_leaf(value: Any, name: str, specs: ViewSpecs, mesh: Mesh | None) -> jax.Array:

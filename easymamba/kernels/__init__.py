@@ -11,6 +11,9 @@ Public entry points (shapes in `easymamba.typing` letters):
 `conv1d_pallas.py` and `state_update_pallas.py` (docs/kernels.md); the pure-JAX references they are tested
 against (`ssd_naive`, `ssd_chunked`, `segsum`, `selective_state_update_ref`, `causal_conv1d_ref`,
 `causal_conv1d_update_ref`) are re-exported.
+
+Mamba-1's selective scan (`selective_scan_reference.py`): `selective_scan_naive` (the recurrence, ground truth),
+`selective_scan_chunked` (the associative-scan prefill form) and `selective_state_update_mamba1` (one decode step).
 """
 
 import math
@@ -20,6 +23,11 @@ import jax
 from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas, causal_conv1d_update_pallas, conv1d_supported
 from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
 from easymamba.kernels.dispatch import describe, resolve_impl
+from easymamba.kernels.selective_scan_reference import (
+    selective_scan_chunked,
+    selective_scan_naive,
+    selective_state_update_mamba1,
+)
 from easymamba.kernels.ssd_pallas_gpu import SSDBlockConfig, ssd_pallas, ssd_supported
 from easymamba.kernels.ssd_reference import segsum, selective_state_update_ref, ssd_chunked, ssd_naive
 from easymamba.kernels.state_update_pallas import selective_state_update_pallas, state_update_supported
@@ -41,6 +49,9 @@ __all__ = [
     "causal_conv1d_pallas",
     "causal_conv1d_update_pallas",
     "selective_state_update_pallas",
+    "selective_scan_naive",
+    "selective_scan_chunked",
+    "selective_state_update_mamba1",
 ]
 
 _SSD_STATIC = ("chunk_size", "dt_softplus", "dt_limit")

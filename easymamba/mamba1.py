@@ -1,0 +1,323 @@
+"""Mamba-1: mixer, block, backbone and causal language model, exact against Hugging Face `MambaForCausalLM`.
+
+Paper: "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (Gu & Dao, 2023), Figure 3 and
+Algorithm 2. Official implementation: `mamba_ssm/modules/mamba_simple.py` (`Mamba.forward` / `Mamba.step`);
+Hugging Face `transformers.models.mamba.modeling_mamba` (5.23), whose numbers and parameter names these
+modules reproduce. Letters as in `easymamba.typing`; r is `time_step_rank`.
+
+    hidden (b, l, d) --in_proj--> [ x (e) | z (e) ]
+    x --conv1d (depthwise, causal), silu--> x                          (b, l, e)
+    x --x_proj--> [ dt (r) | B (n) | C (n) ];  dt --dt_proj.weight--> (b, l, e)
+    y = S6(x, dt + dt_proj.bias -> softplus, A = -exp(A_log) [e, n], B, C) + D x     (b, l, e) float32
+    out = out_proj(y * silu(z))                                          (b, l, d)
+
+    MambaForCausalLM
+      backbone: MambaModel
+        embeddings: Embedding [v, d]
+        layers[i]: MambaBlock
+          norm: RMSNorm [d]
+          mixer: MambaMixer (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj)
+        norm_f: RMSNorm [d]
+      lm_head: Linear [d, v]   (absent when tie_word_embeddings: the embedding matrix is reused)
+
+The mixer is a pure function of (hidden, conv_state, ssm_state): with no state it runs a whole sequence; with
+a state, one token is a decode step (conv window roll + one state update) and several tokens continue the
+sequence from the state (chunked prefill; transformers 5.23 drops the SSM state there, we do not). The block,
+backbone and head, the outputs and the loss are those of the Mamba-2 model in `easymamba.model`.
+
+Family interface: `MambaForCausalLM.config_class`, `.cache_class` and `.key_table` (and `model.init_cache`)
+let loaders and the decode loop treat Mamba-1 and Mamba-2 models alike.
+"""
+
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from easymamba import kernels
+from easymamba.caching.mamba1 import MambaCache, MambaCacheMetaData
+from easymamba.config import MambaConfig
+from easymamba.kernels.dispatch import resolve_impl
+from easymamba.kernels.selective_scan_reference import (
+    selective_scan_chunked,
+    selective_scan_naive,
+    selective_state_update_mamba1,
+)
+from easymamba.layers import DepthwiseConv1d, Embedding, kaiming_uniform_init, normal_init
+from easymamba.mixer import init_dt_bias
+from easymamba.model import Mamba2CausalLMOutput, Mamba2Output, _check_attention_mask, causal_lm_loss
+from easymamba.norms import RMSNorm
+
+__all__ = ["MambaMixer", "MambaBlock", "MambaModel", "MambaForCausalLM", "mamba1_key_table"]
+
+
+# Jitted once, so that eager calls reuse the compiled scan instead of retracing it; inside an outer jit they inline.
+_scan_naive = jax.jit(selective_scan_naive, static_argnames="delta_softplus")
+_scan_chunked = jax.jit(selective_scan_chunked, static_argnames=("delta_softplus", "chunk_size"))
+_state_update = jax.jit(selective_state_update_mamba1, static_argnames="delta_softplus")
+
+
+def _scan_fn(kernel_impl: str):
+    """The selective scan for a prefill. "reference": the sequential recurrence; "xla" (and "pallas", which has
+    no selective-scan kernel yet): the chunked associative scan; "auto": the recurrence on CPU, where it measured
+    faster, the associative form on GPU/TPU, where it measured 6-36x faster (timings in
+    `easymamba.kernels.selective_scan_reference`)."""
+    if kernel_impl == "reference" or (kernel_impl == "auto" and jax.default_backend() == "cpu"):
+        return _scan_naive
+    return _scan_chunked
+
+
+class MambaMixer(nnx.Module):
+    """One Mamba-1 mixer (HF `MambaMixer`), parameters named as in HF's state dict, HF's initialisation."""
+
+    def __init__(self, config: MambaConfig, *, layer_idx: int = 0, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, kernel_impl: str = "auto"):
+        resolve_impl(kernel_impl, "causal_conv1d")  # validate the name now, not at the first call
+        self.config = config
+        self.layer_idx = layer_idx
+        self.dtype = dtype
+        self.kernel_impl = kernel_impl
+        d, e, n, r = config.hidden_size, config.intermediate_size, config.state_size, config.resolved_time_step_rank
+        std = config.initializer_range
+
+        def normal(key, shape, dt):
+            return normal_init(key, shape, std, dt)
+
+        # HF: dt_proj.weight ~ U(-s, s) ("random") or = s ("constant"), s = r^-0.5 * time_step_scale;
+        # dt_proj.bias = softplus^-1 of a log-uniform dt in [time_step_min, time_step_max], floored.
+        dt_std = r ** -0.5 * config.time_step_scale
+        if config.time_step_init_scheme == "constant":
+            def dt_weight(key, shape, dt):
+                return jnp.full(shape, dt_std, dt)
+        else:
+            def dt_weight(key, shape, dt):
+                return jax.random.uniform(key, shape, jnp.float32, -dt_std, dt_std).astype(dt)
+
+        out_scale = 1.0 / math.sqrt(config.num_hidden_layers) if config.rescale_prenorm_residual else 1.0
+        linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.in_proj = nnx.Linear(d, 2 * e, use_bias=config.use_bias, kernel_init=normal, **linear)
+        self.conv1d = DepthwiseConv1d(e, config.conv_kernel, use_bias=config.use_conv_bias, param_dtype=param_dtype,
+                                      rngs=rngs)
+        self.x_proj = nnx.Linear(e, config.x_proj_size, use_bias=False, kernel_init=normal, **linear)
+        self.dt_proj = nnx.Linear(r, e, use_bias=True, kernel_init=dt_weight,
+                                  bias_init=lambda key, shape, dt: init_dt_bias(key, shape[0], config, dt), **linear)
+        # S4D-real init, as HF and mamba_ssm: A[i, j] = -(j + 1) for every channel i.
+        a_row = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32))
+        self.A_log = nnx.Param(jnp.broadcast_to(a_row, (e, n)).astype(param_dtype))
+        self.D = nnx.Param(jnp.ones((e,), param_dtype))
+        self.out_proj = nnx.Linear(
+            e, d, use_bias=config.use_bias,
+            kernel_init=lambda key, shape, dt: kaiming_uniform_init(key, shape, shape[0], dt, out_scale), **linear)
+
+    def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
+                 conv_state: jax.Array | None = None, ssm_state: jax.Array | None = None,
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """hidden (b, l, d) -> (out (b, l, d), (conv_state (b, e, k), ssm_state (b, e, n) float32)).
+
+        `attention_mask` (b, l) of 0/1 zeroes padded positions where HF 5.23 does: the mixer input before
+        in_proj and the conv output after SiLU (so a left-padded row's state stays zero through its pads).
+        `conv_state` / `ssm_state` continue a sequence; pass both or neither.
+        """
+        cfg = self.config
+        b, l, _ = hidden.shape
+        e, n, r = cfg.intermediate_size, cfg.state_size, cfg.resolved_time_step_rank
+        if (conv_state is None) != (ssm_state is None):
+            raise ValueError("MambaMixer needs both conv_state and ssm_state to continue a sequence, or neither")
+        decode = l == 1 and conv_state is not None
+        mask = None if attention_mask is None else attention_mask[:, -l:, None].astype(hidden.dtype)  # (b, l, 1)
+
+        if mask is not None:
+            hidden = hidden * mask
+        x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)                 # (b, l, e) each
+        weight = self.conv1d.weight[...].astype(x.dtype)
+        bias = None if self.conv1d.bias is None else self.conv1d.bias[...].astype(x.dtype)
+        if decode:
+            x1, conv_state = kernels.causal_conv1d_update(x[:, 0], conv_state, weight, bias, activation="silu")
+            x = x1[:, None]                                                # (b, 1, e)
+        else:
+            x, conv_state = kernels.causal_conv1d(x, weight, bias, activation="silu", initial_state=conv_state,
+                                                  impl=self.kernel_impl)
+        if mask is not None:
+            x = x * mask
+        dt, B, C = jnp.split(self.x_proj(x), [r, r + n], axis=-1)          # (b,l,r) (b,l,n) (b,l,n)
+        # dt_proj's weight only: HF adds the bias inside the scan, in float32, before the softplus.
+        dt = dt @ self.dt_proj.kernel[...].astype(dt.dtype)                # (b, l, e)
+
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))                  # (e, n)
+        ssm_kwargs = dict(D=self.D[...], delta_bias=self.dt_proj.bias[...], delta_softplus=True)
+        if decode:
+            y, ssm_state = _state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], z=z[:, 0],
+                                         **ssm_kwargs)
+            y = y[:, None]                                                 # (b, 1, e)
+        else:
+            y, ssm_state = _scan_fn(self.kernel_impl)(x, dt, A, B, C, z=z, initial_state=ssm_state, **ssm_kwargs)
+        return self.out_proj(y.astype(self.dtype)), (conv_state, ssm_state)
+
+
+class MambaBlock(nnx.Module):
+    """Pre-norm residual block: `h + mixer(norm(h))`, the residual kept in float32 if `residual_in_fp32`."""
+
+    def __init__(self, config: MambaConfig, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, kernel_impl: str = "auto"):
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
+        self.mixer = MambaMixer(config, layer_idx=layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                kernel_impl=kernel_impl)
+
+    def __call__(self, hidden: jax.Array, *, attention_mask=None, conv_state=None, ssm_state=None):
+        residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
+        normed = self.norm(hidden.astype(self.norm.weight.dtype))
+        out, states = self.mixer(normed, attention_mask=attention_mask, conv_state=conv_state, ssm_state=ssm_state)
+        return residual + out, states
+
+
+class MambaModel(nnx.Module):
+    """Embeddings, `num_hidden_layers` blocks and the final norm (HF `MambaModel`). Returns `Mamba2Output`."""
+
+    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_impl: str = "auto"):
+        if not isinstance(config, MambaConfig):
+            raise TypeError(f"MambaModel needs a MambaConfig, got {type(config).__name__}")
+        self.config = config
+        self.dtype = dtype
+        self.embeddings = Embedding(config.vocab_size, config.hidden_size, init_std=config.initializer_range,
+                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([
+            MambaBlock(config, layer_idx=i, rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_impl=kernel_impl)
+            for i in range(config.num_hidden_layers)
+        ])
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
+
+    def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None,
+                   mesh=None) -> MambaCache:
+        """A zero cache for this model: conv state `[b, e, k]` in `dtype` (default the model dtype), SSM state
+        `[b, e, n]` in `ssm_dtype` (float32 default)."""
+        kwargs = {} if partition_axis is None else {"partition_axis": partition_axis}
+        meta = MambaCacheMetaData.from_config(self.config, batch_size, **kwargs)
+        return MambaCache.init_cache(self.config.num_hidden_layers, meta, dtype=self.dtype if dtype is None else dtype,
+                                     mesh=mesh, ssm_dtype=ssm_dtype)
+
+    def _check_cache(self, cache, batch_size: int) -> None:
+        if not isinstance(cache, MambaCache):
+            raise ValueError(f"cache must be a MambaCache (model.init_cache({batch_size})) for this Mamba-1 model; "
+                             f"got {type(cache).__name__}")
+        cache.check_compatible(self.config, batch_size)
+        empty = [i for i, v in enumerate(cache.views) if v is None]
+        if empty:
+            raise ValueError(f"cache layer(s) {empty[:8]} hold no state (an init_empty cache?); build one with "
+                             f"model.init_cache({batch_size})")
+
+    def __call__(self, input_ids=None, *, attention_mask=None, cache: MambaCache | None = None, inputs_embeds=None,
+                 output_hidden_states: bool = False) -> Mamba2Output:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (b, l) and inputs_embeds (b, l, d)")
+        if input_ids is not None and input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {input_ids.shape}")
+        d = self.config.hidden_size
+        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != d):
+            raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), "
+                             f"got {inputs_embeds.shape}")
+        b, l = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if attention_mask is not None:
+            attention_mask = _check_attention_mask(attention_mask, b, l)
+        if cache is not None:  # before any work: a wrong cache is refused by name, not by a shape error later
+            self._check_cache(cache, b)
+        hidden = self.embeddings(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)  # (b,l,d)
+
+        all_hidden = [] if output_hidden_states else None
+        new_views = []
+        for i, layer in enumerate(self.layers):
+            view = None if cache is None else cache.views[i]
+            hidden, (conv_state, ssm_state) = layer(
+                hidden, attention_mask=attention_mask,
+                conv_state=None if view is None else view.conv_states,
+                ssm_state=None if view is None else view.ssm_states)
+            if view is not None:
+                new_views.append(view.replace(conv_states=conv_state.astype(view.conv_states.dtype),
+                                              ssm_states=ssm_state.astype(view.ssm_states.dtype)))
+            if all_hidden is not None:  # as HF 5.23: each block's output, then norm_f's (no embeddings)
+                all_hidden.append(hidden)
+        hidden = self.norm_f(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        new_cache = None if cache is None else MambaCache(views=tuple(new_views)).update_seq(l)
+        return Mamba2Output(hidden, new_cache, None if all_hidden is None else tuple(all_hidden))
+
+
+class MambaForCausalLM(nnx.Module):
+    """Mamba-1 language model (HF `MambaForCausalLM`): backbone + tied (the default) or untied output head.
+
+    Called like `Mamba2ForCausalLM` and returns the same `Mamba2CausalLMOutput` (logits float32, loss with
+    HF's shift and -100 ignore index, the new `MambaCache`, hidden states on request).
+    """
+
+    config_class: ClassVar[type] = MambaConfig
+    cache_class: ClassVar[type] = MambaCache
+
+    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_impl: str = "auto"):
+        self.config = config
+        self.dtype = dtype
+        self.kernel_impl = kernel_impl
+        self.backbone = MambaModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_impl=kernel_impl)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            std = config.initializer_range
+            self.lm_head = nnx.Linear(
+                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs)
+
+    @staticmethod
+    def key_table(config: MambaConfig) -> list[tuple[str, tuple, str]]:
+        """`mamba1_key_table(config)`: every HF tensor name, module path and layout kind."""
+        return mamba1_key_table(config)
+
+    def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None,
+                   mesh=None) -> MambaCache:
+        return self.backbone.init_cache(batch_size, dtype=dtype, ssm_dtype=ssm_dtype, partition_axis=partition_axis,
+                                        mesh=mesh)
+
+    def __call__(self, input_ids=None, *, attention_mask=None, cache: MambaCache | None = None, labels=None,
+                 inputs_embeds=None, output_hidden_states: bool = False) -> Mamba2CausalLMOutput:
+        out = self.backbone(input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
+                            output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state
+        if self.lm_head is None:
+            logits = self.backbone.embeddings.attend(hidden.astype(self.backbone.embeddings.weight.dtype))
+        else:
+            logits = self.lm_head(hidden.astype(self.lm_head.kernel.dtype))
+        logits = logits.astype(jnp.float32)                                 # (b, l, v)
+        loss = None if labels is None else causal_lm_loss(logits, labels, self.config.vocab_size)
+        return Mamba2CausalLMOutput(logits, loss, out.cache, out.hidden_states)
+
+
+def mamba1_key_table(config: MambaConfig) -> list[tuple[str, tuple, str]]:
+    """Every tensor a `MambaForCausalLM` with this config has, as `(hf_name, module_path, kind)`, in the order of
+    HF's `state_dict()`. `kind`: "linear" (torch [out, in] <-> flax kernel [in, out]), "conv" (torch [e, 1, k] <->
+    flax [e, k]) or "copy". A tied model has no `lm_head.weight` (HF's state dict repeats the embedding there)."""
+    table = [("backbone.embeddings.weight", ("backbone", "embeddings", "weight"), "copy")]
+    for i in range(config.num_hidden_layers):
+        hf, at = f"backbone.layers.{i}.", ("backbone", "layers", i)
+        mixer, m = hf + "mixer.", at + ("mixer",)
+        table.append((hf + "norm.weight", at + ("norm", "weight"), "copy"))
+        table.append((mixer + "A_log", m + ("A_log",), "copy"))
+        table.append((mixer + "D", m + ("D",), "copy"))
+        table.append((mixer + "conv1d.weight", m + ("conv1d", "weight"), "conv"))
+        if config.use_conv_bias:
+            table.append((mixer + "conv1d.bias", m + ("conv1d", "bias"), "copy"))
+        table.append((mixer + "in_proj.weight", m + ("in_proj", "kernel"), "linear"))
+        if config.use_bias:
+            table.append((mixer + "in_proj.bias", m + ("in_proj", "bias"), "copy"))
+        table.append((mixer + "x_proj.weight", m + ("x_proj", "kernel"), "linear"))
+        table.append((mixer + "dt_proj.weight", m + ("dt_proj", "kernel"), "linear"))
+        table.append((mixer + "dt_proj.bias", m + ("dt_proj", "bias"), "copy"))
+        table.append((mixer + "out_proj.weight", m + ("out_proj", "kernel"), "linear"))
+        if config.use_bias:
+            table.append((mixer + "out_proj.bias", m + ("out_proj", "bias"), "copy"))
+    table.append(("backbone.norm_f.weight", ("backbone", "norm_f", "weight"), "copy"))
+    if not config.tie_word_embeddings:
+        table.append(("lm_head.weight", ("lm_head", "kernel"), "linear"))
+    return table
