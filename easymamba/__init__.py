@@ -14,6 +14,7 @@ from easymamba.caching import (
     PartitionAxis,
 )
 from easymamba.config import Mamba2Config, MambaConfig
+from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.hf import from_pretrained, load_state_dict, save_pretrained, state_dict
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.mamba1 import MambaBlock, MambaForCausalLM, MambaMixer, MambaModel
@@ -35,6 +36,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "CheckpointError",
     "GatedRMSNorm",
+    "GenerationConfig",
     "Mamba2Block",
     "Mamba2Cache",
     "Mamba2CacheMetaData",
@@ -58,10 +60,12 @@ __all__ = [
     "causal_lm_loss",
     "compute_effective_attention",
     "from_pretrained",
+    "generate",
     "load_checkpoint",
     "load_state_dict",
     "run_with_cache",
     "save_checkpoint",
     "save_pretrained",
     "state_dict",
+    "stream_generate",
 ]

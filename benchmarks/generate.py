@@ -1,0 +1,210 @@
+"""Decode tokens/s and prefill time of `easymamba.generate`, beside transformers (torch) and mamba2-jax.
+
+    PYTHONPATH=. python3 benchmarks/generate.py --out results.json            # on a GPU machine
+    PYTHONPATH=. python3 benchmarks/generate.py --tiny                        # smoke run on a CPU
+
+Models are random (HF initialisation) in bfloat16: a 130M-shaped one (d 768, 24 layers, 24 heads of 64,
+state 128) and a 1.3B-shaped one (d 2048, 48 layers, 64 heads). For each batch size, `new` tokens are
+generated greedily after a 16-token prompt with EOS disabled, so every row runs every step.
+
+* easymamba: `generate(...)` after a warm-up call with the same shapes (compiled once; the decode loop is one
+  `lax.while_loop`); tokens/s = batch * new / time of the whole call (prefill included, negligible at 16).
+* transformers: `Mamba2ForCausalLM.generate(min_new_tokens=new, max_new_tokens=new, do_sample=False)` in bf16
+  on the same GPU. The GPU image has no mamba_ssm / causal_conv1d, so this is HF's pure-torch path.
+* mamba2-jax (PyPI 1.1.2, imported from the git-ignored `third_party_peers/site` when present): it has no
+  generate, so its own jitted `forward` with a cache is called once per token in a Python loop (greedy argmax
+  inside the jit), which is how its README decodes.
+
+Prefill: one jitted forward over [1, 2048] tokens filling the cache (ours: `model(ids, cache=...)`).
+Peers that are absent are skipped and reported as such. Prints a table; `--out` writes the JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "third_party_peers", "site")
+
+SHAPES = {
+    "130M": dict(hidden_size=768, num_hidden_layers=24, num_heads=24),
+    "1.3B": dict(hidden_size=2048, num_hidden_layers=48, num_heads=64),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=32, state_size=16),
+}
+
+
+def config_kwargs(name):
+    kw = dict(vocab_size=50288, head_dim=64, state_size=128, n_groups=1, expand=2, conv_kernel=4, chunk_size=256,
+              tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    kw.update(SHAPES[name])
+    return kw
+
+
+def timed(fn, repeats):
+    fn()  # warm-up / compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import easymamba as em
+
+    cfg = em.Mamba2Config(**config_kwargs(name))
+    model = em.Mamba2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    rows = {}
+    for b in batches:
+        ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (b, prompt_len)), jnp.int32)
+
+        def run():
+            out = em.generate(model, ids, max_new_tokens=new)
+            jax.block_until_ready(out.sequences)
+
+        rows[b] = b * new / timed(run, repeats)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def prefill(state, ids, cache):
+        out = nnx.merge(graphdef, state)(ids, cache=cache)
+        return out.logits[:, -1], out.cache
+
+    ids = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (1, prefill_len)), jnp.int32)
+    cache = model.init_cache(1)
+    prefill_s = timed(lambda: jax.block_until_ready(prefill(state, ids, cache)), repeats)
+    return {"decode_tok_s": rows, "prefill_ms": prefill_s * 1e3,
+            "kernels": em.kernels.describe() if hasattr(em, "kernels") else None}
+
+
+def bench_transformers(name, batches, new, prompt_len, prefill_len, repeats):
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        return {"skipped": f"transformers/torch not importable: {exc}"}
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device for torch"}
+    kw = config_kwargs(name)
+    torch.manual_seed(0)
+    model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**kw)).to("cuda", torch.bfloat16).eval()
+    rows = {}
+    for b in batches:
+        ids = torch.randint(1, kw["vocab_size"], (b, prompt_len), device="cuda")
+
+        def run():
+            with torch.no_grad():
+                model.generate(ids, min_new_tokens=new, max_new_tokens=new, do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+
+        rows[b] = b * new / timed(run, max(1, repeats // 2))
+    ids = torch.randint(1, kw["vocab_size"], (1, prefill_len), device="cuda")
+
+    def prefill():
+        with torch.no_grad():
+            model(ids, use_cache=True)
+        torch.cuda.synchronize()
+
+    return {"decode_tok_s": rows, "prefill_ms": timed(prefill, repeats) * 1e3,
+            "version": transformers.__version__}
+
+
+def bench_mamba2_jax(name, batches, new, prompt_len, prefill_len, repeats):
+    if os.path.isdir(PEERS) and PEERS not in sys.path:
+        sys.path.insert(0, PEERS)
+    try:
+        import jax
+        import jax.numpy as jnp
+        import mamba2_jax
+        from flax import nnx
+    except ImportError as exc:
+        return {"skipped": f"mamba2_jax not importable (put the wheel in {PEERS}): {exc}"}
+    kw = config_kwargs(name)
+    cfg = mamba2_jax.Mamba2Config(vocab_size=kw["vocab_size"], hidden_size=kw["hidden_size"],
+                                  state_size=kw["state_size"], head_dim=kw["head_dim"],
+                                  num_hidden_layers=kw["num_hidden_layers"], chunk_size=kw["chunk_size"])
+    model = mamba2_jax.Mamba2ForCausalLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+    @jax.jit
+    def step(state, ids, cache):
+        out = nnx.merge(graphdef, state)(ids, cache=cache)
+        return jnp.argmax(out["logits"][:, -1], -1)[:, None].astype(jnp.int32), out["cache"]
+
+    rows = {}
+    for b in batches:
+        ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (b, prompt_len)), jnp.int32)
+
+        def run():
+            cache = mamba2_jax.create_empty_cache(cfg, b, dtype=jnp.bfloat16)
+            tok, cache = step(state, ids, cache)
+            for _ in range(new - 1):
+                tok, cache = step(state, tok, cache)
+            jax.block_until_ready(tok)
+
+        rows[b] = b * new / timed(run, max(1, repeats // 2))
+    ids = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (1, prefill_len)), jnp.int32)
+    cache = mamba2_jax.create_empty_cache(cfg, 1, dtype=jnp.bfloat16)
+    prefill_s = timed(lambda: jax.block_until_ready(step(state, ids, cache)), repeats)
+    return {"decode_tok_s": rows, "prefill_ms": prefill_s * 1e3, "version": mamba2_jax.__version__}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="130M,1.3B")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--new", type=int, default=256, help="tokens generated per row")
+    parser.add_argument("--prefill-len", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peers", default="transformers,mamba2_jax")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CPU)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.tiny:
+        args.shapes, args.batches, args.new, args.prefill_len, args.repeats = "tiny", "1,4", 8, 64, 1
+    import jax
+
+    batches = [int(b) for b in args.batches.split(",")]
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new, "prefill_len": args.prefill_len,
+               "runs": {}}
+    runners = {"easymamba": bench_easymamba, "transformers": bench_transformers, "mamba2_jax": bench_mamba2_jax}
+    names = ["easymamba"] + [p for p in args.peers.split(",") if p]
+    for shape in args.shapes.split(","):
+        for name in names:
+            t0 = time.time()
+            try:
+                res = runners[name](shape, batches, args.new, 16, args.prefill_len, args.repeats)
+            except Exception as exc:  # a peer that breaks is reported, not fatal
+                res = {"skipped": f"{type(exc).__name__}: {exc}"}
+            res["wall_s"] = round(time.time() - t0, 1)
+            results["runs"][f"{shape}/{name}"] = res
+            print(f"# {shape} {name}: {res}", flush=True)
+    print(f"\n{results['device']}, jax {results['jax']}, {results['date']}; greedy, {args.new} new tokens, "
+          f"bf16; prefill of 1 x {args.prefill_len}")
+    header = "| shape | impl | " + " | ".join(f"decode tok/s b{b}" for b in batches) + " | prefill ms |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for key, res in results["runs"].items():
+        shape, name = key.split("/")
+        if "skipped" in res:
+            print(f"| {shape} | {name} | skipped: {res['skipped'][:80]} |")
+            continue
+        cells = " | ".join(f"{res['decode_tok_s'][b]:,.0f}" for b in batches)
+        print(f"| {shape} | {name} | {cells} | {res['prefill_ms']:.1f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

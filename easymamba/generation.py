@@ -1,0 +1,478 @@
+"""Autoregressive generation: one prefill, then the whole decode loop as one jitted `lax.while_loop`.
+
+    out = generate(model, input_ids [b, l], max_new_tokens=m, ...)
+    out.sequences [b, l + m]   out.num_generated [b]   out.cache   out.logits [b, m, v] (output_logits=True)
+
+How it runs (letters of `easymamba.typing`; `m` = max_new_tokens):
+
+    prefill  (jit)  the prompt through the backbone (continuing from `cache` if given) and the head on the
+                    last position only                              -> next logits [b, v], cache
+    start    (jit)  the loop's carry: token buffer, flags, seen-token mask
+    step     (jit)  choose a token from the pending logits, then feed it (an L == 1 decode step)
+                                                                    -> its logits [b, v], cache
+    loop     (jit)  lax.while_loop(step) until m tokens or every row has stopped
+
+`step` is one Python function: the loop's body and, jitted alone, the streaming path's step (`streamer=`,
+`stream_generate`), so streaming yields exactly the tokens `generate` returns. Every chosen token is fed, so
+the returned cache has consumed the whole output (one decode step more than transformers, which never feeds
+its last token) and a later `generate(model, next_ids, cache=out.cache)` continues where this one ended.
+
+Compilation: the prefill depends only on the model (graphdef) and the input shapes, so it is shared by all
+settings. start / step / loop are cached per (graphdef, settings); two models of the same architecture share
+them, and calls with the same shapes and settings never retrace. Settings are what fixes the code: sampling
+on/off, top_k, whether top-p / min-p / the penalty apply, the EOS and pad ids, m and `output_logits`. The
+values of temperature, top-p, min-p and the penalty are arguments, so changing them reuses compiled code.
+The loop and step donate their carry (cache, buffers), which this module created; a cache the caller passes
+in is only read, never donated.
+
+Stopping: a row stops when it emits any EOS id (which it still consumes); after that it receives
+`pad_token_id` (default: the first EOS id, else 0), its count stops and its cache stops advancing. The loop
+exits when every row has stopped. Unlike transformers, `eos_token_id=None` means "never stop early": the
+model config's EOS id is not implied.
+
+Models: anything with `backbone`, `lm_head`, `init_cache` and the cache-driven call of `Mamba2ForCausalLM`,
+so the Mamba-1 `MambaForCausalLM` works too. Official counterpart: `transformers.GenerationMixin.generate`
+(greedy and multinomial sampling, 5.23).
+"""
+
+import collections
+import dataclasses
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from easymamba.caching.cache import BaseCache
+from easymamba.layers import check_token_ids, is_concrete
+from easymamba.sampling import SamplingParams, add_seen, sample_next_token, seen_tokens
+
+_INT32_MAX = 2**31 - 1
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """Every `generate` setting, validated at construction (each failure a `ValueError` naming the field).
+
+    max_new_tokens      tokens to generate per row (>= 1)
+    do_sample           False: greedy (argmax); True: draw from the processed distribution
+    temperature         > 0 when sampling; divides the logits
+    top_k               keep the k most likely tokens (0: off)
+    top_p               nucleus mass in [0, 1] (1: off)
+    min_p               in [0, 1]: drop tokens below min_p * p_max (0: off)
+    repetition_penalty  > 0 (1: off); applied in greedy decoding too, as in transformers
+    eos_token_id        an id or a list of ids that stop a row (None: rows never stop early)
+    pad_token_id        fills a row after it stops (None: the first EOS id, else 0)
+    output_logits       also return the raw logits of every step, `[b, m, v]` float32
+
+    The sampling warpers (temperature, top_k, top_p, min_p) are ignored when `do_sample` is False.
+    """
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    output_logits: bool = False
+
+    def __post_init__(self):
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        m = self.max_new_tokens
+        require(_is_int(m) and m >= 1, f"max_new_tokens ({m!r}) must be an integer >= 1")
+        for name in ("do_sample", "output_logits"):
+            require(isinstance(getattr(self, name), bool), f"{name} ({getattr(self, name)!r}) must be True or False")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            v = getattr(self, name)
+            require(_is_real(v) and np.isfinite(v), f"{name} ({v!r}) must be a finite number")
+            object.__setattr__(self, name, float(v))
+        require(not self.do_sample or self.temperature > 0,
+                f"temperature ({self.temperature}) must be > 0 when sampling; for greedy decoding set do_sample=False")
+        require(_is_int(self.top_k) and self.top_k >= 0, f"top_k ({self.top_k!r}) must be an integer >= 0 (0: off)")
+        require(0.0 <= self.top_p <= 1.0, f"top_p ({self.top_p}) must be in [0, 1] (1: off)")
+        require(0.0 <= self.min_p <= 1.0, f"min_p ({self.min_p}) must be in [0, 1] (0: off)")
+        require(self.repetition_penalty > 0,
+                f"repetition_penalty ({self.repetition_penalty}) must be > 0 (1: off, > 1 discourages repeats)")
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "max_new_tokens", int(m))
+
+        eos = self.eos_token_id
+        if eos is not None:
+            ids = (eos,) if _is_int(eos) else eos
+            require(isinstance(ids, (list, tuple)) and len(ids) > 0 and all(_is_int(i) and i >= 0 for i in ids),
+                    f"eos_token_id ({eos!r}) must be a non-negative integer, a non-empty list of them, or None")
+            object.__setattr__(self, "eos_token_id", int(eos) if _is_int(eos) else tuple(int(i) for i in ids))
+        pad = self.pad_token_id
+        require(pad is None or (_is_int(pad) and pad >= 0),
+                f"pad_token_id ({pad!r}) must be a non-negative integer or None")
+        if pad is not None:
+            object.__setattr__(self, "pad_token_id", int(pad))
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The EOS ids as a tuple (empty when there is none)."""
+        eos = self.eos_token_id
+        return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
+    @property
+    def resolved_pad_token_id(self) -> int:
+        """The pad id rows receive after they stop: `pad_token_id`, else the first EOS id, else 0."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_ids[0] if self.eos_token_ids else 0
+
+    def replace(self, **changes: Any) -> "GenerationConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@struct.dataclass
+class GenerateOutput:
+    """`generate`'s result (a pytree).
+
+    sequences      [b, l + m] int32  the prompt, then the generated tokens; pad after a row stops
+    cache          the state after the prompt and each row's generated tokens, its EOS included (pads after
+                   EOS never enter it); `cache.seqlen_offset` counts the batch's decode steps
+    num_generated  [b] int32        tokens each row generated, its EOS included (< m when it stopped early)
+    logits         [b, m, v] float32 the raw logits (before any processor) each token was chosen from;
+                   zero after a row stops; None unless output_logits=True
+    """
+
+    sequences: jax.Array
+    cache: BaseCache
+    num_generated: jax.Array
+    logits: jax.Array | None = None
+
+
+@struct.dataclass
+class _Carry:
+    """The decode loop's state."""
+
+    step: jax.Array                     # [] int32: tokens chosen so far (the next column to write)
+    tokens: jax.Array                   # [b] int32: the tokens chosen last (what streaming yields)
+    next_logits: jax.Array              # [b, v] float32: the logits the next token is chosen from
+    generated: jax.Array                # [b, m] int32, pad-filled
+    num_generated: jax.Array            # [b] int32
+    done: jax.Array                     # [b] bool
+    cache: BaseCache
+    seen: jax.Array | None              # [b, v] bool, only with a repetition penalty
+    logits: jax.Array | None            # [b, m, v] float32, only with output_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """What fixes the compiled code, besides the graphdef and the input shapes."""
+
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    output_logits: bool
+
+
+# Traces per function name, for tests: a call with the same shapes and settings must not add any.
+_TRACES: collections.Counter = collections.Counter()
+
+
+def _jit(name: str, fn, *bound, **jit_kwargs):
+    """`jax.jit` of `fn(*bound, *args)`, counting its traces in `_TRACES[name]`."""
+    def traced(*args):
+        _TRACES[name] += 1
+        return fn(*bound, *args)
+    traced.__name__ = f"generate_{name}"
+    return jax.jit(traced, **jit_kwargs)
+
+
+class _Compiled:
+    """start / step / loop of one (graphdef, settings), closed over both (so a call hashes the key once, in
+    `_lookup`, rather than jit hashing a large graphdef per function)."""
+
+    def __init__(self, graphdef, settings: _Settings):
+        self.settings = settings
+        self.start = _jit("start", _start_carry, settings)
+        self.step = _jit("step", _step, graphdef, settings, donate_argnums=(1,))  # (state, carry, rng, params)
+        self.loop = _jit("loop", _loop, graphdef, settings, donate_argnums=(1,))
+
+
+_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+_CACHE_MAX = 32  # least recently used entries beyond this are dropped (with their executables)
+_LOCK = threading.Lock()
+
+
+def _lookup(key: tuple, build):
+    with _LOCK:
+        entry = _CACHE.get(key)
+        if entry is None:
+            entry = _CACHE[key] = build()
+            while len(_CACHE) > _CACHE_MAX:
+                _CACHE.popitem(last=False)
+        else:
+            _CACHE.move_to_end(key)
+        return entry
+
+
+def _prefill_fn(graphdef):
+    return _lookup(("prefill", graphdef), lambda: _jit("prefill", _prefill, graphdef))
+
+
+def _decode_fns(graphdef, settings: _Settings) -> _Compiled:
+    return _lookup(("decode", graphdef, settings), lambda: _Compiled(graphdef, settings))
+
+
+# -- the traced functions (graphdef and settings bound by _Compiled) --------------------------------------------
+def _last_logits(model, hidden: jax.Array) -> jax.Array:
+    """`Mamba2ForCausalLM`'s output head on `hidden [b, d]` -> `[b, v]` float32. The prefill applies it to the
+    last position only: XLA does not push the slice through the full `[b, l, v]` product on its own."""
+    if model.lm_head is None:
+        emb = model.backbone.embeddings
+        logits = emb.attend(hidden.astype(emb.weight.dtype))
+    else:
+        logits = model.lm_head(hidden.astype(model.lm_head.kernel.dtype))
+    return logits.astype(jnp.float32)
+
+
+def _prefill(graphdef, state, input_ids, attention_mask, cache):
+    """The prompt through the model -> (logits of its last position [b, v] float32, cache)."""
+    model = nnx.merge(graphdef, state)
+    if cache is None:
+        cache = model.init_cache(input_ids.shape[0])
+    out = model.backbone(input_ids, attention_mask=attention_mask, cache=cache)
+    return _last_logits(model, out.last_hidden_state[:, -1]), out.cache
+
+
+def _start_carry(settings: _Settings, next_logits, cache, input_ids, attention_mask,
+                 params: SamplingParams) -> _Carry:
+    b, v = next_logits.shape
+    m = settings.max_new_tokens
+    return _Carry(
+        step=jnp.int32(0), tokens=jnp.full((b,), settings.pad_token_id, jnp.int32), next_logits=next_logits,
+        generated=jnp.full((b, m), settings.pad_token_id, jnp.int32), num_generated=jnp.zeros((b,), jnp.int32),
+        done=jnp.zeros((b,), jnp.bool_), cache=cache,
+        seen=seen_tokens(input_ids, v, attention_mask) if params.use_repetition_penalty else None,
+        logits=jnp.zeros((b, m, v), jnp.float32) if settings.output_logits else None)
+
+
+def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: SamplingParams) -> _Carry:
+    """Choose token `carry.step` from the pending logits, record it, feed it. The loop body and the
+    streaming step."""
+    live = ~carry.done
+    key = jax.random.fold_in(rng, carry.step) if params.do_sample else None
+    token = sample_next_token(carry.next_logits, key, params, carry.seen)
+    token = jnp.where(live, token, settings.pad_token_id)                  # (b,)
+    generated = jax.lax.dynamic_update_index_in_dim(carry.generated, token, carry.step, axis=1)
+    out_logits = carry.logits
+    if out_logits is not None:
+        row = jnp.where(live[:, None], carry.next_logits, 0.0)[:, None]    # (b, 1, v)
+        out_logits = jax.lax.dynamic_update_slice_in_dim(out_logits, row, carry.step, axis=1)
+    done = carry.done
+    if settings.eos_token_ids:
+        done = done | jnp.isin(token, jnp.asarray(settings.eos_token_ids, jnp.int32))
+    seen = None if carry.seen is None else add_seen(carry.seen, token)
+
+    model = nnx.merge(graphdef, state)
+    out = model(token[:, None], cache=carry.cache)
+    cache = out.cache
+    if settings.eos_token_ids:  # a row stopped before this step keeps its state: pads must not enter it
+
+        def keep(old, new):
+            if new.ndim == 0:                                              # seqlen_offset: the batch's count
+                return new
+            return jnp.where(carry.done.reshape((-1,) + (1,) * (new.ndim - 1)), old, new)
+
+        cache = jax.tree.map(keep, carry.cache, cache)
+    return carry.replace(step=carry.step + 1, tokens=token, next_logits=out.logits[:, 0], generated=generated,
+                         num_generated=carry.num_generated + live.astype(jnp.int32), done=done, cache=cache,
+                         seen=seen, logits=out_logits)
+
+
+def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: SamplingParams) -> _Carry:
+    def running(c: _Carry):
+        return (c.step < settings.max_new_tokens) & ~jnp.all(c.done)
+
+    return jax.lax.while_loop(running, lambda c: _step(graphdef, settings, state, c, rng, params), carry)
+
+
+# -- the public entry points -----------------------------------------------------------------------------------
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationConfig) if f.name != "max_new_tokens"}
+
+
+def _config(generation_config: GenerationConfig | None, max_new_tokens, settings: dict) -> GenerationConfig:
+    if generation_config is None:
+        if max_new_tokens is None:
+            raise ValueError("generate needs max_new_tokens (or a generation_config)")
+        return GenerationConfig(max_new_tokens=max_new_tokens, **settings)
+    if not isinstance(generation_config, GenerationConfig):
+        raise ValueError(f"generation_config must be a GenerationConfig; got {type(generation_config).__name__}")
+    clashes = [k for k, v in settings.items() if v != _DEFAULTS[k]]
+    if max_new_tokens is not None:
+        clashes.insert(0, "max_new_tokens")
+    if clashes:
+        raise ValueError(f"{', '.join(clashes)} given both as keyword arguments and through generation_config; "
+                         f"pass generation_config.replace({clashes[0]}=...) instead")
+    return generation_config
+
+
+def _is_key(rng) -> bool:
+    if not isinstance(rng, jax.Array):
+        return False
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng.shape == ()
+    return rng.dtype == jnp.uint32 and rng.shape == (2,)                   # a raw (legacy) threefry key
+
+
+def _validate(model, input_ids, attention_mask, cache, rng, config: GenerationConfig):
+    """Eager checks with sentences for errors (inside jit the ids would only turn into NaN logits)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None or not hasattr(model, "backbone"):
+        raise ValueError(f"generate needs a causal LM such as Mamba2ForCausalLM; got {type(model).__name__}")
+    if not hasattr(input_ids, "shape") or not hasattr(input_ids, "dtype"):
+        input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must have shape (batch >= 1, seq_len >= 1); got {tuple(input_ids.shape)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers; got dtype {input_ids.dtype}")
+    check_token_ids(input_ids, vocab)
+    b, l = input_ids.shape
+    if attention_mask is not None:
+        if not hasattr(attention_mask, "shape"):
+            attention_mask = np.asarray(attention_mask)
+        if tuple(attention_mask.shape) != (b, l):
+            raise ValueError(f"attention_mask must have the shape of input_ids {(b, l)}; "
+                             f"got {tuple(attention_mask.shape)}")
+        if is_concrete(attention_mask):
+            mask = np.asarray(attention_mask)
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError(f"attention_mask must hold only 0 and 1; found {np.unique(mask).tolist()[:8]}")
+            bad = np.flatnonzero((np.diff(mask, axis=1) < 0).any(axis=1) | (mask[:, -1] == 0))
+            if bad.size:
+                raise ValueError(f"attention_mask must be left padding (zeros, then ones to the end); row "
+                                 f"{int(bad[0])} is {mask[bad[0]].tolist()[:16]}")
+    offset = 0
+    if cache is not None:
+        if not isinstance(cache, BaseCache):
+            raise ValueError(f"cache must be the model's cache (model.init_cache(batch)); got {type(cache).__name__}")
+        cache.check_compatible(model.config, b)
+        if cache.seqlen_offset is not None and is_concrete(cache.seqlen_offset):
+            offset = int(cache.seqlen_offset)
+    if offset + l + config.max_new_tokens > _INT32_MAX:
+        raise ValueError(f"max_new_tokens ({config.max_new_tokens}) does not fit: the cache's {offset} tokens + the "
+                         f"prompt's {l} + max_new_tokens exceed int32 positions ({_INT32_MAX})")
+    for name, ids in (("eos_token_id", config.eos_token_ids), ("pad_token_id", (config.resolved_pad_token_id,))):
+        out = [i for i in ids if not 0 <= i < vocab]
+        if out:
+            raise ValueError(f"{name} {out[0]} is outside the vocabulary [0, {vocab})")
+    if config.do_sample and rng is None:
+        raise ValueError("do_sample=True needs rng, e.g. rng=jax.random.key(0)")
+    if rng is not None and not _is_key(rng):
+        raise ValueError(f"rng must be one JAX PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)); "
+                         f"got {type(rng).__name__} {getattr(rng, 'shape', '')}")
+    return input_ids, attention_mask
+
+
+@dataclasses.dataclass
+class _Run:
+    """A prefilled generation, ready for the loop or for streaming steps."""
+
+    fns: _Compiled
+    state: Any
+    carry: _Carry
+    rng: Any
+    params: SamplingParams
+    input_ids: jax.Array
+
+    def loop(self) -> _Carry:
+        return self.fns.loop(self.state, self.carry, self.rng, self.params)
+
+    def steps(self) -> Iterator[_Carry]:
+        """The streaming path: one jitted `_step` per token, each carry yielded as it is ready, until m tokens
+        or every row has stopped (the loop's condition, read back from the device each step)."""
+        carry, m = self.carry, self.fns.settings.max_new_tokens
+        while int(carry.step) < m and not np.asarray(carry.done).all():
+            carry = self.fns.step(self.state, carry, self.rng, self.params)
+            yield carry
+
+    def output(self, carry: _Carry) -> GenerateOutput:
+        return GenerateOutput(sequences=jnp.concatenate([self.input_ids, carry.generated], axis=1),
+                              cache=carry.cache, num_generated=carry.num_generated, logits=carry.logits)
+
+
+def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, settings) -> _Run:
+    """Validate, prefill, and build the loop's carry."""
+    config = _config(generation_config, max_new_tokens, settings)
+    input_ids, attention_mask = _validate(model, input_ids, attention_mask, cache, rng, config)
+    static = _Settings(config.max_new_tokens, config.eos_token_ids, config.resolved_pad_token_id,
+                       config.output_logits)
+    params = SamplingParams.from_config(config)
+    graphdef, state = nnx.split(model)
+    fns = _decode_fns(graphdef, static)
+    rng = jax.random.key(0) if rng is None else rng  # unused when greedy; a fixed key keeps one signature
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    next_logits, cache = _prefill_fn(graphdef)(state, input_ids, attention_mask, cache)
+    carry = fns.start(next_logits, cache, input_ids, attention_mask, params)
+    return _Run(fns, state, carry, rng, params, input_ids)
+
+
+def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None, rng=None,
+             cache: BaseCache | None = None, streamer=None, output_logits: bool = False,
+             generation_config: GenerationConfig | None = None) -> GenerateOutput:
+    """Generate `max_new_tokens` tokens after `input_ids [b, l]` (see the module docstring and
+    `GenerationConfig` for the settings; pass them as keywords or as one `generation_config`, not both).
+
+    attention_mask  [b, l] of 0/1, left padding only; each row then gets exactly the tokens it gets alone
+    rng             a `jax.random.key`, required when do_sample (token t uses `fold_in(rng, t)`)
+    cache           continue from this state (read, not donated); default: a fresh `model.init_cache(b)`.
+                    The repetition penalty then sees only `input_ids` and what is generated.
+    streamer        an object with `put(ids)` / `end()` (transformers' `BaseStreamer` protocol, so
+                    `transformers.TextStreamer` works for b = 1): `put` gets the prompt `[b, l]` once, then
+                    each step's tokens `[b]` (numpy) as they come, from the same step the loop runs
+
+    Returns `GenerateOutput(sequences [b, l + m], cache, num_generated [b], logits)`.
+    """
+    settings = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                    output_logits=output_logits)
+    run = _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, settings)
+    if streamer is None:
+        return run.output(run.loop())
+    streamer.put(np.asarray(run.input_ids))
+    carry = run.carry
+    for carry in run.steps():
+        streamer.put(np.asarray(carry.tokens))
+    streamer.end()
+    return run.output(carry)
+
+
+def stream_generate(model, input_ids, *, attention_mask=None, max_new_tokens: int | None = None,
+                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
+                    rng=None, cache: BaseCache | None = None,
+                    generation_config: GenerationConfig | None = None) -> Iterator[np.ndarray]:
+    """`generate` as an iterator: yields each step's tokens `[b]` (numpy int32; pad for rows that have
+    stopped) as soon as they are chosen, and stops once every row has stopped or m tokens are out.
+
+    The arguments are checked and the prompt is prefilled when this is called, so errors surface here.
+    """
+    settings = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                    output_logits=False)
+    run = _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, settings)
+    return (np.asarray(carry.tokens) for carry in run.steps())
