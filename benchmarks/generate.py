@@ -17,6 +17,8 @@ generated greedily after a 16-token prompt with EOS disabled, so every row runs 
 
 Prefill: one jitted forward over [1, 2048] tokens filling the cache (ours: `model(ids, cache=...)`).
 Peers that are absent are skipped and reported as such. Prints a table; `--out` writes the JSON.
+Run with `XLA_PYTHON_CLIENT_PREALLOCATE=false`, or JAX's default preallocation (75% of the GPU) leaves torch
+too little memory for transformers' pure-torch scan.
 """
 
 import argparse
@@ -165,7 +167,7 @@ def main():
     parser.add_argument("--new", type=int, default=256, help="tokens generated per row")
     parser.add_argument("--prefill-len", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peers", default="transformers,mamba2_jax")
+    parser.add_argument("--impls", default="easymamba,transformers,mamba2_jax", help="which to run, in order")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -178,7 +180,7 @@ def main():
                "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new, "prefill_len": args.prefill_len,
                "runs": {}}
     runners = {"easymamba": bench_easymamba, "transformers": bench_transformers, "mamba2_jax": bench_mamba2_jax}
-    names = ["easymamba"] + [p for p in args.peers.split(",") if p]
+    names = [p for p in args.impls.split(",") if p]
     for shape in args.shapes.split(","):
         for name in names:
             t0 = time.time()
