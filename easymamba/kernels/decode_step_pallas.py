@@ -1,0 +1,433 @@
+"""One Pallas kernel for a Mamba-2 layer's decode step between in_proj and out_proj, with its reference beside it.
+
+For one new token per batch row (letters of `easymamba.typing`; c = e + 2gn conv channels, r = h / g heads a
+group), from the in_proj output [z | x | B | C | dt] (HF's packing; xBC = [x | B | C] before the conv):
+
+    window = [conv_state[:, 1:] | xBC]                   conv_state' = window                [c, k]
+    xBC    = silu(window . conv_weight + conv_bias)      rounded to the activation dtype     [c]
+    dt     = clip(softplus(dt + dt_bias), *dt_limit)                                         [h]
+    S      = exp(dt A) S + dt x (x) B                    S = ssm_state, float32              [h, p, n]
+    y      = (S C + D x) * silu(z)                                                           [h, p] = [e]
+    y      = norm_weight * y * rsqrt(mean(y^2 over each group of e / g channels) + eps)     [e]
+
+which is `Mamba2Mixer.__call__` at l == 1 with a cache, op for op: `causal_conv1d_update` + SiLU,
+`selective_state_update` (dt_softplus, no z) and `GatedRMSNorm(y, z)` (mamba_ssm `Mamba2.step`).
+`decode_step_ref` is those references composed.
+
+The kernel: one program per (batch row, head, block of `block_p` channels of the head; the whole head at large
+batch, down to 16 channels at small, so that b = 1 still spreads over the GPU).
+A program rolls the conv window of its channels and of its group's B and C (recomputed by each program of the
+group, 2 n k MACs; the group's first program writes them back), updates its [block_p, n] slice of the state
+and writes the gated y in float32 with its sum of squares. The grouped RMS norm then finishes in XLA, one small
+fusion over [b, e]: a group spans heads of different programs. (A program per (batch row, group) that owns the
+norm was measured 6x slower at b = 1 and 2x at b = 64: b g programs walking r states in turn; docs/benchmarks.md.)
+
+Operands are read in place, so nothing runs between in_proj and the kernel: the in_proj output may come packed
+[b, 2e + 2gn + h] or as parts (z, xBC, dt) or (z, x, B, C, dt); the conv weight [c, k] and bias [c] packed or
+as (x, B, C) parts; `A_is_log=True` takes the parameter A_log and forms A = -exp(A_log) in the kernel. (Each
+slice, concatenation or -exp left to XLA before a custom call is one more launch per layer and step.)
+
+The SSM state is updated in place (`input_output_aliases`; donate it under jit). The conv state is not: every
+program of a group reads the group's B / C window, so an in-place write by one of them would race with the
+others' reads; a new conv state buffer is written instead.
+
+Upstream: mamba_ssm `Mamba2.step` (causal_conv1d_update, selective_state_update with TIE_HDIM, RMSNormGated
+with group_size = e / g). Backward: the VJP of `decode_step_ref` (a custom VJP, as the other kernels here).
+"""
+
+import functools
+import math
+import operator
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from easymamba.kernels import pallas_util as pu
+from easymamba.kernels.conv1d_reference import causal_conv1d_update_ref
+from easymamba.kernels.ssd_reference import selective_state_update_ref
+
+__all__ = ["mamba2_decode_step", "decode_step_pallas", "decode_step_ref", "decode_step_supported", "IMPLS"]
+
+IMPLS = ("auto", "pallas", "xla")
+
+# benchmarks/decode_step.py on an H100 (docs/benchmarks.md, "Fused decode step"): "auto" takes the kernel on GPUs
+PALLAS_FASTER_ON_GPU = True
+
+_IN_PROJ_PARTS = ("z", "x", "B", "C", "dt")
+_CONV_PARTS = ("x", "B", "C")
+
+
+def decode_step_supported(p: int, n: int, k: int) -> bool:
+    """Shapes the compiled (Triton) kernel handles: [p, n] state tiles and [p | n, k] conv windows with power-of-two
+    sides."""
+    return pu.is_pow2(p) and pu.is_pow2(n) and pu.is_pow2(k) and p * n <= 128 * 256
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Operands: packed or in parts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dims(conv_state, ssm_state, n_groups):
+    """(b, e, c, k, h, p, n, g) from the two states, with a sentence for each mismatch."""
+    if ssm_state.ndim != 4:
+        raise ValueError(f"ssm_state has shape {tuple(ssm_state.shape)}; expected 4 dims (b, h, p, n)")
+    b, h, p, n = ssm_state.shape
+    if conv_state.ndim != 3:
+        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}; expected 3 dims (b, c, k)")
+    try:
+        g = operator.index(n_groups)
+    except TypeError:
+        g = None
+    if g is None or g < 1 or h % g:
+        raise ValueError(f"n_groups ({n_groups!r}) must be a positive integer dividing the number of heads ({h})")
+    e = h * p
+    c, k = conv_state.shape[1:]
+    if conv_state.shape[0] != b or c != e + 2 * g * n:
+        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}; expected (b, e + 2 g n, k) = "
+                         f"({b}, {e} + 2 * {g} * {n}, k) from ssm_state (b, h, p, n) = {(b, h, p, n)} and n_groups")
+    return b, e, c, k, h, p, n, g
+
+
+def _sources(name, value, names, widths, lead=(), trail=()):
+    """{part: (array, offset)} for an operand given packed (one array holding the parts side by side on the axis
+    after `lead`) or as a tuple of the parts (for the in_proj output also (z, xBC, dt))."""
+    if not isinstance(value, (tuple, list)):
+        value = (value,)
+    groups = {1: [names], len(names): [[nm] for nm in names]}
+    if names == _IN_PROJ_PARTS:
+        groups[3] = [["z"], ["x", "B", "C"], ["dt"]]
+    if len(value) not in groups:
+        raise ValueError(f"{name} must be one packed array or a tuple of {' or '.join(map(str, sorted(groups)[1:]))} "
+                         f"of its parts {names}; got {len(value)} arrays")
+    out = {}
+    for array, members in zip(value, groups[len(value)]):
+        expected = (*lead, sum(widths[m] for m in members), *trail)
+        if tuple(array.shape) != expected:
+            raise ValueError(f"{name}: the array holding {' | '.join(members)} has shape {tuple(array.shape)}; "
+                             f"expected {expected}")
+        offset = 0
+        for m in members:
+            out[m] = (array, offset)
+            offset += widths[m]
+    return out
+
+
+def _operands(zxbcdt, conv_weight, conv_bias, conv_state, ssm_state, n_groups):
+    """The dims and the {part: (array, offset)} maps of the in_proj output, conv weight and conv bias (or None)."""
+    b, e, c, k, h, p, n, g = _dims(conv_state, ssm_state, n_groups)
+    widths = dict(z=e, x=e, B=g * n, C=g * n, dt=h)
+    act = _sources("zxbcdt", zxbcdt, _IN_PROJ_PARTS, widths, lead=(b,))
+    weight = _sources("conv_weight", conv_weight, _CONV_PARTS, widths, trail=(k,))
+    bias = None if conv_bias is None else _sources("conv_bias", conv_bias, _CONV_PARTS, widths)
+    return (b, e, c, k, h, p, n, g), widths, act, weight, bias
+
+
+def _part(sources, m, width, axis):
+    """Part m as its own array (a slice where it comes packed)."""
+    array, offset = sources[m]
+    return array if array.shape[axis] == width else lax.slice_in_dim(array, offset, offset + width, axis=axis)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _round_like(x, dtype):
+    """x rounded to `dtype`'s precision, kept in x's dtype. `reduce_precision`, not a pair of converts: XLA may
+    drop a convert pair on GPU (excess precision), and the rounding is part of the semantics (upstream's conv
+    returns the activation dtype, which the state update then reads)."""
+    if jnp.finfo(dtype).bits >= jnp.finfo(x.dtype).bits:
+        return x
+    info = jnp.finfo(dtype)
+    return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, *,
+                    n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None):
+    """A Mamba-2 layer's decode step from the existing references: conv update + SiLU, state update, gated norm.
+
+    zxbcdt: the in_proj output for one token, [b, 2e + 2gn + h] packed as [z | x | B | C | dt] (HF), or the
+    tuple (z [b, e], xBC [b, c], dt [b, h]), or (z, x [b, e], B [b, gn], C [b, gn], dt); dt raw (before dt_bias).
+    conv_state [b, c, k]; conv_weight [c, k] or its (x, B, C) parts [e | gn, k]; conv_bias [c], parts, or None;
+    A [h] (float32, negative; or A_log when `A_is_log`); D [h]; dt_bias [h]; ssm_state [b, h, p, n];
+    norm_weight [e]. Returns (y [b, e] in y_dtype (default z's), the input of out_proj; new conv_state in
+    conv_state's dtype; new ssm_state in ssm_state's dtype).
+    """
+    (b, e, c, k, h, p, n, g), widths, act, weight, bias = _operands(zxbcdt, conv_weight, conv_bias, conv_state,
+                                                                    ssm_state, n_groups)
+    z, dt = _part(act, "z", e, 1), _part(act, "dt", h, 1)
+    join = lambda src, axis: jnp.concatenate([_part(src, m, widths[m], axis) for m in _CONV_PARTS], axis)  # noqa
+    xBC, w = join(act, 1), join(weight, 0)  # [b, c], [c, k]
+    bvec = None if bias is None else join(bias, 0)  # [c]
+    xBC, conv_state = causal_conv1d_update_ref(xBC, conv_state, w, bvec, activation="silu")
+    xBC = _round_like(xBC.astype(jnp.promote_types(xBC.dtype, jnp.float32)), xBC.dtype)
+    x, B, C = jnp.split(xBC, [e, e + g * n], axis=-1)  # [b, e] [b, gn] [b, gn]
+    if A_is_log:
+        A = -jnp.exp(A.astype(jnp.float32))
+    y, ssm_state = selective_state_update_ref(
+        ssm_state, x.reshape(b, h, p), dt, A, B.reshape(b, g, n), C.reshape(b, g, n), D=D, dt_bias=dt_bias,
+        dt_softplus=True, dt_limit=dt_limit)  # y [b, h, p] float32
+    # GatedRMSNorm (easymamba.norms) in float32: weight * rmsnorm_per_group(y * silu(z))
+    gated = y.reshape(b, e).astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    grouped = gated.reshape(b, g, e // g)  # [b, g, e/g]
+    normed = grouped * lax.rsqrt(jnp.mean(jnp.square(grouped), axis=-1, keepdims=True) + eps)
+    y = norm_weight.astype(jnp.float32) * normed.reshape(b, e)
+    return y.astype(z.dtype if y_dtype is None else y_dtype), conv_state, ssm_state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _softplus(v):
+    # log1p(exp(v)) overflows for large v; above 20 softplus(v) = v to float32 precision (as upstream)
+    return jnp.where(v > 20.0, v, jnp.log1p(jnp.exp(jnp.minimum(v, 20.0))))
+
+
+def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log):
+    """`where[part] = (input position, offset)` for z, x, B, C, dt, w_x, w_B, w_C and (if any) b_x, b_B, b_C;
+    then the inputs conv_state, A, D, dt_bias, ssm_state at positions n_in - 5 .. n_in - 1."""
+    ins, (y_ref, ss_ref, conv_out_ref, state_out_ref) = refs[:n_in], refs[n_in:]
+    conv_ref, A_ref, D_ref, dtb_ref, state_ref = ins[n_in - 5:]
+    f32 = jnp.float32
+
+    def load(part, start, size):  # [size] of an operand given packed or in parts
+        pos, offset = where[part]
+        return ins[pos][pl.ds(offset + start, size)]
+
+    hi, pj = pl.program_id(1), pl.program_id(2)
+    gi = hi // r
+    c0 = hi * p + pj * block_p  # this program's channels, within x (and within z and y)
+    state = state_ref[...].astype(f32)  # [P, n], loaded first so its latency overlaps the conv's loads
+    z = load("z", c0, block_p).astype(f32)  # [P]
+    pos, offset = where["dt"]
+    dt = ins[pos][offset + hi].astype(f32) + dtb_ref[...].astype(f32)
+    A = A_ref[...].astype(f32)
+    A = -jnp.exp(A) if A_is_log else A
+    D = D_ref[...].astype(f32)
+
+    col = lax.broadcasted_iota(jnp.int32, (1, k), 1)  # [1, k]
+
+    def conv(part, start, size, row0):
+        """Conv + SiLU of `size` channels of `part` from `start` (rows row0.. of the packed conv state): (output
+        [size] float32, rounded to the activation dtype as the reference; new window [size, k])."""
+        rows = row0 + lax.broadcasted_iota(jnp.int32, (size, 1), 0)  # [S, 1]
+        shifted = conv_ref[rows, jnp.minimum(col + 1, k - 1)].astype(f32)  # [S, k]: column j <- column j + 1
+        new = load(part, start, size)  # [S]
+        window = jnp.where(col == k - 1, new.astype(f32)[:, None], shifted)  # [S, k]
+        wpos, woff = where["w_" + part]
+        acc = jnp.sum(window * ins[wpos][pl.ds(woff + start, size), :].astype(f32), axis=1)  # [S]
+        if "b_" + part in where:
+            acc = acc + load("b_" + part, start, size).astype(f32)
+        return (acc * jax.nn.sigmoid(acc)).astype(new.dtype).astype(f32), window
+
+    x, x_win = conv("x", c0, block_p, c0)  # [P], [P, k]
+    B, B_win = conv("B", gi * n, n, e + gi * n)  # [n], [n, k]
+    C, C_win = conv("C", gi * n, n, e + g * n + gi * n)
+
+    dt = jnp.clip(_softplus(dt), dt_limit[0], dt_limit[1])
+    state = jnp.exp(dt * A) * state + (dt * x)[:, None] * B[None, :]  # [P, n]
+    y = (jnp.sum(state * C[None, :], axis=1) + D * x) * (z * jax.nn.sigmoid(z))  # [P]
+
+    state_out_ref[...] = state.astype(state_out_ref.dtype)
+    y_ref[...] = y  # float32, gated, not yet normalised
+    ss_ref[...] = jnp.sum(y * y)
+    conv_out_ref[pl.ds(c0, block_p), :] = x_win.astype(conv_out_ref.dtype)
+
+    @pl.when((hi % r == 0) & (pj == 0))  # the group's first program writes the group's B / C windows, once
+    def _():
+        conv_out_ref[pl.ds(e + gi * n, n), :] = B_win.astype(conv_out_ref.dtype)
+        conv_out_ref[pl.ds(e + g * n + gi * n, n), :] = C_win.astype(conv_out_ref.dtype)
+
+
+def _default_block_p(b: int, h: int, p: int) -> int:
+    """Channels of a head per program: the whole head once there are >= 1024 programs, else halved down to 16 so
+    that small batches still spread over the GPU (H100, 130M layer, docs/benchmarks.md: the kernel 3.3 us with 16
+    channels vs 4.0 with 64 at b = 1; the layer step 13.4 vs 15.2 us at b = 16; equal at b = 64)."""
+    bp = p
+    while b * h * (p // bp) < 1024 and bp > 16 and bp % 2 == 0:
+        bp //= 2
+    return bp
+
+
+def _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, *, n_groups, dt_limit,
+                 A_is_log, block_p):
+    """The pallas_call: (gated y [b, e] float32, sums of its squares per program [b, h * p / block_p], new
+    conv_state, new ssm_state). Batch rows and heads are independent here (a mesh can run it per shard); the
+    norm's group reduction, which spans heads, is `_finish_norm`'s."""
+    (b, e, c, k, h, p, n, g), _, act, weight, bias = _operands(zxbcdt, conv_weight, conv_bias, conv_state,
+                                                               ssm_state, n_groups)
+    r = h // g
+    bp = _default_block_p(b, h, p) if block_p is None else block_p
+    if not 1 <= bp <= p or p % bp:
+        raise ValueError(f"block_p ({bp}) must divide the head dim p ({p})")
+    npb = p // bp
+
+    # every distinct array once, in this order: activations (rows), conv weights, conv biases, then the rest
+    inputs, specs, where = [], [], {}
+
+    def add(part, array, offset, spec):
+        for pos, seen in enumerate(inputs):
+            if seen is array:
+                break
+        else:
+            pos = len(inputs)
+            inputs.append(array)
+            specs.append(spec)
+        where[part] = (pos, offset)
+
+    whole_row = lambda *shape: pl.BlockSpec((None, *shape), lambda bi, hi, pj: (bi,) + (0,) * len(shape))  # noqa
+    everything = lambda *shape: pl.BlockSpec(shape, lambda bi, hi, pj: (0,) * len(shape))  # noqa: E731
+    for m, (array, offset) in act.items():
+        add(m, array, offset, whole_row(array.shape[1]))
+    for m, (array, offset) in weight.items():
+        add("w_" + m, array, offset, everything(*array.shape))
+    for m, (array, offset) in (bias or {}).items():
+        add("b_" + m, array, offset, everything(*array.shape))
+    per_head = pl.BlockSpec((None,), lambda bi, hi, pj: (hi,))
+    state_spec = pl.BlockSpec((None, None, bp, n), lambda bi, hi, pj: (bi, hi, pj, 0))
+    inputs += [conv_state, A, D, dt_bias, ssm_state]
+    specs += [whole_row(c, k), per_head, per_head, per_head, state_spec]
+    n_in = len(inputs)
+
+    kernel = functools.partial(_kernel, where=where, n_in=n_in, e=e, g=g, n=n, p=p, k=k, r=r, block_p=bp,
+                               dt_limit=dt_limit, A_is_log=A_is_log)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((b, e), jnp.float32), jax.ShapeDtypeStruct((b, h * npb), jnp.float32),
+                   jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+                   jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype)),
+        grid=(b, h, npb),
+        in_specs=specs,
+        out_specs=(pl.BlockSpec((None, bp), lambda bi, hi, pj: (bi, hi * npb + pj)),
+                   pl.BlockSpec((None, None), lambda bi, hi, pj: (bi, hi * npb + pj)),
+                   whole_row(c, k), state_spec),
+        input_output_aliases={n_in - 1: 3},
+        compiler_params=pu.compiler_params(num_warps=4 if bp * n <= 64 * 128 else 8, num_stages=1),
+        interpret=pu.interpret_mode(),
+        name="mamba2_decode_step",
+    )(*inputs)
+
+
+def _finish_norm(y, ss, norm_weight, *, n_groups, eps, y_dtype):
+    """The grouped RMS norm from the kernel's gated y [b, e] and per-program sums of squares: one small XLA fusion."""
+    b, e = y.shape
+    g = n_groups
+    scale = lax.rsqrt(ss.reshape(b, g, -1).sum(-1) / (e // g) + eps)  # [b, g]
+    y = norm_weight.astype(jnp.float32).reshape(g, e // g) * y.reshape(b, g, e // g) * scale[..., None]
+    return y.reshape(b, e).astype(y_dtype)
+
+
+def _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, *,
+             n_groups, eps, dt_limit, A_is_log, y_dtype, block_p):
+    y, ss, conv_state, ssm_state = _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias,
+                                                ssm_state, n_groups=n_groups, dt_limit=dt_limit, A_is_log=A_is_log,
+                                                block_p=block_p)
+    z_dtype = (zxbcdt[0] if isinstance(zxbcdt, (tuple, list)) else zxbcdt).dtype
+    y = _finish_norm(y, ss, norm_weight, n_groups=n_groups, eps=eps, y_dtype=z_dtype if y_dtype is None else y_dtype)
+    return y, conv_state, ssm_state
+
+
+_NONDIFF = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype", "block_p")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(9, 9 + len(_NONDIFF))))
+def _decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, *statics):
+    return _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
+                    **dict(zip(_NONDIFF, statics)))
+
+
+def _decode_step_fwd(*args):
+    return _decode_step(*args), args[:9]
+
+
+def _decode_step_bwd(*rest):
+    # a decode step's backward is rare (RL, online learning): the reference's VJP, exact
+    statics, (residuals, cotangents) = dict(zip(_NONDIFF, rest[:len(_NONDIFF)])), rest[len(_NONDIFF):]
+    statics.pop("block_p")
+    _, vjp = jax.vjp(functools.partial(decode_step_ref, **statics), *residuals)
+    return vjp(cotangents)
+
+
+_decode_step.defvjp(_decode_step_fwd, _decode_step_bwd)
+
+
+def _static(n_groups, eps, dt_limit, y_dtype):
+    lo, hi = dt_limit
+    if not lo <= hi:
+        raise ValueError(f"dt_limit must be a pair (low, high) with low <= high, got {dt_limit!r}")
+    return int(n_groups), float(eps), (float(lo), float(hi)), None if y_dtype is None else jnp.dtype(y_dtype)
+
+
+def decode_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, *,
+                       n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None,
+                       block_p: int | None = None):
+    """Same contract as `decode_step_ref`; one Pallas kernel plus the norm's last step in XLA. Compiled on GPU
+    (shapes: `decode_step_supported`), interpreted elsewhere. `block_p`: channels of a head per program, a power of
+    two dividing p (default: the whole head at large b h, fewer at small; `_default_block_p`)."""
+    n_groups, eps, dt_limit, y_dtype = _static(n_groups, eps, dt_limit, y_dtype)
+    kw = dict(n_groups=n_groups, eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype)
+    jax.eval_shape(functools.partial(decode_step_ref, **kw),  # the reference's shape checks; abstract, no compute
+                   zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight)
+    return _decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
+                        *kw.values(), None if block_p is None else int(block_p))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _compiled_pallas_here() -> tuple[bool, str]:
+    if not pu.on_gpu():
+        return False, f"no compiled Pallas kernels on {jax.default_backend()}"
+    cap = pu.gpu_capability()
+    if cap is None or cap < (8, 0) or pu.TritonParams is None:
+        return False, "the Triton-backed kernel needs an NVIDIA GPU of sm_80 or newer and jax's Pallas Triton module"
+    return True, f"sm_{cap[0]}{cap[1]} GPU"
+
+
+def _resolve(impl: str, p: int, n: int, k: int) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    runs, why = _compiled_pallas_here()
+    if impl == "auto":
+        return "pallas" if runs and PALLAS_FASTER_ON_GPU and decode_step_supported(p, n, k) else "xla"
+    if impl == "pallas":
+        if jax.default_backend() == "tpu":
+            raise NotImplementedError("the decode-step kernel has no TPU form yet; use impl='xla' on TPU")
+        if pu.on_gpu() and not runs:
+            raise NotImplementedError(f"the decode-step kernel cannot run here: {why}; use impl='xla'")
+        if pu.on_gpu() and not decode_step_supported(p, n, k):
+            raise ValueError(f"the decode-step kernel compiles for power-of-two p, n, k with p * n <= 32768; got "
+                             f"p = {p}, n = {n}, k = {k}: use impl='xla'")
+    return impl
+
+
+_STATIC = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype")
+_xla = jax.jit(decode_step_ref, static_argnames=_STATIC)
+_pallas = jax.jit(decode_step_pallas, static_argnames=_STATIC + ("block_p",))
+
+
+def mamba2_decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, *,
+                       n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None,
+                       impl: str = "auto"):
+    """A Mamba-2 layer's decode step from the in_proj output to the out_proj input (see the module docstring;
+    operands as `decode_step_ref`). Returns (y [b, e] in y_dtype (default z's dtype), new conv_state, new
+    ssm_state).
+
+    impl: "pallas" the kernel (compiled on an sm_80+ GPU, interpreted on CPU), "xla" the jitted
+    `decode_step_ref`, "auto" the kernel where it compiles and was measured faster (GPU), else XLA.
+    Inside a jitted decode loop, donate the SSM state: the kernel writes it in place.
+    """
+    b, _, p, n = ssm_state.shape
+    impl = _resolve(impl, p, n, conv_state.shape[-1])
+    n_groups, eps, dt_limit, y_dtype = _static(n_groups, eps, dt_limit, y_dtype)
+    fn = _xla if impl == "xla" else _pallas
+    return fn(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, n_groups=n_groups,
+              eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype)

@@ -1,0 +1,220 @@
+"""The fused Mamba-2 decode-step kernel (`easymamba/kernels/decode_step_pallas.py`) against its reference.
+
+Two tiers run the same checks: on CPU the kernel body in Pallas interpret mode at small odd shapes (p, n, k not
+powers of two, g = 1 and g > 1, operands packed or in parts), and under `-m gpu` the compiled kernel at the 130M
+shape.
+
+Errors are max |a - b| / max |b|. Tolerances:
+* float32 inputs, against `decode_step_ref` in float64: 2e-5 (float32 math, sums over n and over e / g for the
+  norm; measured ~2e-7). The conv state is a copy of inputs: exact.
+* bfloat16 activations (float32 state), against `decode_step_ref` on the same inputs (float32 math, the same bf16
+  rounding of the conv output, which the reference makes with `reduce_precision` so XLA's excess-precision mode
+  on GPU cannot drop it): 1e-4 with a float32 y (the two differ only in float32 summation order, except
+  where that flips a bf16 rounding of x, B or C; measured ~2e-7), one bf16 ulp (2^-8 = 4e-3) with a bf16 y.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from easymamba.kernels import pallas_util as pu
+from easymamba.kernels.decode_step_pallas import decode_step_pallas, decode_step_ref, mamba2_decode_step
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (compiled kernels)")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)), "kernel output has non-finite values"
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def inputs(rng, *, b, h, p, n, g, k, dtype, bias=True):
+    """Fresh random operands of one decode step (never zeros), activations and parameters in `dtype`, packed as
+    Hugging Face packs them."""
+    e, c = h * p, h * p + 2 * g * n
+    f = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
+    return dict(
+        zxbcdt=f(b, 2 * e + 2 * g * n + h), conv_state=f(b, c, k), conv_weight=f(c, k) * 0.5,
+        conv_bias=f(c) if bias else None, A=-jnp.exp(jnp.asarray(rng.normal(size=h), jnp.float32)),
+        D=f(h), dt_bias=f(h), ssm_state=jnp.asarray(rng.normal(size=(b, h, p, n)), jnp.float32),
+        norm_weight=f(e) * 0.5 + 1.0)
+
+
+def as_parts(ops, *, h, p, n, g, form):
+    """The same operands with the in_proj output as (z, xBC, dt) ("parts3") or (z, x, B, C, dt) and the conv
+    weight and bias as (x, B, C) ("parts5"), as a mixer that keeps them apart would pass them."""
+    if form == "packed":
+        return ops
+    e, gn = h * p, g * n
+    cut = lambda a, sizes, axis: tuple(jnp.split(a, np.cumsum(sizes)[:-1], axis=axis))  # noqa: E731
+    out = dict(ops)
+    if form == "parts3":
+        out["zxbcdt"] = cut(ops["zxbcdt"], [e, e + 2 * gn, h], 1)
+    else:
+        out["zxbcdt"] = cut(ops["zxbcdt"], [e, e, gn, gn, h], 1)
+        out["conv_weight"] = cut(ops["conv_weight"], [e, gn, gn], 0)
+        out["conv_bias"] = None if ops["conv_bias"] is None else cut(ops["conv_bias"], [e, gn, gn], 0)
+    return out
+
+
+def as64(ops):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), ops)
+
+
+def kernel_fn(*, interpret, **kw):
+    """The jitted kernel, traced in interpret mode or compiled (the mode is read at trace time)."""
+    fn = jax.jit(functools.partial(decode_step_pallas, **kw))
+
+    def run(ops):
+        with pu.force_interpret(interpret):
+            return fn(**ops)
+
+    return run
+
+
+def check(seed, *, b, h, p, n, g, k, dtype, interpret, steps=1, bias=True, y_dtype=None, block_p=None,
+          form="packed", A_is_log=False):
+    rng = np.random.default_rng(seed)
+    ops = inputs(rng, b=b, h=h, p=p, n=n, g=g, k=k, dtype=dtype, bias=bias)
+    if A_is_log:
+        ops["A"] = jnp.asarray(rng.normal(size=h), dtype)
+    kw = dict(n_groups=g, eps=1e-5, dt_limit=(0.001, 3.0), y_dtype=y_dtype, A_is_log=A_is_log)
+    ref_ops = dict(ops)
+    kernel = kernel_fn(interpret=interpret, block_p=block_p, **kw)
+    ref32 = jax.jit(functools.partial(decode_step_ref, **kw))
+    for step in range(steps):
+        if step:  # a new token: fresh in_proj output; the states carry over
+            ops["zxbcdt"] = ref_ops["zxbcdt"] = jnp.asarray(rng.normal(size=ops["zxbcdt"].shape), dtype)
+        y, conv, ssm = kernel(as_parts(ops, h=h, p=p, n=n, g=g, form=form))
+        if dtype == jnp.float32:
+            with jax.enable_x64(True):
+                y_r, conv_r, ssm_r = jax.tree.map(np.asarray, decode_step_ref(**as64(ref_ops), **kw))
+            tol_y = tol_s = 2e-5
+        else:  # same dtypes, float32 math: isolates the kernel's own error from the bf16 rounding both do
+            y_r, conv_r, ssm_r = ref32(**ref_ops)
+            tol_s = 1e-4
+            tol_y = 4e-3 if jnp.dtype(y.dtype) == jnp.bfloat16 else 1e-4
+        assert y.dtype == (dtype if y_dtype is None else y_dtype)
+        assert conv.dtype == ops["conv_state"].dtype and ssm.dtype == jnp.float32
+        assert rel_err(conv, conv_r) == 0, f"conv state, step {step}"
+        assert rel_err(ssm, ssm_r) <= tol_s, f"ssm state, step {step}: {rel_err(ssm, ssm_r):.2e}"
+        assert rel_err(y, y_r) <= tol_y, f"y, step {step}: {rel_err(y, y_r):.2e}"
+        ops.update(conv_state=conv, ssm_state=ssm)  # the kernel continues from its own states,
+        ref_ops.update(conv_state=jnp.asarray(conv_r, conv.dtype), ssm_state=jnp.asarray(ssm_r, jnp.float32))
+
+
+SHAPES = {  # odd sizes on CPU: the interpreter takes any; g = 1 (a norm group spans all heads) and g > 1
+    "g1": dict(b=2, h=3, p=5, n=7, g=1, k=4),
+    "g3": dict(b=2, h=6, p=3, n=5, g=3, k=3),
+    "g2_b1": dict(b=1, h=4, p=4, n=6, g=2, k=2),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_float32_interpret(shape):
+    check(0, **SHAPES[shape], dtype=jnp.float32, interpret=True)
+
+
+@pytest.mark.parametrize("y_dtype", [None, jnp.float32], ids=["y_bf16", "y_f32"])
+def test_bfloat16_interpret(y_dtype):
+    check(1, **SHAPES["g3"], dtype=jnp.bfloat16, interpret=True, y_dtype=y_dtype)
+
+
+@pytest.mark.parametrize("form", ["parts3", "parts5"])
+def test_operands_in_parts_interpret(form):
+    # (z, xBC, dt) or (z, x, B, C, dt) with the conv weight / bias in (x, B, C) parts: read in place, same result
+    check(2, **SHAPES["g3"], dtype=jnp.float32, interpret=True, form=form, A_is_log=True)
+
+
+def test_chained_steps_no_bias_interpret():
+    check(3, **SHAPES["g1"], dtype=jnp.float32, interpret=True, steps=3, bias=False)
+
+
+def test_channel_blocks_interpret():
+    # block_p < p: several programs per head, one of them writing the group's B / C conv windows
+    check(4, **SHAPES["g2_b1"], dtype=jnp.float32, interpret=True, block_p=2, form="parts5")
+    with pytest.raises(ValueError, match="block_p"):
+        check(4, **SHAPES["g2_b1"], dtype=jnp.float32, interpret=True, block_p=3)
+
+
+def test_public_wrapper():
+    rng = np.random.default_rng(5)
+    ops = inputs(rng, **SHAPES["g3"], dtype=jnp.float32)
+    kw = dict(n_groups=3, eps=1e-5)
+    y_ref, conv_ref, ssm_ref = decode_step_ref(**ops, **kw)
+    for impl in ("auto", "xla", "pallas"):  # "auto" is XLA on CPU; "pallas" runs interpreted there
+        y, conv, ssm = mamba2_decode_step(**ops, **kw, impl=impl)
+        assert rel_err(y, y_ref) <= 2e-5 and rel_err(ssm, ssm_ref) <= 2e-5 and rel_err(conv, conv_ref) == 0
+    with pytest.raises(ValueError, match="impl must be one of"):
+        mamba2_decode_step(**ops, **kw, impl="triton")
+    with pytest.raises(ValueError, match="n_groups"):
+        mamba2_decode_step(**ops, n_groups=4, eps=1e-5, impl="xla")
+    with pytest.raises(ValueError, match="conv_state has shape"):
+        mamba2_decode_step(**ops, n_groups=1, eps=1e-5, impl="xla")
+    with pytest.raises(ValueError, match="zxbcdt: the array holding z has shape"):
+        mamba2_decode_step(**{**ops, "zxbcdt": (ops["zxbcdt"][:, 1:], ops["zxbcdt"], ops["zxbcdt"])}, **kw)
+    with pytest.raises(ValueError, match="tuple of 3 or 5"):
+        mamba2_decode_step(**{**ops, "zxbcdt": (ops["zxbcdt"], ops["zxbcdt"])}, **kw)
+
+
+def test_grad_matches_reference_interpret():
+    # the custom VJP is the reference's VJP: float32, the same math: 1e-5
+    rng = np.random.default_rng(6)
+    ops = inputs(rng, **SHAPES["g2_b1"], dtype=jnp.float32)
+    kw = dict(n_groups=2, eps=1e-5)
+
+    def loss(fn, zxbcdt, conv_weight, ssm_state):
+        y, conv, ssm = fn(**{**ops, "zxbcdt": zxbcdt, "conv_weight": conv_weight, "ssm_state": ssm_state}, **kw)
+        return (y ** 2).sum() + (ssm * 0.5).sum() + conv.sum()
+
+    args = (ops["zxbcdt"], ops["conv_weight"], ops["ssm_state"])
+    with pu.force_interpret():
+        g_kernel = jax.jit(jax.grad(functools.partial(loss, decode_step_pallas), argnums=(0, 1, 2)))(*args)
+    g_ref = jax.grad(functools.partial(loss, decode_step_ref), argnums=(0, 1, 2))(*args)
+    for a, r in zip(g_kernel, g_ref):
+        assert rel_err(a, r) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compiled (Triton) on a GPU
+# --------------------------------------------------------------------------------------------------------------
+
+GPU_SHAPES = {
+    "130M": dict(b=3, h=24, p=64, n=128, g=1, k=4),  # one norm group over 24 heads (r = 24, not a power of two)
+    "g4": dict(b=2, h=16, p=32, n=64, g=4, k=4),
+}
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_float32_gpu(shape):
+    check(7, **GPU_SHAPES[shape], dtype=jnp.float32, interpret=False, steps=3)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("form", ["packed", "parts5"])
+def test_bfloat16_gpu(form):
+    check(8, **GPU_SHAPES["130M"], dtype=jnp.bfloat16, interpret=False, steps=3, form=form, A_is_log=True)
+
+
+@gpu
+@needs_gpu
+def test_channel_blocks_gpu():
+    check(9, **GPU_SHAPES["130M"], dtype=jnp.bfloat16, interpret=False, steps=2, block_p=16, form="parts3")
+
+
+@gpu
+@needs_gpu
+def test_auto_picks_kernel_gpu():
+    from easymamba.kernels import decode_step_pallas as mod
+
+    assert mod._resolve("auto", 64, 128, 4) == ("pallas" if mod.PALLAS_FASTER_ON_GPU else "xla")
+    assert mod._resolve("auto", 48, 128, 4) == "xla"
