@@ -30,10 +30,16 @@ from easymamba.model import (
 from easymamba.norms import GatedRMSNorm, RMSNorm
 from easymamba.orbax_checkpoint import load_checkpoint, save_checkpoint
 from easymamba.safetensors_io import CheckpointError
+from easymamba.sharding import ShardingRules, init_sharded, make_mesh, shard_batch, shard_model
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ShardingRules",
+    "init_sharded",
+    "make_mesh",
+    "shard_batch",
+    "shard_model",
     "CheckpointError",
     "GatedRMSNorm",
     "GenerationConfig",

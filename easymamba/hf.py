@@ -6,6 +6,14 @@ The table maps each HF tensor name to the module path that holds it and a layout
     conv    torch `[c, 1, k]`   <->  flax `[c, k]`             (drop the channel-group axis)
     copy    same layout
 
+and, for the tensors HF packs, how they split into the model's parameters (`KeySpec.parts`):
+
+    mixer.in_proj.weight / .bias  [z | x | B | C | dt]  <->  in_proj.{z,x,B,C,dt}.kernel / .bias
+    mixer.conv1d.weight / .bias   [x | B | C]           <->  conv1d.{x,B,C}.weight / .bias
+
+(split on load, concatenated on save: the flax model keeps the parts apart so a mesh can shard heads and
+groups independently, docs/sharding.md).
+
 Every direction reads the same table, so they cannot drift apart: `load_state_dict` / `state_dict` (in-memory
 dicts), `from_pretrained` (a directory) and `save_pretrained` (a directory transformers loads).
 
@@ -29,9 +37,12 @@ Choices:
 - `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters; both default to float32,
   whatever the checkpoint holds (a bfloat16 checkpoint is upcast exactly unless `param_dtype=jnp.bfloat16`).
 - With `mesh`, each parameter is placed directly as `NamedSharding(mesh, spec)`, each device's slice read
-  from the file on its own (`jax.make_array_from_callback`); `spec` comes from the optional
-  `shardings(path) -> PartitionSpec | None` hook, where `path` is the parameter's module path
-  (`("backbone", "layers", 3, "mixer", "in_proj", "kernel")`); the default (and `None`) is replicated `P()`.
+  from the file on its own (`jax.make_array_from_callback`), so no parameter is ever whole in host memory
+  (a packed HF tensor is cut into its parts as views of the mapping, never copied whole). By default `spec`
+  comes from the sharding rules (`easymamba.sharding`, `rules=` to change them) and the model knows its mesh
+  afterwards (sharded activations, cache and kernels); an explicit `shardings(path) -> PartitionSpec | None`
+  hook replaces the rules, where `path` is the parameter's module path
+  (`("backbone", "layers", 3, "mixer", "in_proj", "x", "kernel")`) and `None` means replicated `P()`.
 - Tied models: a checkpoint without `lm_head.weight` uses the embedding; one whose `lm_head.weight` equals the
   embedding is accepted; one whose `lm_head.weight` differs is refused, since the tied model would differ.
 - Every problem raises `CheckpointError` (a `ValueError`) naming the file and the tensor.
@@ -57,6 +68,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from easymamba.config import Mamba2Config
 from easymamba.model import Mamba2ForCausalLM
+from easymamba.sharding import ShardingRules, attach, param_rules
 from easymamba.safetensors_io import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -82,25 +94,40 @@ ProgressHook = Callable[[int, int, str], None]
 
 @dataclasses.dataclass(frozen=True)
 class KeySpec:
-    hf_name: str        # e.g. "backbone.layers.3.mixer.in_proj.weight"
-    path: tuple         # attribute path in the flax model, ints index nnx.List
+    hf_name: str        # e.g. "backbone.layers.3.mixer.norm.weight"
+    path: tuple         # attribute path in the flax model, ints index nnx.List; () for a packed tensor
     kind: str           # "linear" | "conv" | "copy"
+    # A tensor HF packs: (module path, length) of each part along the packed axis, in HF's order. The packed
+    # axis is HF's first (out features, channels), i.e. the flax kernel's last axis for "linear".
+    parts: tuple[tuple[tuple, int], ...] = ()
+
+    @property
+    def targets(self) -> tuple[tuple, ...]:
+        """The module paths of the parameters this HF tensor fills (one, or one per part)."""
+        return tuple(path for path, _ in self.parts) if self.parts else (self.path,)
+
+
+def _packed(hf_name: str, kind: str, at: tuple, leaf: str, sizes: dict[str, int]) -> KeySpec:
+    return KeySpec(hf_name, (), kind, tuple((at + (name, leaf), size) for name, size in sizes.items()))
 
 
 def mamba2_key_table(config: Mamba2Config) -> list[KeySpec]:
     """Every tensor a `Mamba2ForCausalLM` with this config has, in HF's naming and order."""
+    e, h, gn = config.intermediate_size, config.num_heads, config.n_groups * config.state_size
+    in_parts = {"z": e, "x": e, "B": gn, "C": gn, "dt": h}
+    conv_parts = {"x": e, "B": gn, "C": gn}
     table = [KeySpec("backbone.embeddings.weight", ("backbone", "embeddings", "weight"), "copy")]
     for i in range(config.num_hidden_layers):
         hf = f"backbone.layers.{i}."
         at = ("backbone", "layers", i)
         table.append(KeySpec(hf + "norm.weight", at + ("norm", "weight"), "copy"))
         mixer = at + ("mixer",)
-        table.append(KeySpec(hf + "mixer.in_proj.weight", mixer + ("in_proj", "kernel"), "linear"))
+        table.append(_packed(hf + "mixer.in_proj.weight", "linear", mixer + ("in_proj",), "kernel", in_parts))
         if config.use_bias:
-            table.append(KeySpec(hf + "mixer.in_proj.bias", mixer + ("in_proj", "bias"), "copy"))
-        table.append(KeySpec(hf + "mixer.conv1d.weight", mixer + ("conv1d", "weight"), "conv"))
+            table.append(_packed(hf + "mixer.in_proj.bias", "copy", mixer + ("in_proj",), "bias", in_parts))
+        table.append(_packed(hf + "mixer.conv1d.weight", "conv", mixer + ("conv1d",), "weight", conv_parts))
         if config.use_conv_bias:
-            table.append(KeySpec(hf + "mixer.conv1d.bias", mixer + ("conv1d", "bias"), "copy"))
+            table.append(_packed(hf + "mixer.conv1d.bias", "copy", mixer + ("conv1d",), "bias", conv_parts))
         for name in ("dt_bias", "A_log", "D"):
             table.append(KeySpec(hf + f"mixer.{name}", mixer + (name,), "copy"))
         table.append(KeySpec(hf + "mixer.norm.weight", mixer + ("norm", "weight"), "copy"))
@@ -142,6 +169,42 @@ def _param_at(model, path) -> nnx.Param:
     for step in path:
         obj = obj[step] if isinstance(step, int) else getattr(obj, step)
     return obj
+
+
+def _packed_axis(kind: str) -> int:
+    """The flax axis along which a packed tensor's parts sit (HF's first axis in flax layout)."""
+    return -1 if kind == "linear" else 0
+
+
+def flax_shape(model, spec: KeySpec) -> tuple:
+    """The flax-layout shape of `spec`'s tensor in `model` (the parts joined along the packed axis)."""
+    if not spec.parts:
+        return tuple(_param_at(model, spec.path).shape)
+    shapes = [list(_param_at(model, path).shape) for path in spec.targets]
+    axis = _packed_axis(spec.kind) % len(shapes[0])
+    joined = shapes[0]
+    joined[axis] = sum(shape[axis] for shape in shapes)
+    return tuple(joined)
+
+
+def split_parts(spec: KeySpec, array: np.ndarray) -> list[tuple[tuple, np.ndarray]]:
+    """(module path, view) for each parameter `spec`'s flax-layout `array` fills; views, never copies."""
+    if not spec.parts:
+        return [(spec.path, array)]
+    axis = _packed_axis(spec.kind) % array.ndim
+    out, start = [], 0
+    for path, size in spec.parts:
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(start, start + size)
+        out.append((path, array[tuple(index)]))
+        start += size
+    return out
+
+
+def read_flax(model, spec: KeySpec) -> np.ndarray:
+    """`spec`'s tensor from `model` as one host array in flax layout (the parts concatenated)."""
+    values = [np.asarray(jax.device_get(_param_at(model, path)[...])) for path in spec.targets]
+    return values[0] if len(values) == 1 else np.concatenate(values, axis=_packed_axis(spec.kind))
 
 
 def to_numpy(value) -> np.ndarray:
@@ -381,7 +444,7 @@ def _check_source(model, src, config_name: str, *, strict: bool = True) -> dict[
 
     for spec in table:
         name = names[spec.hf_name]
-        want = hf_shape(spec.kind, _param_at(model, spec.path).shape)
+        want = hf_shape(spec.kind, flax_shape(model, spec))
         found = tuple(src.shape(name))
         if found != want:
             raise CheckpointError(f"tensor {name} in {src.file_of(name)}: expected shape {want} for this config, "
@@ -443,8 +506,9 @@ def _place(view: np.ndarray, dtype, sharding, what: str) -> jax.Array:
     """`view` (flax layout, possibly a view into a memory-mapped file) as a jax array of `dtype`.
 
     Every piece handed to jax is a fresh copy: on CPU jax aliases numpy buffers, and aliasing the mapping
-    would tie the parameter to the file. With a sharding each device's slice is read on its own
-    (`make_array_from_callback`), so a sharded parameter never exists whole in host memory.
+    would tie the parameter to the file. With a sharding each of this process's devices gets its slice read,
+    copied and handed over one at a time, so a sharded parameter never exists whole in host memory and at
+    most one host slice is in flight (`make_array_from_callback` would first read every slice).
     """
     def piece(index=()):
         return np.array(view[index], dtype=dtype, order="C", copy=True)
@@ -452,34 +516,45 @@ def _place(view: np.ndarray, dtype, sharding, what: str) -> jax.Array:
     try:
         if sharding is None:
             return jax.device_put(piece())
-        return jax.make_array_from_callback(view.shape, sharding, piece)
+        shards = [jax.device_put(piece(index), device)
+                  for device, index in sharding.addressable_devices_indices_map(view.shape).items()]
+        return jax.make_array_from_single_device_arrays(view.shape, sharding, shards)
     except ValueError as exc:
         raise ValueError(f"cannot place {what} of shape {view.shape} with {sharding}: {exc}") from None
 
 
 def build_from_source(config: Mamba2Config, src, config_name: str, *, dtype=None, param_dtype=None, mesh=None,
-                      shardings: ShardingHook | None = None, kernel_impl: str = "auto",
-                      progress: ProgressHook | None = None) -> Mamba2ForCausalLM:
+                      shardings: ShardingHook | None = None, rules: ShardingRules | None = None,
+                      kernel_impl: str = "auto", progress: ProgressHook | None = None) -> Mamba2ForCausalLM:
     """Check `src` against `config`, then stream its tensors into an abstractly built model."""
     dtype = jnp.float32 if dtype is None else dtype
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
+    if rules is not None and (shardings is not None or mesh is None):
+        raise ValueError("rules= shards by the sharding rules on a mesh: pass it with mesh= and without shardings=")
     abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype, kernel_impl=kernel_impl)
     plan = _check_source(abstract, src, config_name)
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))
     table = mamba2_key_table(config)
-    if set(variables) != {spec.path for spec in table}:  # the table must cover the model exactly
-        raise AssertionError(f"key table and model disagree: {set(variables) ^ {s.path for s in table}}")
+    covered = {path for spec in table for path in spec.targets}
+    if set(variables) != covered:  # the table must cover the model exactly
+        raise AssertionError(f"key table and model disagree: {set(variables) ^ covered}")
+    by_rules = None
+    if mesh is not None and shardings is None:  # the default: the sharding rules (easymamba.sharding)
+        by_rules = param_rules(Mamba2ForCausalLM, config, mesh, rules)
+        shardings = lambda path: by_rules.spec(path, variables[path].get_value().shape)  # noqa: E731
     for done, spec in enumerate(table, start=1):
-        var = variables[spec.path]
-        target = var.get_value()                              # ShapeDtypeStruct
         name = plan[spec.hf_name]
-        sharding = param_sharding(spec.path, target.shape, mesh, shardings)
-        var.set_value(_place(to_flax_layout(spec.kind, src.read(name)), target.dtype, sharding,
-                             f"{name} from {src.file_of(name)}"))
+        for path, view in split_parts(spec, to_flax_layout(spec.kind, src.read(name))):
+            var = variables[path]
+            target = var.get_value()                          # ShapeDtypeStruct
+            sharding = param_sharding(path, target.shape, mesh, shardings)
+            part = f"[{path[-2]}]" if spec.parts else ""
+            var.set_value(_place(view, target.dtype, sharding, f"{name}{part} from {src.file_of(name)}"))
         if progress is not None:
             progress(done, len(table), spec.hf_name)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    return model if by_rules is None else attach(model, by_rules.rules)
 
 
 def read_config(path: "str | os.PathLike") -> Mamba2Config:
@@ -496,14 +571,17 @@ def read_config(path: "str | os.PathLike") -> Mamba2Config:
 
 
 def from_pretrained(path: "str | os.PathLike", *, dtype=None, param_dtype=None, mesh=None,
-                    shardings: ShardingHook | None = None, kernel_impl: str = "auto",
-                    progress: ProgressHook | None = None) -> Mamba2ForCausalLM:
+                    shardings: ShardingHook | None = None, rules: ShardingRules | None = None,
+                    kernel_impl: str = "auto", progress: ProgressHook | None = None) -> Mamba2ForCausalLM:
     """A `Mamba2ForCausalLM` from a local HF or state-spaces checkpoint directory (see the module docstring).
 
     dtype: compute dtype (default float32). param_dtype: parameter dtype (default float32: a bfloat16
-    checkpoint is upcast exactly unless `param_dtype=jnp.bfloat16`). mesh / shardings: place each parameter
-    as `NamedSharding(mesh, shardings(path) or P())` (default replicated). progress(done, total, name) is
-    called after each tensor. Raises `CheckpointError` naming the file and tensor on any mismatch.
+    checkpoint is upcast exactly unless `param_dtype=jnp.bfloat16`). mesh: place each parameter sharded by
+    the sharding rules (`rules`, default `easymamba.sharding.ShardingRules()`), each device reading its own
+    slice; the model then keeps its activations and cache sharded the same way. shardings: instead of the
+    rules, `NamedSharding(mesh, shardings(path) or P())` per parameter (the model is then left to GSPMD).
+    progress(done, total, name) is called after each tensor. Raises `CheckpointError` naming the file and
+    tensor on any mismatch.
     """
     directory = pathlib.Path(path)
     if not directory.is_dir():
@@ -513,7 +591,8 @@ def from_pretrained(path: "str | os.PathLike", *, dtype=None, param_dtype=None, 
     src = _open_weights(directory)
     try:
         return build_from_source(config, src, str(directory / CONFIG_NAME), dtype=dtype, param_dtype=param_dtype,
-                                 mesh=mesh, shardings=shardings, kernel_impl=kernel_impl, progress=progress)
+                                 mesh=mesh, shardings=shardings, rules=rules, kernel_impl=kernel_impl,
+                                 progress=progress)
     finally:
         src.close()
 
@@ -543,10 +622,10 @@ def save_pretrained(model: Mamba2ForCausalLM, path: "str | os.PathLike", *, max_
     table = mamba2_key_table(model.config)
     entries = []
     for spec in table:
-        param = _param_at(model, spec.path)
+        param = _param_at(model, spec.targets[0])
         entries.append(TensorToWrite(
-            spec.hf_name, hf_shape(spec.kind, param.shape), np.dtype(param.dtype),
-            lambda param=param, kind=spec.kind: to_hf_layout(kind, np.asarray(jax.device_get(param[...])))))
+            spec.hf_name, hf_shape(spec.kind, flax_shape(model, spec)), np.dtype(param.dtype),
+            lambda spec=spec: to_hf_layout(spec.kind, read_flax(model, spec))))
     done = [0]
 
     def on_tensor(name):
@@ -557,7 +636,7 @@ def save_pretrained(model: Mamba2ForCausalLM, path: "str | os.PathLike", *, max_
     write_sharded(directory, entries, max_shard_size=max_shard_size, metadata={"format": "pt"},
                   on_tensor=on_tensor)
     config = json.loads(model.config.to_json_string())
-    config["dtype"] = str(np.dtype(_param_at(model, table[0].path).dtype))  # transformers 5's name for it
+    config["dtype"] = str(np.dtype(_param_at(model, table[0].targets[0]).dtype))  # transformers 5's name for it
     tmp = directory / f".{CONFIG_NAME}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, directory / CONFIG_NAME)
@@ -577,19 +656,27 @@ def load_state_dict(model, state_dict: Mapping, *, strict: bool = True) -> None:
     plan = _check_source(model, src, "the model's config", strict=strict)
     staged = []
     for spec in mamba2_key_table(model.config):
-        param = _param_at(model, spec.path)
         value = to_flax_layout(spec.kind, src.read(plan[spec.hf_name]))
-        staged.append((param, jnp.asarray(np.asarray(value).astype(param.dtype))))
+        for path, part in split_parts(spec, value):
+            param = _param_at(model, path)
+            staged.append((param, _like(param, np.asarray(part).astype(param.dtype))))
     for param, value in staged:
         param[...] = value
 
 
+def _like(param, value: np.ndarray) -> jax.Array:
+    """`value` placed as `param` is: a sharded parameter stays sharded when it is overwritten."""
+    sharding = getattr(param[...], "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return jax.device_put(value, sharding)
+    return jnp.asarray(value)
+
+
 def state_dict(model) -> dict[str, np.ndarray]:
     """The model's parameters as numpy arrays under HF names and layouts (tied models have no lm_head)."""
-    return {spec.hf_name: to_hf_layout(spec.kind, np.asarray(_param_at(model, spec.path)[...]))
-            for spec in mamba2_key_table(model.config)}
+    return {spec.hf_name: to_hf_layout(spec.kind, read_flax(model, spec)) for spec in mamba2_key_table(model.config)}
 
 
-__all__ = ["CheckpointError", "KeySpec", "LEGACY_RENAMES", "checkpoint_dtype", "from_pretrained",
+__all__ = ["CheckpointError", "KeySpec", "LEGACY_RENAMES", "checkpoint_dtype", "flax_shape", "from_pretrained",
            "load_state_dict", "mamba2_key_table", "param_sharding", "read_config", "save_pretrained",
-           "state_dict"]
+           "split_parts", "state_dict"]

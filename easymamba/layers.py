@@ -1,7 +1,10 @@
 """Small parameter-holding layers shared by Mamba-2 and Mamba-1: token embedding, depthwise conv, init helpers.
 
 Parameter names mirror Hugging Face's (`embeddings.weight`, `conv1d.weight`, `conv1d.bias`) so the
-checkpoint key table in `easymamba.hf` is a plain rename plus a reshape.
+checkpoint key table in `easymamba.hf` is a plain rename plus a reshape. `SplitLinear` and `SplitConv1d` keep
+a tensor that HF packs (Mamba-2's `in_proj [z|x|B|C|dt]`, `conv1d [x|B|C]`) as one parameter per logical
+part, so each part can be sharded on its own axis (docs/sharding.md); `easymamba.hf` splits and re-packs them
+at the checkpoint boundary.
 """
 
 import math
@@ -26,14 +29,24 @@ def check_token_ids(input_ids, vocab_size: int) -> None:
     """
     if not is_concrete(input_ids):
         return
-    ids = np.asarray(input_ids)
+    if isinstance(input_ids, jax.Array) and not input_ids.is_fully_addressable:
+        # a global array under jax.distributed: each process checks the rows it holds
+        for shard in input_ids.addressable_shards:
+            offset = tuple(s.start or 0 for s in shard.index) if shard.index else ()
+            _check_ids(np.asarray(shard.data), vocab_size, offset)
+        return
+    _check_ids(np.asarray(input_ids), vocab_size, ())
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, offset: tuple) -> None:
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        local = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = tuple(i + (offset[k] if k < len(offset) else 0) for k, i in enumerate(local))
         raise ValueError(
-            f"token id {int(ids[where])} at position {where} is outside the vocabulary [0, {vocab_size}); "
+            f"token id {int(ids[local])} at position {where} is outside the vocabulary [0, {vocab_size}); "
             f"{int(bad.sum())} id(s) out of range"
         )
 
@@ -83,3 +96,70 @@ class DepthwiseConv1d(nnx.Module):
         self.weight = nnx.Param(kaiming_uniform_init(rngs.params(), (channels, kernel_size), kernel_size,
                                                      param_dtype))
         self.bias = nnx.Param(jnp.zeros((channels,), param_dtype)) if use_bias else None
+
+
+class SplitLinear(nnx.Module):
+    """One linear map whose output features are stored as named parts: `parts[name]` is an `nnx.Linear`
+    `[in_features, size]` for each `(name, size)` of `sizes`, in order.
+
+    `y = x @ [W_1 | W_2 | ...]` computed part by part, so a part can be sharded over a mesh axis that would not
+    split the concatenation evenly (HF's `in_proj [z | x | B | C | dt]`: heads and groups have different
+    sizes). The call returns the parts' outputs as a tuple in `sizes` order. Each part is initialised with
+    its own key from `kernel_init(key, (in_features, size), dtype)`.
+    """
+
+    def __init__(self, in_features: int, sizes: dict[str, int], *, use_bias: bool, dtype, param_dtype,
+                 kernel_init, rngs: nnx.Rngs):
+        if not sizes:
+            raise ValueError("SplitLinear needs at least one part")
+        self.in_features = in_features
+        self.part_names = tuple(sizes)
+        for name, size in sizes.items():
+            setattr(self, name, nnx.Linear(in_features, size, use_bias=use_bias, dtype=dtype,
+                                           param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs))
+
+    @property
+    def out_features(self) -> int:
+        return sum(getattr(self, name).out_features for name in self.part_names)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:  # (..., in) -> each (..., size)
+        return tuple(getattr(self, name)(x) for name in self.part_names)
+
+    def packed(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out_features)
+        """`x @ [W_1 | W_2 | ...]` as ONE matmul over the concatenated parts (unsharded models: one GEMM instead of
+        one per part; the concatenation depends only on parameters, so XLA hoists it out of a decode loop)."""
+        parts = [getattr(self, name) for name in self.part_names]
+        first = parts[0]
+        kernel = jnp.concatenate([part.kernel[...] for part in parts], axis=-1)
+        bias = None if first.bias is None else jnp.concatenate([part.bias[...] for part in parts], axis=-1)
+        x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=first.precision)
+        return y if bias is None else y + bias
+
+
+class SplitConv1d(nnx.Module):
+    """A depthwise conv's parameters stored as named channel parts: a `DepthwiseConv1d` `[size, k]` per
+    `(name, size)` of `sizes`. A depthwise conv acts on each channel alone, so running it part by part is
+    the packed conv exactly; the parts can be sharded apart (HF's `conv1d [x | B | C]`)."""
+
+    def __init__(self, sizes: dict[str, int], kernel_size: int, *, use_bias: bool = True, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if not sizes:
+            raise ValueError("SplitConv1d needs at least one part")
+        self.kernel_size = kernel_size
+        self.part_names = tuple(sizes)
+        for name, size in sizes.items():
+            setattr(self, name, DepthwiseConv1d(size, kernel_size, use_bias=use_bias, param_dtype=param_dtype,
+                                                rngs=rngs))
+
+    @property
+    def channels(self) -> int:
+        return sum(getattr(self, name).channels for name in self.part_names)
+
+    def packed(self, dtype) -> tuple[jax.Array, jax.Array | None]:
+        """The parts' weights `[c, k]` and biases `[c]` concatenated in order (HF's packed conv1d), in `dtype`."""
+        convs = [getattr(self, name) for name in self.part_names]
+        weight = jnp.concatenate([conv.weight[...] for conv in convs], axis=0).astype(dtype)
+        if convs[0].bias is None:
+            return weight, None
+        return weight, jnp.concatenate([conv.bias[...] for conv in convs], axis=0).astype(dtype)

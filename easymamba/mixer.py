@@ -8,6 +8,11 @@ Official implementation: `mamba_ssm/modules/mamba2.py` (`Mamba2.forward` / `Mamb
     y = SSD(x, dt, A, B, C, D)                       (b, l, h, p), float32
     out = out_proj(gated_rms_norm(y, z))             (b, l, d)
 
+in_proj and conv1d hold those parts as separate parameters (`in_proj.{z,x,B,C,dt}`, `conv1d.{x,B,C}`), so a mesh
+can shard heads and groups independently; Hugging Face's packed tensors are split and re-joined by
+`easymamba.hf` (docs/sharding.md). On a mesh (`mesh_rules`, set by `easymamba.sharding`) the mixer constrains its
+activations to the rules and passes the layout to the kernels, which run Pallas per shard.
+
 With a cache the mixer continues from `conv_state` (the last k pre-conv inputs) and `ssm_state`
 (the SSM state, float32): one token is a decode step (window roll + one state update), several tokens are a
 chunked prefill that starts from those states. It is a pure function of its inputs: the new states are
@@ -22,8 +27,9 @@ from flax import nnx
 
 from easymamba import kernels
 from easymamba.config import Mamba2Config
-from easymamba.layers import DepthwiseConv1d, kaiming_uniform_init
+from easymamba.layers import SplitConv1d, SplitLinear, kaiming_uniform_init
 from easymamba.norms import GatedRMSNorm
+from easymamba.sharding import MeshRules, constrain
 
 
 def _inverse_softplus(y: jax.Array) -> jax.Array:
@@ -74,12 +80,17 @@ class Mamba2Mixer(nnx.Module):
         d, e, h = config.hidden_size, config.intermediate_size, config.num_heads
         std = config.initializer_range
 
-        self.in_proj = nnx.Linear(
-            d, config.in_proj_size, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
+        gn = config.n_groups * config.state_size
+        # HF packs in_proj as [z | x | B | C | dt] and conv1d as [x | B | C]; the parts are kept apart so each can
+        # be sharded on its own axis (heads, groups), which no even split of the packed axis does.
+        # easymamba.hf splits and re-packs them at the checkpoint boundary (docs/sharding.md).
+        self.in_proj = SplitLinear(
+            d, {"z": e, "x": e, "B": gn, "C": gn, "dt": h}, use_bias=config.use_bias, dtype=dtype,
+            param_dtype=param_dtype,
             kernel_init=lambda key, shape, dt: (std * jax.random.normal(key, shape, jnp.float32)).astype(dt),
             rngs=rngs)
-        self.conv1d = DepthwiseConv1d(config.conv_dim, config.conv_kernel, use_bias=config.use_conv_bias,
-                                      param_dtype=param_dtype, rngs=rngs)
+        self.conv1d = SplitConv1d({"x": e, "B": gn, "C": gn}, config.conv_kernel, use_bias=config.use_conv_bias,
+                                  param_dtype=param_dtype, rngs=rngs)
         self.dt_bias = nnx.Param(init_dt_bias(rngs.params(), h, config, param_dtype))
         # HF's deterministic A init (A = -[1, 2, ..., h]); mamba_ssm draws A ~ U(1, 16) instead.
         self.A_log = nnx.Param(jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32)).astype(param_dtype))
@@ -91,6 +102,7 @@ class Mamba2Mixer(nnx.Module):
             e, d, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
             kernel_init=lambda key, shape, dt: kaiming_uniform_init(key, shape, shape[0], dt, out_scale),
             rngs=rngs)
+        self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
                  conv_state: jax.Array | None = None, ssm_state: jax.Array | None = None,
@@ -111,22 +123,12 @@ class Mamba2Mixer(nnx.Module):
 
         if mask is not None:
             hidden = hidden * mask
-        zxbcdt = self.in_proj(hidden)                                      # (b, l, 2e + 2gn + h)
-        sow_hook(self, "hook_in_proj", zxbcdt)
-        z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)     # (b,l,e) (b,l,c) (b,l,h)
-        weight = self.conv1d.weight[...].astype(xbc.dtype)
-        bias = None if self.conv1d.bias is None else self.conv1d.bias[...].astype(xbc.dtype)
-        if decode:
-            xbc1, conv_state = kernels.causal_conv1d_update(xbc[:, 0], conv_state, weight, bias,
-                                                            activation="silu")
-            xbc = xbc1[:, None]                                            # (b, 1, c)
+        rules = self.mesh_rules
+        if rules is None:
+            z, x, B, C, dt, conv_state = self._project_and_conv_packed(hidden, mask, conv_state, decode)
         else:
-            xbc, conv_state = kernels.causal_conv1d(xbc, weight, bias, activation="silu",
-                                                    initial_state=conv_state, impl=self.kernel_impl)
-        if mask is not None:
-            xbc = xbc * mask
-        sow_hook(self, "hook_conv", xbc)
-        x, B, C = jnp.split(xbc, [e, e + g * n], axis=-1)                   # (b,l,e) (b,l,gn) (b,l,gn)
+            z, x, B, C, dt, conv_state = self._project_and_conv_parts(hidden, mask, conv_state, decode, rules)
+        shard = None if rules is None else rules.kernel_axes()
 
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))                  # (h,)
         ssm_kwargs = dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True,
@@ -135,18 +137,92 @@ class Mamba2Mixer(nnx.Module):
         if decode:
             y, ssm_state = kernels.selective_state_update(
                 ssm_state, x[:, 0].reshape(b, h, p), dt[:, 0], A, B[:, 0].reshape(b, g, n),
-                C[:, 0].reshape(b, g, n), **ssm_kwargs)
+                C[:, 0].reshape(b, g, n), shard=shard, **ssm_kwargs)
             y = y[:, None]                                                 # (b, 1, h, p)
         else:
             y, ssm_state = kernels.ssd(
                 x.reshape(b, l, h, p), dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
-                chunk_size=cfg.chunk_size, initial_state=ssm_state, impl=self.kernel_impl, **ssm_kwargs)
+                chunk_size=cfg.chunk_size, initial_state=ssm_state, impl=self.kernel_impl, shard=shard,
+                **ssm_kwargs)
         sow_hook(self, "hook_ssm_out", y)                                  # (b, l, h, p)
         y = self.norm(y.reshape(b, l, e), z)                               # (b, l, e)
         sow_hook(self, "hook_inner_norm", y)
         out = self.out_proj(y.astype(self.dtype))                          # (b, l, d)
         sow_hook(self, "hook_out_proj", out)
         return out, (conv_state, ssm_state)
+
+
+    def _project_and_conv_parts(self, hidden, mask, conv_state, decode, rules):
+        """in_proj and the conv part by part, each sharded its own way (models placed on a mesh)."""
+        cfg = self.config
+        e, g, n = cfg.intermediate_size, cfg.n_groups, cfg.state_size
+        z, x, B, C, dt = self.in_proj(hidden)                              # (b,l,e) (b,l,e) (b,l,gn) x2 (b,l,h)
+        if decode:
+            # One-row matmuls: left alone, XLA fuses each part's dot into the conv window's concatenate as a slow
+            # reduction (measured 3.6 ms per 130M decode step on an H100 instead of ~0.7); the barrier keeps
+            # them as GEMMs.
+            z, x, B, C, dt = jax.lax.optimization_barrier((z, x, B, C, dt))
+        z, x, dt = (constrain(a, rules, "batch", None, "heads") for a in (z, x, dt))
+        B, C = (constrain(a, rules, "batch", None, "groups") for a in (B, C))
+        sow_hook(self, "hook_in_proj", lambda: jnp.concatenate([z, x, B, C, dt], axis=-1))  # (b, l, 2e + 2gn + h)
+
+        # The depthwise conv acts on each channel alone, so it runs on x, B and C apart, each sharded its own way
+        # (x over heads, B and C over groups or replicated); the packed conv state [x | B | C] is cut around it.
+        shard = None if rules is None else rules.kernel_axes()
+        parts = {"x": (x, "heads"), "B": (B, "groups"), "C": (C, "groups")}
+        states = (None,) * 3 if conv_state is None else jnp.split(conv_state, [e, e + g * n], axis=1)
+        outs, new_states = [], []
+        for (name, (part, axis)), state in zip(parts.items(), states):
+            conv = getattr(self.conv1d, name)
+            weight = conv.weight[...].astype(part.dtype)
+            bias = None if conv.bias is None else conv.bias[...].astype(part.dtype)
+            part_shard = None if shard is None else shard.for_channels(getattr(rules, axis))
+            if state is not None:  # a local slice of the channel-replicated cache state: no communication
+                state = constrain(constrain(state, rules, "batch", None, None), rules, "batch", axis, None)
+            if decode:
+                y, state = kernels.causal_conv1d_update(part[:, 0], state, weight, bias, activation="silu",
+                                                        shard=part_shard)
+                y = y[:, None]                                             # (b, 1, channels)
+            else:
+                y, state = kernels.causal_conv1d(part, weight, bias, activation="silu", initial_state=state,
+                                                 impl=self.kernel_impl, shard=part_shard)
+            y = constrain(y, rules, "batch", None, axis)
+            outs.append(y if mask is None else y * mask)
+            new_states.append(state)
+        x, B, C = outs                                                     # (b,l,e) (b,l,gn) (b,l,gn)
+        if decode and conv_state is not None and rules is not None:
+            # The window rolled by one, the new column written last (the conv update's convention): built from the
+            # channel-replicated input state, so only the new column [b, c] crosses devices, not the window.
+            column = jnp.concatenate([constrain(part[:, 0].astype(conv_state.dtype), rules, "batch", None)
+                                      for part, _ in parts.values()], axis=-1)                 # (b, c)
+            conv_state = jnp.concatenate([conv_state[:, :, 1:], column[:, :, None]], axis=2)
+        else:  # HF's packed [x | B | C] (b, c, k), joined channel-replicated as the cache keeps it
+            conv_state = jnp.concatenate([constrain(part_state, rules, "batch", None, None)
+                                          for part_state in new_states], axis=1)
+        sow_hook(self, "hook_conv", lambda: jnp.concatenate([x, B, C], axis=-1))
+
+        return z, x, B, C, dt, conv_state
+
+    def _project_and_conv_packed(self, hidden, mask, conv_state, decode):
+        """in_proj as one GEMM and the conv on the packed [x | B | C] channels (unsharded models): fewer, larger
+        kernels, which is what a batch-1 decode step is bound by."""
+        cfg = self.config
+        e, g, n = cfg.intermediate_size, cfg.n_groups, cfg.state_size
+        zxbcdt = self.in_proj.packed(hidden)                               # (b, l, 2e + 2gn + h)
+        sow_hook(self, "hook_in_proj", zxbcdt)
+        z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)     # (b,l,e) (b,l,c) (b,l,h)
+        weight, bias = self.conv1d.packed(xbc.dtype)
+        if decode:
+            xbc1, conv_state = kernels.causal_conv1d_update(xbc[:, 0], conv_state, weight, bias, activation="silu")
+            xbc = xbc1[:, None]                                            # (b, 1, c)
+        else:
+            xbc, conv_state = kernels.causal_conv1d(xbc, weight, bias, activation="silu", initial_state=conv_state,
+                                                    impl=self.kernel_impl)
+        if mask is not None:
+            xbc = xbc * mask
+        sow_hook(self, "hook_conv", xbc)
+        x, B, C = jnp.split(xbc, [e, e + g * n], axis=-1)                   # (b,l,e) (b,l,gn) (b,l,gn)
+        return z, x, B, C, dt, conv_state
 
 
 def _step_size(dt, dt_bias, dt_limit, x_dtype) -> jax.Array:

@@ -23,6 +23,7 @@ from easymamba.config import Mamba2Config
 from easymamba.layers import Embedding, is_concrete, normal_init
 from easymamba.mixer import Mamba2Mixer, sow_hook
 from easymamba.norms import RMSNorm
+from easymamba.sharding import MeshRules, constrain, constrain_spec, mamba2_logical_axes
 
 IGNORE_INDEX = -100
 
@@ -74,11 +75,13 @@ class Mamba2Model(nnx.Module):
     """
 
     HOOKS = ("hook_embed",)
+    logical_axes = staticmethod(mamba2_logical_axes)  # the sharding table (easymamba.sharding)
 
     def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  kernel_impl: str = "auto"):
         self.config = config
         self.dtype = dtype
+        self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
         self.embeddings = Embedding(config.vocab_size, config.hidden_size, init_std=config.initializer_range,
                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([
@@ -90,7 +93,15 @@ class Mamba2Model(nnx.Module):
 
     def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None,
                    mesh=None) -> Mamba2Cache:
-        """A zero cache for this model: conv state in `dtype` (default the model dtype), SSM state float32."""
+        """A zero cache for this model: conv state in `dtype` (default the model dtype), SSM state float32.
+
+        A sharded model (`easymamba.sharding`) defaults `partition_axis` to its rules' and `mesh` to its mesh, so
+        the cache is created sharded as the forward keeps it.
+        """
+        rules = self.mesh_rules
+        if rules is not None:
+            partition_axis = rules.partition_axis() if partition_axis is None else partition_axis
+            mesh = rules.mesh if mesh is None else mesh
         kwargs = {} if partition_axis is None else {"partition_axis": partition_axis}
         meta = Mamba2CacheMetaData.from_config(self.config, batch_size, **kwargs)
         return Mamba2Cache.init_cache(self.config.num_hidden_layers, meta,
@@ -117,8 +128,12 @@ class Mamba2Model(nnx.Module):
                 raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), "
                                  f"got {inputs_embeds.shape}")
             hidden = inputs_embeds.astype(self.dtype)
-        sow_hook(self, "hook_embed", hidden)
         b, l = hidden.shape[:2]
+        rules = self.mesh_rules
+        if rules is not None:
+            rules.check_batch(b)
+        hidden = constrain(hidden, rules, "batch", None, "embed")
+        sow_hook(self, "hook_embed", hidden)
         if attention_mask is not None:
             attention_mask = _check_attention_mask(attention_mask, b, l)
         if cache is not None:
@@ -128,13 +143,18 @@ class Mamba2Model(nnx.Module):
         new_views = []
         for i, layer in enumerate(self.layers):
             view = None if cache is None else cache.views[i]
-            hidden, (conv_state, ssm_state) = layer(
-                hidden, attention_mask=attention_mask,
-                conv_state=None if view is None else view.conv_states,
-                ssm_state=None if view is None else view.ssm_states)
-            if view is not None:
-                new_views.append(view.replace(conv_states=conv_state.astype(view.conv_states.dtype),
-                                              ssm_states=ssm_state.astype(view.ssm_states.dtype)))
+            conv_state = ssm_state = None
+            if view is not None:  # pinned to the cache's layout on the way in and out (see below)
+                conv_spec, ssm_spec, _ = view.partition_specs
+                conv_state = constrain_spec(view.conv_states, rules, conv_spec)
+                ssm_state = constrain_spec(view.ssm_states, rules, ssm_spec)
+            hidden, (conv_state, ssm_state) = layer(hidden, attention_mask=attention_mask, conv_state=conv_state,
+                                                    ssm_state=ssm_state)
+            hidden = constrain(hidden, rules, "batch", None, "embed")
+            if view is not None:  # the new states keep the cache's layout (a while_loop carry must)
+                new_views.append(view.replace(
+                    conv_states=constrain_spec(conv_state.astype(view.conv_states.dtype), rules, conv_spec),
+                    ssm_states=constrain_spec(ssm_state.astype(view.ssm_states.dtype), rules, ssm_spec)))
             if all_hidden is not None:  # as HF 5.23: each block's output, then norm_f's (no embeddings)
                 all_hidden.append(hidden)
         hidden = self.norm_f(hidden)
@@ -148,6 +168,8 @@ class Mamba2Model(nnx.Module):
 
 class Mamba2ForCausalLM(nnx.Module):
     """Mamba-2 language model (HF `Mamba2ForCausalLM`): backbone + tied or untied output head."""
+
+    logical_axes = staticmethod(mamba2_logical_axes)  # the sharding table (easymamba.sharding)
 
     def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  kernel_impl: str = "auto"):
@@ -178,7 +200,7 @@ class Mamba2ForCausalLM(nnx.Module):
             logits = self.backbone.embeddings.attend(hidden.astype(self.backbone.embeddings.weight.dtype))
         else:
             logits = self.lm_head(hidden.astype(self.lm_head.kernel.dtype))
-        logits = logits.astype(jnp.float32)                                 # (b, l, v)
+        logits = constrain(logits.astype(jnp.float32), self.backbone.mesh_rules, "batch", None, "vocab")  # (b, l, v)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, self.config.vocab_size)

@@ -193,7 +193,7 @@ def test_mesh_places_each_parameter_with_its_sharding(tmp_path):
         return P(None, "model") if path[-1] == "kernel" and "mixer" in path else None
 
     model = em.from_pretrained(tmp_path / "hf", mesh=mesh, shardings=spec)
-    kernel = model.backbone.layers[1].mixer.in_proj.kernel[...]
+    kernel = model.backbone.layers[1].mixer.in_proj.x.kernel[...]  # HF's packed in_proj, stored in parts
     assert kernel.sharding.spec == P(None, "model") and len(kernel.sharding.device_set) == 2
     assert model.backbone.norm_f.weight[...].sharding.spec == P()
     reference = em.state_dict(em.from_pretrained(tmp_path / "hf"))

@@ -152,10 +152,11 @@ def test_fresh_model_is_hf_initialised():
     np.testing.assert_array_equal(np.asarray(mixer.D[...]), np.ones(8))
     dt = np.asarray(jax.nn.softplus(mixer.dt_bias[...]))
     assert (dt >= cfg.time_step_min * 0.999).all() and (dt <= cfg.time_step_max * 1.001).all()
-    conv = np.asarray(mixer.conv1d.weight[...])
+    weights = em.state_dict(model)  # HF names and layouts: in_proj and conv1d are packed there as in HF
+    conv = weights["backbone.layers.0.mixer.conv1d.weight"]
     assert np.abs(conv).max() <= 0.5 and abs(conv.std() - 0.5 / np.sqrt(3)) < 0.03
     out = np.asarray(mixer.out_proj.kernel[...])
     assert np.abs(out).max() <= 1 / np.sqrt(cfg.intermediate_size)
-    assert abs(np.asarray(mixer.in_proj.kernel[...]).std() - 0.1) < 0.01
+    assert abs(weights["backbone.layers.0.mixer.in_proj.weight"].std() - 0.1) < 0.01
     assert abs(np.asarray(model.backbone.embeddings.weight[...]).std() - 0.1) < 0.01
     assert np.isfinite(np.asarray(model(jnp.asarray([[1, 2, 3]])).logits)).all()

@@ -7,7 +7,10 @@ Public entry points (shapes in `easymamba.typing` letters):
     y, conv_state  = causal_conv1d_update(x [b,c], conv_state [b,c,k], weight, bias=None, *, activation)
     y, ssm_state   = selective_state_update(ssm_state [b,h,p,n], x [b,h,p], dt [b,h], A, B [b,g,n], C, ...)
 
-`impl` is resolved in `dispatch.py` (see `describe()`). The Pallas kernels live in `ssd_pallas_gpu.py`,
+`impl` is resolved in `dispatch.py` (see `describe()`). `shard=MeshAxes(mesh, batch=..., heads=..., groups=...)`
+says how the operands are split over a device mesh: a Pallas kernel then runs once per shard under
+`jax.shard_map` (GSPMD cannot partition a custom kernel call), on its batch rows and heads (or conv channels);
+the XLA and reference forms ignore it and are partitioned by GSPMD. The Pallas kernels live in `ssd_pallas_gpu.py`,
 `conv1d_pallas.py` and `state_update_pallas.py` (docs/kernels.md); the pure-JAX references they are tested
 against (`ssd_naive`, `ssd_chunked`, `segsum`, `selective_state_update_ref`, `causal_conv1d_ref`,
 `causal_conv1d_update_ref`) are re-exported.
@@ -16,9 +19,13 @@ Mamba-1's selective scan (`selective_scan_reference.py`): `selective_scan_naive`
 `selective_scan_chunked` (the associative-scan prefill form) and `selective_state_update_mamba1` (one decode step).
 """
 
+import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
 
 from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas, causal_conv1d_update_pallas, conv1d_supported
 from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
@@ -33,6 +40,7 @@ from easymamba.kernels.ssd_reference import segsum, selective_state_update_ref, 
 from easymamba.kernels.state_update_pallas import selective_state_update_pallas, state_update_supported
 
 __all__ = [
+    "MeshAxes",
     "ssd",
     "causal_conv1d",
     "causal_conv1d_update",
@@ -65,6 +73,58 @@ _conv_update_pallas = jax.jit(causal_conv1d_update_pallas, static_argnames=("act
 _state_update_pallas = jax.jit(selective_state_update_pallas, static_argnames=("dt_softplus", "dt_limit"))
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshAxes:
+    """Where kernel operands live on `mesh` (each entry a mesh axis name, a tuple of names, or None).
+
+    batch   splits `b` of every operand
+    heads   splits `h` (SSD, state update) or the conv channels `c` (conv1d) and every per-head parameter
+    groups  splits `g` of B and C; None when they are replicated (n_groups not divisible by the heads axis):
+            each shard then reads the groups its own heads use
+
+    Given to a kernel entry point as `shard=`, it makes the Pallas form run per shard under `jax.shard_map`;
+    the shards are independent (batch rows and heads never interact in these ops), so the result is the
+    unsharded one exactly.
+    """
+
+    mesh: Mesh
+    batch: str | tuple[str, ...] | None = None
+    heads: str | tuple[str, ...] | None = None
+    groups: str | tuple[str, ...] | None = None
+
+    def size(self, entry) -> int:
+        """How many shards a spec entry makes (1 for None)."""
+        if entry is None:
+            return 1
+        names = entry if isinstance(entry, tuple) else (entry,)
+        return math.prod(self.mesh.shape[name] for name in names)
+
+    def for_channels(self, channels) -> "MeshAxes":
+        """These axes with the conv channels split over `channels` (the conv kernels read `heads`)."""
+        return dataclasses.replace(self, heads=channels, groups=None)
+
+
+def _shard_call(fn, shard: MeshAxes, args: dict, specs: dict, out_specs):
+    """`fn(**args)` once per shard of `shard.mesh`; `specs[name]` is each present (not None) arg's spec."""
+    present = {name: value for name, value in args.items() if value is not None}
+    in_specs = ({name: specs[name] for name in present},)
+    body = jax.shard_map(lambda kw: fn(**kw), mesh=shard.mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+    return body(present)
+
+
+def _local_groups(B, shard: MeshAxes, num_heads: int):
+    """Inside a shard: B [..., g, n], replicated over the heads axis, cut to the groups this shard's heads
+    read (head i reads group i // (h / g)), so the kernel's own head -> group map applies locally."""
+    g = B.shape[-2]
+    per_shard = num_heads // shard.size(shard.heads)         # heads on this shard
+    per_group = num_heads // g                               # heads reading one group
+    first = lax.axis_index(shard.heads) * per_shard
+    if per_shard % per_group == 0 or per_group % per_shard == 0:  # whole groups, or all heads in one group
+        return lax.dynamic_slice_in_dim(B, first // per_group, max(per_shard // per_group, 1), axis=B.ndim - 2)
+    return jnp.take(B, (first + jnp.arange(per_shard)) // per_group, axis=B.ndim - 2)  # one group per head
+
+
 def _static_limit(dt_limit) -> tuple[float, float]:
     """dt_limit as a hashable pair of Python floats, so it can be a static jit argument."""
     low, high = dt_limit
@@ -87,67 +147,101 @@ def ssd(
     initial_state=None,
     seq_idx=None,
     impl: str = "auto",
+    shard: MeshAxes | None = None,
 ):
     """The Mamba-2 SSD scan; returns (y [b,l,h,p], final_state [b,h,p,n]) in promote(x.dtype, float32).
 
     Semantics: `ssd_naive` (the recurrence) — see `easymamba.kernels.ssd_reference` for the math, seq_idx and
     dtype rules. `impl` in ("auto", "pallas", "xla", "reference"), resolved by `dispatch.resolve_impl`.
+    `shard`: the operands' mesh layout (`MeshAxes`); the Pallas kernel then runs per shard.
     """
     impl = resolve_impl(impl, "ssd", shape_ok=x.ndim == B.ndim == 4 and ssd_supported(x.shape[-1], B.shape[-1]))
     fn = {"pallas": _ssd_pallas, "xla": _ssd_xla}.get(impl, ssd_chunked)
-    return fn(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size=chunk_size,
-        D=D,
-        z=z,
-        dt_bias=dt_bias,
-        dt_softplus=bool(dt_softplus),
-        dt_limit=_static_limit(dt_limit),
-        initial_state=initial_state,
-        seq_idx=seq_idx,
-    )
+    static = dict(chunk_size=chunk_size, dt_softplus=bool(dt_softplus), dt_limit=_static_limit(dt_limit))
+    args = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, seq_idx=seq_idx)
+    if impl != "pallas" or shard is None:
+        return fn(**args, **static)
+    b_, h_, g_ = shard.batch, shard.heads, shard.groups
+    specs = dict(x=PartitionSpec(b_, None, h_, None), dt=PartitionSpec(b_, None, h_), A=PartitionSpec(h_),
+                 B=PartitionSpec(b_, None, g_, None), C=PartitionSpec(b_, None, g_, None), D=PartitionSpec(h_),
+                 z=PartitionSpec(b_, None, h_, None), dt_bias=PartitionSpec(h_),
+                 initial_state=PartitionSpec(b_, h_, None, None), seq_idx=PartitionSpec(b_, None))
+    num_heads = x.shape[2]
+
+    def per_shard(B, C, **rest):
+        if g_ is None and h_ is not None:
+            B, C = _local_groups(B, shard, num_heads), _local_groups(C, shard, num_heads)
+        return fn(B=B, C=C, **rest, **static)
+
+    return _shard_call(per_shard, shard, args, specs,
+                       (PartitionSpec(b_, None, h_, None), PartitionSpec(b_, h_, None, None)))
 
 
-def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None, seq_idx=None, impl="auto"):
+def _conv_shape_ok(weight, shard: MeshAxes | None) -> bool:
+    """Whether the conv kernel compiles for the channels each shard holds."""
+    if weight.ndim != 2:
+        return False
+    c, k = weight.shape
+    split = 1 if shard is None else shard.size(shard.heads)
+    return c % split == 0 and conv1d_supported(c // split, k)
+
+
+def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None, seq_idx=None, impl="auto",
+                  shard: MeshAxes | None = None):
     """Depthwise causal conv1d; returns (y [b,l,c], conv_state [b,c,k]) in x's dtype.
 
-    Semantics: `causal_conv1d_ref` (see `easymamba.kernels.conv1d_reference`).
+    Semantics: `causal_conv1d_ref` (see `easymamba.kernels.conv1d_reference`). `shard`: channels split over
+    `shard.heads`, rows over `shard.batch`; the Pallas kernel then runs per shard.
     """
-    impl = resolve_impl(impl, "causal_conv1d", shape_ok=weight.ndim == 2 and conv1d_supported(*weight.shape))
+    impl = resolve_impl(impl, "causal_conv1d", shape_ok=_conv_shape_ok(weight, shard))
     fn = {"pallas": _conv_pallas, "xla": _conv_xla}.get(impl, causal_conv1d_ref)
-    return fn(x, weight, bias, activation=activation, initial_state=initial_state, seq_idx=seq_idx)
+    args = dict(x=x, weight=weight, bias=bias, initial_state=initial_state, seq_idx=seq_idx)
+    if impl != "pallas" or shard is None:
+        return fn(**args, activation=activation)
+    b_, c_ = shard.batch, shard.heads
+    specs = dict(x=PartitionSpec(b_, None, c_), weight=PartitionSpec(c_, None), bias=PartitionSpec(c_),
+                 initial_state=PartitionSpec(b_, c_, None), seq_idx=PartitionSpec(b_, None))
+    return _shard_call(lambda **kw: fn(**kw, activation=activation), shard, args, specs,
+                       (PartitionSpec(b_, None, c_), PartitionSpec(b_, c_, None)))
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu", impl="auto"):
+def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu", impl="auto",
+                         shard: MeshAxes | None = None):
     """One decode step of the causal conv; returns (y [b,c] in x's dtype, new conv_state [b,c,k])."""
-    shape_ok = weight.ndim == 2 and conv1d_supported(*weight.shape)
-    impl = resolve_impl(impl, "causal_conv1d_update", shape_ok=shape_ok)
+    impl = resolve_impl(impl, "causal_conv1d_update", shape_ok=_conv_shape_ok(weight, shard))
     fn = {"pallas": _conv_update_pallas, "xla": _conv_update_xla}.get(impl, causal_conv1d_update_ref)
-    return fn(x, conv_state, weight, bias, activation=activation)
+    args = dict(x=x, conv_state=conv_state, weight=weight, bias=bias)
+    if impl != "pallas" or shard is None:
+        return fn(**args, activation=activation)
+    b_, c_ = shard.batch, shard.heads
+    specs = dict(x=PartitionSpec(b_, c_), conv_state=PartitionSpec(b_, c_, None), weight=PartitionSpec(c_, None),
+                 bias=PartitionSpec(c_))
+    return _shard_call(lambda **kw: fn(**kw, activation=activation), shard, args, specs,
+                       (PartitionSpec(b_, c_), PartitionSpec(b_, c_, None)))
 
 
 def selective_state_update(
     state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
-    impl="auto",
+    impl="auto", shard: MeshAxes | None = None,
 ):
     """One decode step of the SSD recurrence; returns (y [b,h,p], new state [b,h,p,n] in state's dtype)."""
     shape_ok = state.ndim == 4 and state_update_supported(*state.shape[2:])
     impl = resolve_impl(impl, "selective_state_update", shape_ok=shape_ok)
     fn = {"pallas": _state_update_pallas, "xla": _state_update_xla}.get(impl, selective_state_update_ref)
-    return fn(
-        state,
-        x,
-        dt,
-        A,
-        B,
-        C,
-        D=D,
-        z=z,
-        dt_bias=dt_bias,
-        dt_softplus=bool(dt_softplus),
-        dt_limit=_static_limit(dt_limit),
-    )
+    static = dict(dt_softplus=bool(dt_softplus), dt_limit=_static_limit(dt_limit))
+    args = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    if impl != "pallas" or shard is None:
+        return fn(**args, **static)
+    b_, h_, g_ = shard.batch, shard.heads, shard.groups
+    specs = dict(state=PartitionSpec(b_, h_, None, None), x=PartitionSpec(b_, h_, None), dt=PartitionSpec(b_, h_),
+                 A=PartitionSpec(h_), B=PartitionSpec(b_, g_, None), C=PartitionSpec(b_, g_, None),
+                 D=PartitionSpec(h_), z=PartitionSpec(b_, h_, None), dt_bias=PartitionSpec(h_))
+    num_heads = state.shape[1]
+
+    def per_shard(B, C, **rest):
+        if g_ is None and h_ is not None:
+            B, C = _local_groups(B, shard, num_heads), _local_groups(C, shard, num_heads)
+        return fn(B=B, C=C, **rest, **static)
+
+    return _shard_call(per_shard, shard, args, specs,
+                       (PartitionSpec(b_, h_, None), PartitionSpec(b_, h_, None, None)))
