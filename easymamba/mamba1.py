@@ -47,7 +47,13 @@ from easymamba.kernels.selective_scan_reference import (
 )
 from easymamba.layers import DepthwiseConv1d, Embedding, kaiming_uniform_init, normal_init
 from easymamba.mixer import init_dt_bias
-from easymamba.model import Mamba2CausalLMOutput, Mamba2Output, _check_attention_mask, causal_lm_loss
+from easymamba.model import (
+    Mamba2Block,
+    Mamba2CausalLMOutput,
+    Mamba2Output,
+    _check_attention_mask,
+    causal_lm_loss,
+)
 from easymamba.norms import RMSNorm
 
 __all__ = ["MambaMixer", "MambaBlock", "MambaModel", "MambaForCausalLM", "mamba1_key_table"]
@@ -156,21 +162,12 @@ class MambaMixer(nnx.Module):
         return self.out_proj(y.astype(self.dtype)), (conv_state, ssm_state)
 
 
-class MambaBlock(nnx.Module):
-    """Pre-norm residual block: `h + mixer(norm(h))`, the residual kept in float32 if `residual_in_fp32`."""
+class MambaBlock(Mamba2Block):
+    """Pre-norm residual block: `h + mixer(norm(h))`, the residual kept in float32 if `residual_in_fp32`.
+    The Mamba-2 block with `MambaMixer` (no hook points yet: the Mamba-1 interpretability work is open)."""
 
-    def __init__(self, config: MambaConfig, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, kernel_impl: str = "auto"):
-        self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
-        self.mixer = MambaMixer(config, layer_idx=layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                kernel_impl=kernel_impl)
-
-    def __call__(self, hidden: jax.Array, *, attention_mask=None, conv_state=None, ssm_state=None):
-        residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
-        normed = self.norm(hidden.astype(self.norm.weight.dtype))
-        out, states = self.mixer(normed, attention_mask=attention_mask, conv_state=conv_state, ssm_state=ssm_state)
-        return residual + out, states
+    HOOKS = ()
+    MIXER = MambaMixer
 
 
 class MambaModel(nnx.Module):

@@ -50,13 +50,14 @@ class Mamba2Block(nnx.Module):
     """
 
     HOOKS = ("hook_resid_post",)
+    MIXER = Mamba2Mixer  # Mamba-1's block is this block with its own mixer (easymamba.mamba1.MambaBlock)
 
     def __init__(self, config: Mamba2Config, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, kernel_impl: str = "auto"):
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
-        self.mixer = Mamba2Mixer(config, layer_idx=layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                 kernel_impl=kernel_impl)
+        self.mixer = self.MIXER(config, layer_idx=layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                kernel_impl=kernel_impl)
 
     def __call__(self, hidden: jax.Array, *, attention_mask=None, conv_state=None, ssm_state=None):
         residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
