@@ -38,6 +38,7 @@ so the Mamba-1 `MambaForCausalLM` works too. Official counterpart: `transformers
 import collections
 import dataclasses
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -234,7 +235,64 @@ def _decode_fns(graphdef, settings: _Settings) -> _Compiled:
     return _lookup(("decode", graphdef, settings), lambda: _Compiled(graphdef, settings))
 
 
+# -- per-model split cache ---------------------------------------------------------------------------------------
+# `nnx.split` of a model and hashing its graphdef are Python walks over every module and variable: ~20-40 ms per
+# call for a 24-layer model, as much as a hundred decode steps of a 130M model on a GPU. A model generated from
+# twice is walked once: its graphdef, its State (whose Variables are the model's own, so later in-place value
+# updates are seen) and its compiled functions are kept, weakly keyed by the model. Each call re-checks the
+# structure cheaply (the identity of every attribute of every module, ~1 ms): any attribute rebound anywhere
+# (a submodule, a Variable, `kernel_impl`, mesh rules) makes it split afresh.
+_PYTREE_PRIVATE = frozenset({"_pytree__state"})
+
+
+def _structure(nodes: list) -> tuple:
+    return tuple(tuple(id(v) for k, v in vars(node).items() if k not in _PYTREE_PRIVATE) for node in nodes)
+
+
+@dataclasses.dataclass
+class _ModelEntry:
+    graphdef: Any                 # (nnx graphdef, treedef of the State)
+    variables: list               # the model's own Variables, in the State's leaf order
+    nodes: list
+    structure: tuple
+    prefill: Any
+    decode: dict
+
+
+_MODELS: "weakref.WeakKeyDictionary[Any, _ModelEntry]" = weakref.WeakKeyDictionary()
+
+
+def _split(model) -> _ModelEntry:
+    """(graphdef, state, compiled functions) of `model`, from the cache when its structure is unchanged."""
+    with _LOCK:
+        entry = _MODELS.get(model)
+    if entry is not None and _structure(entry.nodes) == entry.structure:
+        return entry
+    graphdef, state = nnx.split(model)
+    graphdef = (graphdef, jax.tree.structure(state))
+    variables = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    nodes = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Pytree)]
+    entry = _ModelEntry(graphdef, variables, nodes, _structure(nodes), _prefill_fn(graphdef), {})
+    with _LOCK:
+        _MODELS[model] = entry
+    return entry
+
+
+def _entry_decode_fns(entry: _ModelEntry, settings: _Settings) -> _Compiled:
+    fns = entry.decode.get(settings)
+    if fns is None:
+        fns = entry.decode[settings] = _decode_fns(entry.graphdef, settings)
+    return fns
+
+
 # -- the traced functions (graphdef and settings bound by _Compiled) --------------------------------------------
+# `graphdef` here is the pair (nnx graphdef, treedef of the model's State) and `state` the State's leaves: a flat
+# list of arrays is what jit flattens fastest (a State is ~10 Python-level flattens per layer and call).
+def _merge(graphdef, state):
+    nnx_graphdef, treedef = graphdef
+    return nnx.merge(nnx_graphdef, jax.tree.unflatten(treedef, state))
+
+
 def _last_logits(model, hidden: jax.Array) -> jax.Array:
     """`Mamba2ForCausalLM`'s output head on `hidden [b, d]` -> `[b, v]` float32. The prefill applies it to the
     last position only: XLA does not push the slice through the full `[b, l, v]` product on its own."""
@@ -248,7 +306,7 @@ def _last_logits(model, hidden: jax.Array) -> jax.Array:
 
 def _prefill(graphdef, state, input_ids, attention_mask, cache):
     """The prompt through the model -> (logits of its last position [b, v] float32, cache)."""
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
     if cache is None:
         cache = model.init_cache(input_ids.shape[0])
     out = model.backbone(input_ids, attention_mask=attention_mask, cache=cache)
@@ -284,7 +342,7 @@ def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
         done = done | jnp.isin(token, jnp.asarray(settings.eos_token_ids, jnp.int32))
     seen = None if carry.seen is None else add_seen(carry.seen, token)
 
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
     out = model(token[:, None], cache=carry.cache)
     cache = out.cache
     if settings.eos_token_ids:  # a row stopped before this step keeps its state: pads must not enter it
@@ -418,13 +476,13 @@ def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_
     static = _Settings(config.max_new_tokens, config.eos_token_ids, config.resolved_pad_token_id,
                        config.output_logits)
     params = SamplingParams.from_config(config)
-    graphdef, state = nnx.split(model)
-    fns = _decode_fns(graphdef, static)
+    entry = _split(model)
+    state, fns = [v.get_raw_value() for v in entry.variables], _entry_decode_fns(entry, static)
     rng = jax.random.key(0) if rng is None else rng  # unused when greedy; a fixed key keeps one signature
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is not None:
         attention_mask = jnp.asarray(attention_mask, jnp.int32)
-    next_logits, cache = _prefill_fn(graphdef)(state, input_ids, attention_mask, cache)
+    next_logits, cache = entry.prefill(state, input_ids, attention_mask, cache)
     carry = fns.start(next_logits, cache, input_ids, attention_mask, params)
     return _Run(fns, state, carry, rng, params, input_ids)
 

@@ -209,6 +209,35 @@ def test_a_new_setting_traces_each_function_once(pair, rows):
     assert generation._TRACES - before == collections.Counter({"start": 1, "loop": 1})  # prefill: shape seen
 
 
+def test_a_model_generated_from_again_sees_its_new_weights_and_structure(pair, rows):
+    """generate keeps a model's split between calls (generation._split); values assigned in place, a Variable
+    rebound and a static attribute changed must all be seen, each equal to a freshly built model's result."""
+    _, model = pair
+    ids = rows[1][None]
+    model = nnx.clone(model)                                             # the fixture stays untouched
+    first = np.asarray(em.generate(model, ids, max_new_tokens=6).sequences)
+    entry = generation._split(model)
+    assert generation._split(model) is entry                               # unchanged: the walk is not redone
+
+    def fresh():  # the same weights in a model generate has never seen
+        return np.asarray(em.generate(nnx.clone(model), ids, max_new_tokens=6).sequences)
+
+    head = model.backbone.embeddings.weight
+    head[...] = head[...] * -1.0                                           # in place: same Variable
+    assert generation._split(model) is entry
+    flipped = np.asarray(em.generate(model, ids, max_new_tokens=6).sequences)
+    np.testing.assert_array_equal(flipped, fresh())
+    assert not np.array_equal(flipped, first)
+
+    model.backbone.norm_f.weight = nnx.Param(model.backbone.norm_f.weight[...] * 3.0)  # a Variable rebound
+    assert generation._split(model) is not entry
+    np.testing.assert_array_equal(np.asarray(em.generate(model, ids, max_new_tokens=6).sequences), fresh())
+
+    entry = generation._split(model)
+    model.backbone.layers[0].mixer.kernel_impl = "reference"              # a static attribute: a new graphdef
+    assert generation._split(model) is not entry
+
+
 # -- soak --------------------------------------------------------------------------------------------------------
 def test_soak_10k_tokens_stays_finite_and_matches_a_full_forward(pair):
     """10,000 greedy tokens, batch 2, float32 states. The last 64 steps' logits (recorded with
