@@ -27,6 +27,7 @@ from flax import nnx
 
 from easymamba import kernels
 from easymamba.config import Mamba2Config
+from easymamba.kernels.decode_step_pallas import decode_step_impl, mamba2_decode_step
 from easymamba.layers import SplitConv1d, SplitLinear, kaiming_uniform_init
 from easymamba.norms import GatedRMSNorm
 from easymamba.sharding import MeshRules, constrain
@@ -124,6 +125,9 @@ class Mamba2Mixer(nnx.Module):
         if mask is not None:
             hidden = hidden * mask
         rules = self.mesh_rules
+        if decode and rules is None and mask is None and not getattr(self, "__hooks__", ()):
+            if decode_step_impl(self.kernel_impl, p, n, cfg.conv_kernel) == "pallas":
+                return self._fused_decode_step(hidden, conv_state, ssm_state)
         if rules is None:
             z, x, B, C, dt, conv_state = self._project_and_conv_packed(hidden, mask, conv_state, decode)
         else:
@@ -151,6 +155,25 @@ class Mamba2Mixer(nnx.Module):
         sow_hook(self, "hook_out_proj", out)
         return out, (conv_state, ssm_state)
 
+
+    def _fused_decode_step(self, hidden, conv_state, ssm_state):
+        """One token of an unsharded model, no mask, no hooks: in_proj, then conv update + SiLU + state update +
+        D + gate + grouped norm as one Pallas kernel (`kernels/decode_step_pallas.py`; the norm's last multiply is
+        a small XLA fusion), then out_proj. Same numbers as the op-by-op path (tests/test_decode_step_pallas.py).
+        Operands go to the kernel as they are stored (conv weights in parts, A_log): anything computed from them
+        before the custom call is one more launch per layer and token."""
+        cfg = self.config
+        zxbcdt = self.in_proj.packed(hidden)[:, 0]                         # (b, 2e + 2gn + h)
+        conv = self.conv1d
+        parts = [getattr(conv, name) for name in conv.part_names]         # x, B, C
+        weight = tuple(part.weight[...].astype(zxbcdt.dtype) for part in parts)
+        bias = None if parts[0].bias is None else tuple(part.bias[...].astype(zxbcdt.dtype) for part in parts)
+        y, conv_state, ssm_state = mamba2_decode_step(
+            zxbcdt, conv_state, weight, bias, self.A_log[...], self.D[...], self.dt_bias[...], ssm_state,
+            self.norm.weight[...], n_groups=cfg.n_groups, eps=self.norm.eps, dt_limit=cfg.time_step_limit,
+            A_is_log=True, y_dtype=self.dtype, impl="pallas")
+        out = self.out_proj(y[:, None].astype(self.dtype))                 # (b, 1, d)
+        return out, (conv_state, ssm_state)
 
     def _project_and_conv_parts(self, hidden, mask, conv_state, decode, rules):
         """in_proj and the conv part by part, each sharded its own way (models placed on a mesh)."""

@@ -218,3 +218,46 @@ def test_auto_picks_kernel_gpu():
 
     assert mod._resolve("auto", 64, 128, 4) == ("pallas" if mod.PALLAS_FASTER_ON_GPU else "xla")
     assert mod._resolve("auto", 48, 128, 4) == "xla"
+
+
+# -- the model's decode path ------------------------------------------------------------------------------------
+def _model_decode(kernel_impl, config, steps, dtype=jnp.float32):
+    """Prefill 5 tokens op by op, then `steps` cached decode steps with the model's kernels set to `kernel_impl`.
+    Returns (per-step logits, final conv states, final SSM states)."""
+    from flax import nnx
+
+    import easymamba as em
+    model = em.Mamba2ForCausalLM(config, rngs=nnx.Rngs(3), dtype=dtype, kernel_impl="reference")
+    ids = jnp.asarray(np.random.default_rng(21).integers(0, config.vocab_size, size=(2, 5 + steps)), jnp.int32)
+    cache = model(ids[:, :5], cache=model.init_cache(2)).cache
+    for layer in model.backbone.layers:
+        layer.mixer.kernel_impl = kernel_impl
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, tok, c: nnx.merge(graphdef, s)(tok, cache=c))
+    logits = []
+    for t in range(5, 5 + steps):
+        out = step(state, ids[:, t:t + 1], cache)
+        cache = out.cache
+        logits.append(out.logits)
+    return (jnp.stack(logits), jnp.stack([v.conv_states for v in cache.views]),
+            jnp.stack([v.ssm_states for v in cache.views]))
+
+
+def test_model_decode_steps_through_the_fused_kernel_interpret(monkeypatch):
+    # A tiny model whose mixers take the fused kernel (interpreted) for each decode step vs the op-by-op path:
+    # float32 throughout, so the two differ by float32 rounding of the same operations in another order
+    # (tolerance 1e-5 relative, as the kernel's own float32 tests).
+    import easymamba as em
+
+    config = em.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=4, head_dim=8,
+                             state_size=8, n_groups=2, expand=1, conv_kernel=4, chunk_size=4)
+    from easymamba import mixer
+
+    calls = []
+    monkeypatch.setattr(mixer, "mamba2_decode_step", lambda *a, **k: calls.append(1) or mamba2_decode_step(*a, **k))
+    fused = _model_decode("pallas", config, steps=2)
+    assert len(calls) == config.num_hidden_layers                # traced once per layer: the kernel path ran
+    ref = _model_decode("reference", config, steps=2)
+    assert len(calls) == config.num_hidden_layers                # not on the op-by-op path
+    for got, want in zip(fused, ref):
+        assert rel_err(got, want) <= 1e-5, rel_err(got, want)

@@ -48,7 +48,8 @@ from easymamba.kernels import pallas_util as pu
 from easymamba.kernels.conv1d_reference import causal_conv1d_update_ref
 from easymamba.kernels.ssd_reference import selective_state_update_ref
 
-__all__ = ["mamba2_decode_step", "decode_step_pallas", "decode_step_ref", "decode_step_supported", "IMPLS"]
+__all__ = ["mamba2_decode_step", "decode_step_pallas", "decode_step_ref", "decode_step_supported", "decode_step_impl",
+           "IMPLS"]
 
 IMPLS = ("auto", "pallas", "xla")
 
@@ -407,6 +408,14 @@ def _resolve(impl: str, p: int, n: int, k: int) -> str:
             raise ValueError(f"the decode-step kernel compiles for power-of-two p, n, k with p * n <= 32768; got "
                              f"p = {p}, n = {n}, k = {k}: use impl='xla'")
     return impl
+
+
+def decode_step_impl(kernel_impl: str, p: int, n: int, k: int) -> str:
+    """What a model whose kernels were asked for `kernel_impl` ("auto" | "pallas" | "xla" | "reference", the
+    mixer's setting) runs for its decode step: "pallas" (this kernel) or "xla" (the mixer's op-by-op path)."""
+    if kernel_impl in ("xla", "reference"):
+        return "xla"
+    return _resolve(kernel_impl, p, n, k)
 
 
 _STATIC = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype")
