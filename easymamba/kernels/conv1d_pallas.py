@@ -16,7 +16,14 @@ Decode update: one program per (batch row, block of channels) rolls the window [
 writes x as the newest, and returns act(window . weight + bias); the state is updated in place
 (`input_output_aliases`). Upstream: `causal_conv1d_update` of the same repository.
 
-Both have a custom VJP that calls the reference's VJP (a backward kernel is a later issue).
+Prefill backward: one program per (batch row, block of tokens, block of channels) as the forward. With
+u = the pre-activation, du = dy * act'(u), it writes
+    dx[s]      = sum_i weight[:, i] du[s + (k-1) - i]      (masked where the tap crossed a segment boundary)
+and per-block partials of dweight[:, i] = sum_t du[t] xpad[t + i] and dbias = sum_t du[t], which XLA sums over
+batch rows and blocks (deterministic: no atomics). u is recomputed at the k rows s .. s+k-1 each output row
+needs (2k-1 shifted gathers of x, the halo hits cache). The initial state's gradient (through the first k-1
+outputs) and the conv_state output's gradient (a copy of inputs) are the reference's VJP on those few rows.
+The decode update's VJP is the reference's.
 """
 
 import functools
@@ -150,17 +157,153 @@ def _conv_forward(x, weight, bias, initial_state, seq_idx, *, activation, block_
     return y, conv_state
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _conv(x, weight, bias, initial_state, seq_idx, activation):
+def _conv_bwd_kernel(*refs, l, k, block_l, block_c, has_bias, has_init, has_seg, activation, cdtype):
+    refs = list(refs)
+    x_ref, w_ref, dy_ref = refs[:3]
+    rest = refs[3:]
+    bias_ref = rest.pop(0) if has_bias else None
+    init_ref = rest.pop(0) if has_init else None
+    seg_ref = rest.pop(0) if has_seg else None
+    dx_ref, dw_ref = rest[:2]
+    dbias_ref = rest[2] if has_bias else None
+
+    c0 = pl.program_id(2) * block_c
+    s = pl.program_id(1) * block_l + lax.broadcasted_iota(jnp.int32, (block_l,), 0)  # [T] this block's rows
+    cols = c0 + lax.broadcasted_iota(jnp.int32, (1, block_c), 1)  # [1, C]
+    chans = pl.ds(c0, block_c)
+    seg_of = lambda d: seg_ref[jnp.clip(s + d, 0, l - 1)]  # noqa: E731  [T] segment of row s + d
+
+    def tap(m, i):
+        """The forward's tap i of output row s + m (position s + m + i - (k-1)), masked as the forward masks it.
+        Re-gathered at each use (the rows hit cache) so that few [T, C] tiles are live at once."""
+        d = m + i - (k - 1)
+        src = s + d
+        value = x_ref[jnp.clip(src, 0, l - 1), chans].astype(cdtype)  # [T, C]
+        inside = src >= 0
+        if has_seg:
+            inside = inside & (seg_of(d) == seg_of(m))
+        value = jnp.where(inside[:, None], value, 0.0)
+        if has_init and d < 0:
+            from_ctx = src < 0
+            if has_seg:
+                from_ctx = from_ctx & (seg_of(m) == 0)
+            ctx = init_ref[cols, jnp.clip(src + k, 0, k - 1)[:, None]].astype(cdtype)  # [T, C]
+            value = jnp.where(from_ctx[:, None], ctx, value)
+        return value
+
+    dx = jnp.zeros((block_l, block_c), cdtype)
+    for m in range(k):  # output row s + m reads x[s] through tap k-1-m
+        u = jnp.zeros((block_l, block_c), cdtype)
+        if has_bias:
+            u = u + bias_ref[...].astype(cdtype)[None, :]
+        for i in range(k):
+            u = u + w_ref[:, i].astype(cdtype)[None, :] * tap(m, i)
+        t = s + m
+        du = dy_ref[jnp.clip(t, 0, l - 1), chans].astype(cdtype)  # [T, C]
+        if activation == "silu":
+            sig = jax.nn.sigmoid(u)
+            du = du * sig * (1.0 + u * (1.0 - sig))
+        du = jnp.where((t < l)[:, None], du, 0.0)
+        if m == 0:  # this block's own rows: the weight and bias partial sums
+            for i in range(k):
+                dw_ref[i, :] = jnp.sum(du * tap(0, i), axis=0).astype(dw_ref.dtype)
+            if has_bias:
+                dbias_ref[...] = jnp.sum(du, axis=0).astype(dbias_ref.dtype)
+        contrib = w_ref[:, k - 1 - m].astype(cdtype)[None, :] * du
+        if has_seg:  # row s + m reads x[s] unless a segment boundary lies between them
+            contrib = jnp.where((seg_of(m) == seg_of(0))[:, None], contrib, 0.0)
+        dx = dx + contrib
+    dx_ref[...] = dx.astype(dx_ref.dtype)
+
+
+def _conv_backward(x, weight, bias, initial_state, seq_idx, dy, dstate, *, activation, block_l=32, num_warps=4):
+    """Gradients of (y, conv_state) with respect to (x, weight, bias, initial_state); None for absent ones.
+    block_l 32 (half the forward's): the program holds ~4 [block_l, block_c] float32 tiles, the forward 2."""
+    b, l, c = x.shape
+    k = weight.shape[1]
+    cdtype = jnp.promote_types(x.dtype, jnp.float32)
+    block_c = _channel_block(c, 128)
+    block_l = min(block_l, pu.pow2_at_least(l))
+    n_l = pl.cdiv(l, block_l)
+    in_specs = [
+        pl.BlockSpec((None, l, c), lambda bi, j, ci: (bi, 0, 0)),  # x: the whole row, gathered from
+        pl.BlockSpec((block_c, k), lambda bi, j, ci: (ci, 0)),
+        pl.BlockSpec((None, l, c), lambda bi, j, ci: (bi, 0, 0)),  # dy: the whole row, gathered from
+    ]
+    args = [x, weight, dy]
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((block_c,), lambda bi, j, ci: (ci,)))
+        args.append(bias)
+    if initial_state is not None:
+        in_specs.append(pl.BlockSpec((None, c, k), lambda bi, j, ci: (bi, 0, 0)))
+        args.append(initial_state)
+    if seq_idx is not None:
+        in_specs.append(pl.BlockSpec((None, l), lambda bi, j, ci: (bi, 0)))
+        args.append(_segments(seq_idx))
+    out_shape = [jax.ShapeDtypeStruct((b, n_l * block_l, c), x.dtype),  # padded rows are sliced off below
+                 jax.ShapeDtypeStruct((b, n_l, k, c), cdtype)]
+    out_specs = [pl.BlockSpec((None, block_l, block_c), lambda bi, j, ci: (bi, j, ci)),
+                 pl.BlockSpec((None, None, k, block_c), lambda bi, j, ci: (bi, j, 0, ci))]
+    if bias is not None:
+        out_shape.append(jax.ShapeDtypeStruct((b, n_l, c), cdtype))
+        out_specs.append(pl.BlockSpec((None, None, block_c), lambda bi, j, ci: (bi, j, ci)))
+    kernel = functools.partial(
+        _conv_bwd_kernel, l=l, k=k, block_l=block_l, block_c=block_c, has_bias=bias is not None,
+        has_init=initial_state is not None, has_seg=seq_idx is not None, activation=activation, cdtype=cdtype,
+    )
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shape),
+        grid=(b, n_l, c // block_c),
+        in_specs=in_specs,
+        out_specs=tuple(out_specs),
+        compiler_params=pu.compiler_params(num_warps=num_warps, num_stages=1),
+        interpret=pu.interpret_mode(),
+        name="causal_conv1d_bwd",
+    )(*args)
+    dx, dw_part = outs[0], outs[1]
+    dx = dx if n_l * block_l == l else dx[:, :l]
+    dweight = jnp.swapaxes(dw_part.sum(axis=(0, 1)), 0, 1).astype(weight.dtype)  # [c, k]
+    dbias = None if bias is None else outs[2].sum(axis=(0, 1)).astype(bias.dtype)
+
+    # conv_state is a copy of the last k input columns (initial-state columns too when l < k): the reference's
+    # VJP on that tail. The initial state feeds the first k-1 outputs only: the reference's VJP on that head.
+    tail = min(l, k)
+    seq_tail = None if seq_idx is None else seq_idx[:, l - tail :]
+    state_of = lambda xt, init: causal_conv1d_ref(  # noqa: E731
+        xt, weight, bias, activation=activation, initial_state=init if l < k else None, seq_idx=seq_tail)[1]
+    _, state_vjp = jax.vjp(state_of, x[:, l - tail :], initial_state)
+    dx_tail, dinit = state_vjp(dstate)
+    dx = dx.at[:, l - tail :].set((dx[:, l - tail :].astype(cdtype) + dx_tail.astype(cdtype)).astype(x.dtype))
+    if initial_state is not None:
+        head = min(l, k - 1)
+        y_of = lambda init: causal_conv1d_ref(  # noqa: E731
+            x[:, :head], weight, bias, activation=activation, initial_state=init,
+            seq_idx=None if seq_idx is None else seq_idx[:, :head])[0]
+        _, y_vjp = jax.vjp(y_of, initial_state)
+        (dinit_y,) = y_vjp(dy[:, :head])
+        dinit = (dinit.astype(cdtype) + dinit_y.astype(cdtype)).astype(initial_state.dtype)
+    return dx, dweight, dbias, dinit
+
+
+BACKWARDS = ("pallas", "reference")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _conv(x, weight, bias, initial_state, seq_idx, activation, backward):
     return _conv_forward(x, weight, bias, initial_state, seq_idx, activation=activation)
 
 
-def _conv_fwd(x, weight, bias, initial_state, seq_idx, activation):
-    return _conv(x, weight, bias, initial_state, seq_idx, activation), (x, weight, bias, initial_state, seq_idx)
+def _conv_fwd(x, weight, bias, initial_state, seq_idx, activation, backward):
+    out = _conv(x, weight, bias, initial_state, seq_idx, activation, backward)
+    return out, (x, weight, bias, initial_state, seq_idx)
 
 
-def _conv_bwd(activation, residuals, cotangents):
+def _conv_bwd(activation, backward, residuals, cotangents):
     x, weight, bias, initial_state, seq_idx = residuals
+    if backward == "pallas":
+        dy, dstate = cotangents
+        return (*_conv_backward(x, weight, bias, initial_state, seq_idx, dy, dstate, activation=activation), None)
     ref = lambda x, w, bias, init: causal_conv1d_ref(  # noqa: E731
         x, w, bias, activation=activation, initial_state=init, seq_idx=seq_idx)
     _, vjp = jax.vjp(ref, x, weight, bias, initial_state)
@@ -170,14 +313,18 @@ def _conv_bwd(activation, residuals, cotangents):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def causal_conv1d_pallas(x, weight, bias=None, *, activation="silu", initial_state=None, seq_idx=None):
+def causal_conv1d_pallas(x, weight, bias=None, *, activation="silu", initial_state=None, seq_idx=None,
+                         backward="pallas"):
     """Same contract as `causal_conv1d_ref`: x [b, l, c], weight [c, k], bias [c], initial_state [b, c, k],
-    seq_idx [b, l] int -> (y [b, l, c], conv_state [b, c, k]) in x's dtype. One Pallas kernel for y."""
+    seq_idx [b, l] int -> (y [b, l, c], conv_state [b, c, k]) in x's dtype. One Pallas kernel for y; the
+    gradient is the backward kernel (`backward="pallas"`) or the reference's VJP (`backward="reference"`)."""
     jax.eval_shape(  # validates shapes and activation with the reference's sentences; no compute
         functools.partial(causal_conv1d_ref, activation=activation), x, weight, bias,
         initial_state=initial_state, seq_idx=seq_idx,
     )
-    return _conv(x, weight, bias, initial_state, seq_idx, activation)
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    return _conv(x, weight, bias, initial_state, seq_idx, activation, backward)
 
 
 # --------------------------------------------------------------------------------------------------------------

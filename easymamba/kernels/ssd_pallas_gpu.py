@@ -22,7 +22,9 @@ Parallelism is b * h programs; each runs l / block_q chunk steps in sequence.
 Numerics follow mamba_ssm: matmul operands in the input dtype (bf16 for bf16 inputs), float32 accumulation,
 float32 state; every exp argument is <= 0. float32 inputs use IEEE float32 matmuls (no tf32).
 
-The custom VJP's backward is `jax.vjp` of `ssd_chunked` (exact; a backward kernel is a later issue).
+The custom VJP's backward is the Pallas backward of `ssd_pallas_gpu_bwd` (a state pass and a reverse walk over
+chunks, derivation in that module's docstring); `backward="reference"` (or a shape the compiled backward does not
+handle, `ssd_backward_supported`) takes `jax.vjp` of `ssd_chunked` instead.
 """
 
 import dataclasses
@@ -35,9 +37,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from easymamba.kernels import pallas_util as pu
+from easymamba.kernels.ssd_pallas_gpu_bwd import (
+    SSDBackwardConfig,
+    default_backward_config,
+    ssd_backward_pallas,
+    ssd_backward_supported,
+)
 from easymamba.kernels.ssd_reference import _check_ssd_args, _process_dt, _segment_ids, ssd_chunked
 
-__all__ = ["ssd_pallas", "SSDBlockConfig", "default_config", "ssd_supported"]
+__all__ = ["ssd_pallas", "SSDBlockConfig", "SSDBackwardConfig", "default_config", "ssd_supported"]
+
+BACKWARDS = ("pallas", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +201,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, dt_softpl
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
 def _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static):
-    dt_softplus, dt_limit, y_dtype, config, _ = static
+    dt_softplus, dt_limit, y_dtype, config, _, _ = static
     return _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus=dt_softplus,
                     dt_limit=dt_limit, y_dtype=y_dtype, config=config)
 
@@ -202,8 +212,14 @@ def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static):
 
 
 def _ssd_bwd(static, residuals, cotangents):
-    dt_softplus, dt_limit, y_dtype, _, chunk_size = static
+    dt_softplus, dt_limit, y_dtype, _, chunk_size, backward = static
     *diff, seq_idx = residuals
+    x, B = diff[0], diff[3]
+    if backward != "reference" and (pu.interpret_mode() or ssd_backward_supported(x.shape[3], B.shape[3])):
+        dy, dfinal = cotangents
+        grads = ssd_backward_pallas(*diff, seq_idx, dy, dfinal, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                                    config=backward)
+        return (*grads, None)
 
     def ref(x, dt, A, B, C, D, z, dt_bias, initial_state):
         y, state = ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
@@ -235,6 +251,8 @@ def ssd_pallas(
     seq_idx=None,
     y_dtype=None,
     config: SSDBlockConfig | None = None,
+    backward: str = "pallas",
+    backward_config: SSDBackwardConfig | None = None,
 ):
     """The SSD forward as one fused Pallas kernel; same contract as `ssd_chunked` (shapes, dt rules, seq_idx,
     any l), returning (y [b, l, h, p], final_state [b, h, p, n]).
@@ -243,10 +261,19 @@ def ssd_pallas(
     x.dtype to halve the output bytes as mamba_ssm does); final_state in the compute dtype. `chunk_size` only
     sets the chunking of the backward (the reference's); the kernel's own chunk is `config.block_q`
     (`default_config(l)` when None).
+
+    Gradients: `backward="pallas"` (default) runs the backward kernels of `ssd_pallas_gpu_bwd` with
+    `backward_config` (`default_backward_config(l)` when None), falling back to the reference VJP for shapes the
+    compiled backward does not handle; `backward="reference"` always takes `jax.vjp` of `ssd_chunked`.
     """
     _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_limit)
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     cdtype = jnp.promote_types(x.dtype, jnp.float32)
     y_dtype = jnp.dtype(cdtype if y_dtype is None else y_dtype)
     config = default_config(x.shape[1]) if config is None else config
-    static = (bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), y_dtype, config, int(chunk_size))
+    if backward == "pallas":
+        backward = default_backward_config(x.shape[1]) if backward_config is None else backward_config
+    static = (bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), y_dtype, config, int(chunk_size),
+              backward)
     return _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)
