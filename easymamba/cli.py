@@ -1,17 +1,19 @@
 """The `easymamba` command line.
 
-`easymamba generate "PROMPT"` generates text with a model directory (default: the small Shakespeare model that
-ships inside the package, so it works offline): the prompt is tokenized with the directory's `tokenizer.json`,
-tokens are printed as they are generated (`--no-stream` prints the text at the end), and a last line on stderr
-gives tokens/s. `--ids 1,2,3` gives token ids directly instead of a prompt. Exit status 0 on success, 1 on a
-bad model directory or input (the message says what and what was expected).
+`easymamba generate "PROMPT"` generates text with a model directory, Mamba-2 or Mamba-1 as its config.json says
+(default: the small Shakespeare model that ships inside the package, so it works offline): the prompt is
+tokenized with the directory's `tokenizer.json`, tokens are printed as they are generated (`--no-stream` prints
+the text at the end), and a last line on stderr gives tokens/s. `--ids 1,2,3` gives token ids directly instead
+of a prompt. Exit status 0 on success, 1 on a bad model directory or input (the message says what and what was
+expected).
 
-`easymamba convert SRC DST` converts checkpoint directories: an HF one (config.json + safetensors or
-pytorch_model.bin, HF or state-spaces layout) to an easymamba orbax checkpoint, and an orbax checkpoint back to
-an HF one (safetensors that transformers loads). `--to hf` also turns an HF/torch directory into safetensors.
-Parameters keep the source's dtype unless `--dtype` says otherwise, so a round trip HF -> orbax -> HF gives the
-same tensors bit for bit. A rich progress bar on stderr counts the tensors read or written. Exit status 0 on
-success, 1 when the checkpoint cannot be converted (the message names the file and tensor).
+`easymamba convert SRC DST` converts checkpoint directories of either family: an HF one (config.json +
+safetensors or pytorch_model.bin, HF or state-spaces layout) to an easymamba orbax checkpoint, and an orbax
+checkpoint back to an HF one (safetensors that transformers loads). `--to hf` also turns an HF/torch directory
+into safetensors. Parameters keep the source's dtype unless `--dtype` says otherwise, so a round trip HF ->
+orbax -> HF gives the same tensors bit for bit. A rich progress bar on stderr counts the tensors read or
+written. Exit status 0 on success, 1 when the checkpoint cannot be converted (the message names the file and
+tensor).
 """
 
 import argparse
@@ -22,7 +24,7 @@ import sys
 def _parser() -> argparse.ArgumentParser:
     from easymamba import __version__
 
-    parser = argparse.ArgumentParser(prog="easymamba", description="Mamba-2 language models in JAX")
+    parser = argparse.ArgumentParser(prog="easymamba", description="Mamba-2 and Mamba-1 language models in JAX")
     parser.add_argument("--version", action="version", version=f"easymamba {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt")

@@ -1,6 +1,17 @@
-"""Hugging Face checkpoints in and out of the flax model, through one declarative key table.
+"""Hugging Face checkpoints in and out of the flax models, through one declarative key table per model family.
 
-The table maps each HF tensor name to the module path that holds it and a layout transform:
+Two families, one code path: `FAMILIES` maps HF's `model_type` to a `ModelFamily` record naming the config
+class, the causal-LM class, its key table and its config-versus-tensor checks:
+
+    "mamba2"   Mamba2Config  Mamba2ForCausalLM   mamba2_key_table   (easymamba.model)
+    "mamba"    MambaConfig   MambaForCausalLM    mamba1_key_table   (easymamba.mamba1)
+
+`config.json` decides the family (`easymamba.config.config_from_hf`: `model_type`, or for the original
+state-spaces layout `ssm_cfg.layer`); everything after that (checks, streaming, sharding, saving) is the same
+code reading the family's record. The sharding table is the model class's own `logical_axes`
+(`easymamba.sharding`).
+
+The key table maps each HF tensor name to the module path that holds it and a layout transform:
 
     linear  torch `[out, in]`   <->  flax kernel `[in, out]`   (transpose)
     conv    torch `[c, 1, k]`   <->  flax `[c, k]`             (drop the channel-group axis)
@@ -11,16 +22,17 @@ and, for the tensors HF packs, how they split into the model's parameters (`KeyS
     mixer.in_proj.weight / .bias  [z | x | B | C | dt]  <->  in_proj.{z,x,B,C,dt}.kernel / .bias
     mixer.conv1d.weight / .bias   [x | B | C]           <->  conv1d.{x,B,C}.weight / .bias
 
-(split on load, concatenated on save: the flax model keeps the parts apart so a mesh can shard heads and
-groups independently, docs/sharding.md).
+(Mamba-2 only: split on load, concatenated on save: the flax model keeps the parts apart so a mesh can shard
+heads and groups independently, docs/sharding.md. Mamba-1 keeps HF's tensors whole.)
 
 Every direction reads the same table, so they cannot drift apart: `load_state_dict` / `state_dict` (in-memory
 dicts), `from_pretrained` (a directory) and `save_pretrained` (a directory transformers loads).
 
 `from_pretrained(path)` reads a local directory:
-- `config.json` in HF form, or in the original state-spaces/mamba_ssm form (`d_model`, `n_layer`, `ssm_cfg`;
-  `Mamba2Config.from_hf` reads both and pads the vocabulary to `pad_vocab_size_multiple`, as the checkpoint's
-  embedding already is);
+- `config.json` in HF form (`model_type` "mamba2" or "mamba"), or in the original state-spaces/mamba_ssm form
+  (`d_model`, `n_layer`, `ssm_cfg`; `ssm_cfg.layer` "Mamba2", else Mamba-1); the config classes read both and
+  pad the vocabulary to `pad_vocab_size_multiple`, as the checkpoint's embedding already is. Any other
+  `model_type` is refused with a `CheckpointError` naming the file and the two it reads;
 - weights, the first found of `model.safetensors`, `model.safetensors.index.json` (shards),
   `pytorch_model.bin`, `pytorch_model.bin.index.json`. The original `backbone.embedding.weight` is renamed
   to HF's `backbone.embeddings.weight` (`LEGACY_RENAMES`), as transformers' load hook does.
@@ -66,7 +78,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from easymamba.config import Mamba2Config
+from easymamba.config import Mamba2Config, MambaConfig, config_from_hf
+from easymamba.mamba1 import MambaForCausalLM, mamba1_key_table
 from easymamba.model import Mamba2ForCausalLM
 from easymamba.sharding import ShardingRules, attach, param_rules
 from easymamba.safetensors_io import (
@@ -361,24 +374,69 @@ def _open_weights(directory: pathlib.Path):
 
 # ---- checking a checkpoint against a config -------------------------------------------------------------
 
-def _config_contradictions(config: Mamba2Config, src, names: dict[str, str], config_name: str) -> list[str]:
-    """Sentences naming each config field that the tensor shapes contradict (empty when they agree)."""
+def _mamba2_mixer_facts(config: Mamba2Config, shape_of) -> list[tuple[str, object, str, object]]:
+    """(field, the config's value, tensor, the value its shape implies) for each Mamba-2 mixer size the
+    layer-0 tensors contradict."""
+    out = []
+    mixer = "backbone.layers.0.mixer."
+    a_log = shape_of(mixer + "A_log")                                   # [h]
+    if a_log is not None and len(a_log) == 1 and a_log[0] != config.num_heads:
+        out.append(("num_heads", config.num_heads, mixer + "A_log", a_log[0]))
+    norm = shape_of(mixer + "norm.weight")                              # [e]
+    if norm is not None and len(norm) == 1 and norm[0] != config.intermediate_size:
+        out.append(("expand * hidden_size", config.intermediate_size, mixer + "norm.weight", norm[0]))
+    conv = shape_of(mixer + "conv1d.weight")                            # [e + 2gn, 1, k]
+    if conv is not None and len(conv) == 3:
+        if conv[2] != config.conv_kernel:
+            out.append(("conv_kernel", config.conv_kernel, mixer + "conv1d.weight", conv[2]))
+        gn = config.n_groups * config.state_size
+        if norm is not None and len(norm) == 1 and conv[0] != norm[0] + 2 * gn:
+            out.append(("n_groups * state_size", gn, mixer + "conv1d.weight", f"({conv[0]} - {norm[0]}) / 2"))
+    return out
+
+
+def _mamba1_mixer_facts(config: MambaConfig, shape_of) -> list[tuple[str, object, str, object]]:
+    """As `_mamba2_mixer_facts`, for a Mamba-1 mixer: A_log [e, n], conv1d [e, 1, k], x_proj [r + 2n, e]."""
+    out = []
+    mixer = "backbone.layers.0.mixer."
+    a_log = shape_of(mixer + "A_log")
+    if a_log is not None and len(a_log) == 2:
+        if a_log[0] != config.intermediate_size:
+            out.append(("expand * hidden_size", config.intermediate_size, mixer + "A_log", a_log[0]))
+        if a_log[1] != config.state_size:
+            out.append(("state_size", config.state_size, mixer + "A_log", a_log[1]))
+    conv = shape_of(mixer + "conv1d.weight")
+    if conv is not None and len(conv) == 3 and conv[2] != config.conv_kernel:
+        out.append(("conv_kernel", config.conv_kernel, mixer + "conv1d.weight", conv[2]))
+    x_proj = shape_of(mixer + "x_proj.weight")
+    if x_proj is not None and len(x_proj) == 2 and a_log is not None and len(a_log) == 2:
+        rank = x_proj[0] - 2 * a_log[1]
+        if rank != config.resolved_time_step_rank:
+            out.append(("time_step_rank", config.resolved_time_step_rank, mixer + "x_proj.weight",
+                        f"{x_proj[0]} - 2 * state_size = {rank}"))
+    return out
+
+
+def _config_contradictions(family: "ModelFamily", config, src, names: dict[str, str],
+                           config_name: str) -> list[str]:
+    """Sentences naming each config field that the tensor shapes contradict (empty when they agree): the
+    embedding, layer count, biases and head shared by both families, then the family's own mixer sizes."""
     out = []
 
     def shape_of(hf_name):
         return tuple(src.shape(names[hf_name])) if hf_name in names else None
 
-    def disagree(field, said, name, shape, implied):
+    def disagree(field, said, name, implied):
         out.append(f"{config_name} says {field} = {said}, but {name} in {src.file_of(names[name])} has shape "
-                   f"{shape}, which means {field} = {implied}")
+                   f"{shape_of(name)}, which means {field} = {implied}")
 
     emb_name = "backbone.embeddings.weight"
     emb = shape_of(emb_name)
     if emb is not None and len(emb) == 2:
         if emb[0] != config.vocab_size:
-            disagree("vocab_size", config.vocab_size, emb_name, emb, emb[0])
+            disagree("vocab_size", config.vocab_size, emb_name, emb[0])
         if emb[1] != config.hidden_size:
-            disagree("hidden_size", config.hidden_size, emb_name, emb, emb[1])
+            disagree("hidden_size", config.hidden_size, emb_name, emb[1])
     layers = {}
     for name in names:
         m = re.match(r"backbone\.layers\.(\d+)\.", name)
@@ -388,20 +446,9 @@ def _config_contradictions(config: Mamba2Config, src, names: dict[str, str], con
         last = max(layers)
         out.append(f"{config_name} says num_hidden_layers = {config.num_hidden_layers}, but the checkpoint has "
                    f"tensors for {last + 1} layers ({layers[last]} in {src.file_of(names[layers[last]])})")
+    for fact in family.mixer_facts(config, shape_of):
+        disagree(*fact)
     mixer = "backbone.layers.0.mixer."
-    a_log = shape_of(mixer + "A_log")
-    if a_log is not None and len(a_log) == 1 and a_log[0] != config.num_heads:
-        disagree("num_heads", config.num_heads, mixer + "A_log", a_log, a_log[0])
-    norm = shape_of(mixer + "norm.weight")
-    if norm is not None and len(norm) == 1 and norm[0] != config.intermediate_size:
-        disagree("expand * hidden_size", config.intermediate_size, mixer + "norm.weight", norm, norm[0])
-    conv = shape_of(mixer + "conv1d.weight")
-    if conv is not None and len(conv) == 3:
-        if conv[2] != config.conv_kernel:
-            disagree("conv_kernel", config.conv_kernel, mixer + "conv1d.weight", conv, conv[2])
-        gn = config.n_groups * config.state_size
-        if norm is not None and len(norm) == 1 and conv[0] != norm[0] + 2 * gn:
-            disagree("n_groups * state_size", gn, mixer + "conv1d.weight", conv, f"({conv[0]} - {norm[0]}) / 2")
     for field, tensor in (("use_bias", "in_proj.bias"), ("use_conv_bias", "conv1d.bias")):
         has = mixer + tensor in names
         if layers and has != getattr(config, field):
@@ -425,11 +472,12 @@ def _check_source(model, src, config_name: str, *, strict: bool = True) -> dict[
             raise CheckpointError(f"{src.description} has both {names[hf_name]} and {raw}, two names for one tensor")
         names[hf_name] = raw
 
-    problems = _config_contradictions(config, src, names, config_name)
+    family = family_of(config)
+    problems = _config_contradictions(family, config, src, names, config_name)
     if problems:
         raise CheckpointError("the config contradicts the tensors:\n  " + "\n  ".join(problems))
 
-    table = mamba2_key_table(config)
+    table = family.key_table(config)
     expected = {spec.hf_name for spec in table}
     missing = [spec.hf_name for spec in table if spec.hf_name not in names]
     if missing:
@@ -439,8 +487,9 @@ def _check_source(model, src, config_name: str, *, strict: bool = True) -> dict[
     unexpected = [n for n in names if n not in expected and n not in allowed]
     if unexpected and strict:
         listed = "; ".join(f"{n} in {src.file_of(names[n])}" for n in unexpected[:8])
-        raise CheckpointError(f"unexpected tensor(s) that a Mamba2ForCausalLM with this config does not have: "
-                              f"{listed}" + (f" (and {len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+        raise CheckpointError(f"unexpected tensor(s) that a {family.model_class.__name__} with this config does "
+                              f"not have: {listed}"
+                              + (f" (and {len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
 
     for spec in table:
         name = names[spec.hf_name]
@@ -477,12 +526,62 @@ def _check_tied_head(src, names: dict[str, str], config_name: str) -> None:
                               "tie_word_embeddings to false to load both")
 
 
+# ---- model families -------------------------------------------------------------------------------------
+
+def _as_key_specs(table) -> list[KeySpec]:
+    """A key table whose entries are `KeySpec`s or `(hf_name, path, kind)` triples, as `KeySpec`s."""
+    return [entry if isinstance(entry, KeySpec) else KeySpec(*entry) for entry in table]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """What the checkpoint code needs to know about one model family; everything else is shared.
+
+    model_type    HF's `config.json` `model_type` ("mamba2", "mamba"); also the config class's `model_type`
+    config_class  the frozen config dataclass (`from_hf`, `to_json_string`)
+    model_class   the causal LM built from it (`logical_axes` for sharding, `init_cache` for decoding)
+    key_table     config -> every HF tensor as a `KeySpec`, in HF's `state_dict()` order
+    mixer_facts   (config, shape_of) -> (field, config value, tensor, implied value) for each mixer size that
+                  the layer-0 tensors contradict (the embedding, layer count, biases and head are shared)
+    """
+
+    model_type: str
+    config_class: type
+    model_class: type
+    key_table: Callable[[object], list[KeySpec]]
+    mixer_facts: Callable
+
+
+FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
+    ModelFamily("mamba2", Mamba2Config, Mamba2ForCausalLM, mamba2_key_table, _mamba2_mixer_facts),
+    ModelFamily("mamba", MambaConfig, MambaForCausalLM, lambda config: _as_key_specs(mamba1_key_table(config)),
+                _mamba1_mixer_facts),
+)}
+
+
+def family_of(obj) -> ModelFamily:
+    """The `ModelFamily` of a config, a model (by its `.config`), or a config or causal-LM class."""
+    for family in FAMILIES.values():
+        if isinstance(obj, type):
+            if issubclass(obj, (family.model_class, family.config_class)):
+                return family
+        elif isinstance(getattr(obj, "config", obj), family.config_class):
+            return family
+    known = ", ".join(f"{f.model_class.__name__} ({f.config_class.__name__}, model_type {f.model_type!r})"
+                      for f in FAMILIES.values())
+    name = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+    raise TypeError(f"{name} is not a model or config of a family easymamba reads and writes; known: {known}")
+
+
 # ---- building a model from a source --------------------------------------------------------------------
 
-def abstract_model(config: Mamba2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, kernel_impl="auto"):
-    """A `Mamba2ForCausalLM` whose parameters are `jax.ShapeDtypeStruct`s: shapes and dtypes, no memory."""
-    return nnx.eval_shape(lambda: Mamba2ForCausalLM(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                    param_dtype=param_dtype, kernel_impl=kernel_impl))
+def abstract_model(config: "Mamba2Config | MambaConfig", *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   kernel_impl="auto"):
+    """The config's causal LM (`Mamba2ForCausalLM` or `MambaForCausalLM`) with `jax.ShapeDtypeStruct`
+    parameters: shapes and dtypes, no memory."""
+    model_class = family_of(config).model_class
+    return nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                              kernel_impl=kernel_impl))
 
 
 def param_sharding(path: tuple, shape: tuple, mesh, shardings: ShardingHook | None):
@@ -523,9 +622,10 @@ def _place(view: np.ndarray, dtype, sharding, what: str) -> jax.Array:
         raise ValueError(f"cannot place {what} of shape {view.shape} with {sharding}: {exc}") from None
 
 
-def build_from_source(config: Mamba2Config, src, config_name: str, *, dtype=None, param_dtype=None, mesh=None,
-                      shardings: ShardingHook | None = None, rules: ShardingRules | None = None,
-                      kernel_impl: str = "auto", progress: ProgressHook | None = None) -> Mamba2ForCausalLM:
+def build_from_source(config: "Mamba2Config | MambaConfig", src, config_name: str, *, dtype=None, param_dtype=None,
+                      mesh=None, shardings: ShardingHook | None = None, rules: ShardingRules | None = None,
+                      kernel_impl: str = "auto", progress: ProgressHook | None = None,
+                      ) -> "Mamba2ForCausalLM | MambaForCausalLM":
     """Check `src` against `config`, then stream its tensors into an abstractly built model."""
     dtype = jnp.float32 if dtype is None else dtype
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
@@ -535,13 +635,14 @@ def build_from_source(config: Mamba2Config, src, config_name: str, *, dtype=None
     plan = _check_source(abstract, src, config_name)
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))
-    table = mamba2_key_table(config)
+    family = family_of(config)
+    table = family.key_table(config)
     covered = {path for spec in table for path in spec.targets}
     if set(variables) != covered:  # the table must cover the model exactly
         raise AssertionError(f"key table and model disagree: {set(variables) ^ covered}")
     by_rules = None
     if mesh is not None and shardings is None:  # the default: the sharding rules (easymamba.sharding)
-        by_rules = param_rules(Mamba2ForCausalLM, config, mesh, rules)
+        by_rules = param_rules(family.model_class, config, mesh, rules)
         shardings = lambda path: by_rules.spec(path, variables[path].get_value().shape)  # noqa: E731
     for done, spec in enumerate(table, start=1):
         name = plan[spec.hf_name]
@@ -557,23 +658,33 @@ def build_from_source(config: Mamba2Config, src, config_name: str, *, dtype=None
     return model if by_rules is None else attach(model, by_rules.rules)
 
 
-def read_config(path: "str | os.PathLike") -> Mamba2Config:
-    """`Mamba2Config` of checkpoint directory `path` (HF or state-spaces `config.json`)."""
+def read_config(path: "str | os.PathLike") -> "Mamba2Config | MambaConfig":
+    """The config of checkpoint directory `path` (HF or state-spaces `config.json`), of its family's class:
+    `Mamba2Config` or `MambaConfig` (`easymamba.config.config_from_hf` decides)."""
     file = pathlib.Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}")
     try:
-        return Mamba2Config.from_hf(file)
+        raw = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type is not None and model_type not in FAMILIES:
+        known = ", ".join(f"{t!r} ({f.model_class.__name__})" for t, f in FAMILIES.items())
+        raise CheckpointError(f"{file} has model_type {model_type!r}, which is not a model easymamba loads; it "
+                              f"loads model_type {known}")
+    try:
+        return config_from_hf(raw)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{file}: {exc}") from exc
 
 
 def from_pretrained(path: "str | os.PathLike", *, dtype=None, param_dtype=None, mesh=None,
                     shardings: ShardingHook | None = None, rules: ShardingRules | None = None,
-                    kernel_impl: str = "auto", progress: ProgressHook | None = None) -> Mamba2ForCausalLM:
-    """A `Mamba2ForCausalLM` from a local HF or state-spaces checkpoint directory (see the module docstring).
+                    kernel_impl: str = "auto", progress: ProgressHook | None = None,
+                    ) -> "Mamba2ForCausalLM | MambaForCausalLM":
+    """The causal LM of a local HF or state-spaces checkpoint directory: a `Mamba2ForCausalLM` or a
+    `MambaForCausalLM`, as its `config.json` says (see the module docstring).
 
     dtype: compute dtype (default float32). param_dtype: parameter dtype (default float32: a bfloat16
     checkpoint is upcast exactly unless `param_dtype=jnp.bfloat16`). mesh: place each parameter sharded by
@@ -610,8 +721,8 @@ def checkpoint_dtype(path: "str | os.PathLike") -> np.dtype:
 
 # ---- writing ------------------------------------------------------------------------------------------
 
-def save_pretrained(model: Mamba2ForCausalLM, path: "str | os.PathLike", *, max_shard_size: "int | str" = "5GB",
-                    progress: ProgressHook | None = None) -> pathlib.Path:
+def save_pretrained(model: "Mamba2ForCausalLM | MambaForCausalLM", path: "str | os.PathLike", *,
+                    max_shard_size: "int | str" = "5GB", progress: ProgressHook | None = None) -> pathlib.Path:
     """Write `config.json` and safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Tensors keep the parameters' dtype. Above `max_shard_size` (an int of bytes, or "5GB", "500MiB", ...)
@@ -619,7 +730,7 @@ def save_pretrained(model: Mamba2ForCausalLM, path: "str | os.PathLike", *, max_
     """
     directory = pathlib.Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    table = mamba2_key_table(model.config)
+    table = family_of(model).key_table(model.config)
     entries = []
     for spec in table:
         param = _param_at(model, spec.targets[0])
@@ -655,7 +766,7 @@ def load_state_dict(model, state_dict: Mapping, *, strict: bool = True) -> None:
     src = _DictSource(state_dict, "the state dict")
     plan = _check_source(model, src, "the model's config", strict=strict)
     staged = []
-    for spec in mamba2_key_table(model.config):
+    for spec in family_of(model).key_table(model.config):
         value = to_flax_layout(spec.kind, src.read(plan[spec.hf_name]))
         for path, part in split_parts(spec, value):
             param = _param_at(model, path)
@@ -674,9 +785,10 @@ def _like(param, value: np.ndarray) -> jax.Array:
 
 def state_dict(model) -> dict[str, np.ndarray]:
     """The model's parameters as numpy arrays under HF names and layouts (tied models have no lm_head)."""
-    return {spec.hf_name: to_hf_layout(spec.kind, read_flax(model, spec)) for spec in mamba2_key_table(model.config)}
+    return {spec.hf_name: to_hf_layout(spec.kind, read_flax(model, spec))
+            for spec in family_of(model).key_table(model.config)}
 
 
-__all__ = ["CheckpointError", "KeySpec", "LEGACY_RENAMES", "checkpoint_dtype", "flax_shape", "from_pretrained",
-           "load_state_dict", "mamba2_key_table", "param_sharding", "read_config", "save_pretrained",
-           "split_parts", "state_dict"]
+__all__ = ["CheckpointError", "FAMILIES", "KeySpec", "LEGACY_RENAMES", "ModelFamily", "checkpoint_dtype",
+           "family_of", "flax_shape", "from_pretrained", "load_state_dict", "mamba2_key_table", "param_sharding",
+           "read_config", "save_pretrained", "split_parts", "state_dict"]

@@ -1,50 +1,77 @@
-"""Interpretability: activations by hook name, and Mamba-2's effective attention matrices.
+"""Interpretability: activations by hook name, and the effective attention matrices of Mamba-2 and Mamba-1.
 
     logits, acts = run_with_cache(model, input_ids, names=None)      # acts["layers.3.mixer.hook_conv"], ...
-    M = compute_effective_attention(model, input_ids | acts, layer=3)  # (b, h, l, l)
+    M = compute_effective_attention(model, input_ids | acts, layer=3)  # (b, h, l, l) Mamba-2, (b, e, l, l) Mamba-1
 
-Hook names (letters as in `easymamba.typing`; `i` a layer index):
+Hook names (letters as in `easymamba.typing`; `i` a layer index; r is Mamba-1's `time_step_rank`). Both families:
 
     hook_embed                      (b, l, d)           embeddings entering layer 0
+    layers.i.hook_resid_post        (b, l, d)           block output (the residual stream after layer i)
+    layers.i.mixer.hook_out_proj    (b, l, d)           mixer output
+
+Mamba-2 (`Mamba2Mixer`, easymamba/mixer.py):
+
     layers.i.mixer.hook_in_proj     (b, l, 2e+2gn+h)    in_proj output [z | xBC | dt]
     layers.i.mixer.hook_conv        (b, l, c)           conv + SiLU output [x | B | C], padding masked
     layers.i.mixer.hook_dt          (b, l, h)           clip(softplus(dt + dt_bias), *time_step_limit)
     layers.i.mixer.hook_ssm_out     (b, l, h, p)        SSD output incl. the D skip, before the gated norm
     layers.i.mixer.hook_inner_norm  (b, l, e)           gated RMS norm output
-    layers.i.mixer.hook_out_proj    (b, l, d)           mixer output
-    layers.i.hook_resid_post        (b, l, d)           block output (the residual stream after layer i)
 
-The hook points are `sow_hook` calls in the modules (`easymamba/mixer.py`, `easymamba/model.py`); each is a
-no-op unless `run_with_cache` asked for that name, so a plain forward traces to the same program as one
-without hooks, and an unrequested activation is never stored.
+Mamba-1 (`MambaMixer`, easymamba/mamba1.py):
 
-Effective attention (Mamba-2 paper, "Transformers are SSMs", section 4: the SSD as a masked matrix). Per head,
-with a_k = dt_k A (A = -exp(A_log) < 0) and B/C of head `h` taken from group `h // (h_total / g)`:
+    layers.i.mixer.hook_in_proj     (b, l, 2e)          in_proj output [x | z]
+    layers.i.mixer.hook_conv        (b, l, e)           conv + SiLU output x, padding masked
+    layers.i.mixer.hook_x_proj      (b, l, r+2n)        x_proj output [dt_low_rank | B | C]
+    layers.i.mixer.hook_dt          (b, l, e)           softplus(dt_proj(dt_low_rank)) (weight and bias)
+    layers.i.mixer.hook_ssm_out     (b, l, e)           selective-scan output incl. the D skip, before the gate
+    layers.i.mixer.hook_gated       (b, l, e)           hook_ssm_out * silu(z), the input of out_proj
+
+The hook points are `sow_hook` calls in the modules (`easymamba/mixer.py`, `easymamba/model.py`,
+`easymamba/mamba1.py`); each is a no-op unless `run_with_cache` asked for that name, so a plain forward traces to
+the same program as one without hooks, and an unrequested activation is never stored.
+
+Effective attention: the SSM is a linear map from its input x to its output y, y_i = sum_j M[i, j] x_j + D x_i
+(the sequence run from a zero state: no cache), one (l, l) lower-triangular matrix per decay channel.
+
+Mamba-2 (paper "Transformers are SSMs", section 4: the SSD as a masked matrix), per head, with a_k = dt_k A
+(A = -exp(A_log) < 0, one per head) and B/C of head `h` taken from group `h // (h_total / g)`; x is the conv
+output's x part, (b, l, h, p):
 
     M[i, j] = (C_i . B_j) exp(a_{j+1} + ... + a_i)     for j <= i, 0 above the diagonal
-    y_i     = sum_j M[i, j] dt_j x_j + D x_i           (x: the conv output's x part, (b, l, h, p))
 
-With `include_dt_scaling=True` column j is multiplied by dt_j, so y_i = sum_j M[i, j] x_j + D x_i exactly
-(the sequence run from a zero state: no cache). The exponent is a stable segment sum (`kernels.segsum`), never
-a ratio or product of exponentials.
+Mamba-1 (paper "Mamba", Algorithm 2: S6 unrolled), per inner channel c, whose decay A[c, :] has one rate per
+state n (B, C shared by all channels; x = hook_conv, (b, l, e)):
+
+    M[c, i, j] = sum_n C_i[n] B_j[n] exp(dt_{j+1}[c] A[c, n] + ... + dt_i[c] A[c, n])     for j <= i
+
+Because the exponent depends on n, the Mamba-1 matrix does not factor into (C B^T) times one decay matrix; it
+is built from a (b, channels, n, l, l) intermediate, a block of channels at a time. With `include_dt_scaling=True`
+column j is multiplied by dt_j (of that head or channel), so y_i = sum_j M[i, j] x_j + D x_i exactly; without it,
+y_i = sum_j M[i, j] dt_j x_j + D x_i. The exponents are stable segment sums (`kernels.segsum`), never a ratio or
+product of exponentials.
 """
 
-from collections.abc import Callable, Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from easymamba.config import Mamba2Config, MambaConfig
 from easymamba.kernels import segsum
 from easymamba.layers import check_token_ids
-from easymamba.mixer import HookValue
+from easymamba.mamba1 import MambaMixer
+from easymamba.mixer import HookValue, Mamba2Mixer
 from easymamba.model import _check_attention_mask
 
 __all__ = ["run_with_cache", "compute_effective_attention", "hook_names", "DEFAULT_MAX_ELEMENTS"]
 
-# 2**28 float32 elements = 1 GiB for the returned matrices; the computation's peak is a few times that
-# (segsum's masked copy and its cumsum are (b, h, l, l) too, per layer).
+# 2**28 float32 elements = 1 GiB: the limit on the returned matrices, and on Mamba-1's per-block intermediate.
+# The computation's peak is a few times that (segsum's masked copy and its cumsum have the intermediate's shape).
 DEFAULT_MAX_ELEMENTS = 2**28
 
 
@@ -138,66 +165,183 @@ def _run_hooked(graphdef, state, input_ids, attention_mask, *, selected: tuple[s
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _effective_attention(xbc, dt, A, *, e: int, g: int, n: int, include_dt_scaling: bool) -> jax.Array:
-    """One layer: xbc (b, l, c) the conv output, dt (b, l, h) the processed step size, A (h,) -> M (b, h, l, l)."""
-    b, l, _ = xbc.shape
-    h = dt.shape[-1]
-    dtype = jnp.promote_types(xbc.dtype, jnp.float32)
-    B = xbc[..., e:e + g * n].astype(dtype).reshape(b, l, g, n)     # (b, l, g, n)
-    C = xbc[..., e + g * n:].astype(dtype).reshape(b, l, g, n)      # (b, l, g, n)
-    dt = jnp.moveaxis(dt.astype(dtype), 1, 2)                       # (b, h, l)
-    decay = jnp.exp(segsum(dt * A.astype(dtype)[:, None]))          # (b, h, l, s): 0 above the diagonal
-    CB = jnp.einsum("blgn,bsgn->bgls", C, B)                        # (b, g, l, s)
-    M = CB[:, :, None] * decay.reshape(b, g, h // g, l, l)          # (b, g, r, l, s): head h reads group h // r
-    M = M.reshape(b, h, l, l)                                       # (b, h, l, s)
-    if include_dt_scaling:
-        M = M * dt[:, :, None, :]                                   # column s times dt_s
-    return M
+class _Operands(NamedTuple):
+    """One layer's SSM operands as the effective attention reads them, in the compute dtype. `h` here counts the
+    channels of the decay: Mamba-2's heads, Mamba-1's inner channels (e of them, one group)."""
+    dt: jax.Array                                                     # (b, l, h) step sizes
+    A: jax.Array                                                      # (h,) per channel, or (h, n) per state too
+    B: jax.Array                                                      # (b, l, g, n); channel c reads group c // (h/g)
+    C: jax.Array                                                      # (b, l, g, n)
 
 
-@partial(jax.jit, static_argnames=("e", "g", "n", "include_dt_scaling"))
-def _effective_attention_layers(xbc, dt, A, *, e, g, n, include_dt_scaling):
-    """Stacked layers: xbc (z, b, l, c), dt (z, b, l, h), A (z, h) -> (z, b, h, l, l), one layer at a time so
-    the temporaries stay one layer's size."""
-    return jax.lax.map(lambda args: _effective_attention(*args, e=e, g=g, n=n,
-                                                         include_dt_scaling=include_dt_scaling), (xbc, dt, A))
+def _mamba2_operands(cfg: Mamba2Config, conv, dt, A) -> _Operands:
+    """hook_conv (b, l, c) = [x | B | C], hook_dt (b, l, h), A (h,)."""
+    b, l, _ = conv.shape
+    e, g, n = cfg.intermediate_size, cfg.n_groups, cfg.state_size
+    dtype = jnp.promote_types(conv.dtype, jnp.float32)
+    B = conv[..., e:e + g * n].astype(dtype).reshape(b, l, g, n)    # (b, l, g, n)
+    C = conv[..., e + g * n:].astype(dtype).reshape(b, l, g, n)     # (b, l, g, n)
+    return _Operands(dt.astype(dtype), A.astype(dtype), B, C)
 
 
-def _check_size(shape: tuple[int, ...], max_elements: int | None) -> None:
+def _mamba1_operands(cfg: MambaConfig, x_proj, dt, A) -> _Operands:
+    """hook_x_proj (b, l, r + 2n) = [dt_low_rank | B | C], hook_dt (b, l, e), A (e, n)."""
+    r, n = cfg.resolved_time_step_rank, cfg.state_size
+    dtype = jnp.promote_types(x_proj.dtype, jnp.float32)            # the selective scan's compute dtype
+    B = x_proj[..., None, r:r + n].astype(dtype)                    # (b, l, 1, n)
+    C = x_proj[..., None, r + n:].astype(dtype)                     # (b, l, 1, n)
+    return _Operands(dt.astype(dtype), A.astype(dtype), B, C)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """What the effective attention reads from one mixer class: the mixer hooks its operands come from (in the
+    order `operands` takes them, after the config and before A = -exp(A_log)), and the name of M's channel axis."""
+    hooks: tuple[str, ...]
+    channel_axis: str
+    num_channels: Callable[[object], int]
+    operands: Callable[..., _Operands]
+
+
+# The one place where the model family matters: everything after `operands` is the same math for both.
+_FAMILIES = (
+    (Mamba2Mixer, _Family(("hook_conv", "hook_dt"), "heads (h)", lambda cfg: cfg.num_heads, _mamba2_operands)),
+    (MambaMixer, _Family(("hook_x_proj", "hook_dt"), "inner channels (e)", lambda cfg: cfg.intermediate_size,
+                         _mamba1_operands)),
+)
+
+
+def _family(backbone) -> _Family:
+    mixer = backbone.layers[0].mixer
+    for cls, family in _FAMILIES:
+        if isinstance(mixer, cls):
+            return family
+    raise TypeError(f"effective attention knows Mamba2Mixer and MambaMixer layers, not {type(mixer).__name__}")
+
+
+def _effective_attention(op: _Operands, channels: jax.Array, *, include_dt_scaling: bool,
+                         block: int | None) -> jax.Array:
+    """One layer's matrices for the decay channels `channels` (s,) int: M (b, s, l, l), zero above the diagonal.
+
+    A (h,) (Mamba-2): M = (C B^T) * exp(segsum(dt A)), one (l, l) segment sum per head. A (h, n) (Mamba-1): the
+    decay differs per state, so M = sum_n (C_i[n] B_j[n]) exp(segsum(dt A[:, n])), through a (b, block, n, l, l)
+    intermediate, `block` channels at a time (`lax.map`), which bounds the memory.
+    """
+    b, l, h = op.dt.shape
+    group = channels // (h // op.B.shape[2])                        # (s,) the B/C group each channel reads
+    dt = jnp.moveaxis(op.dt, 2, 1)[:, channels]                     # (b, s, l)
+    A = op.A[channels]                                              # (s,) or (s, n)
+    if A.ndim == 1:
+        decay = jnp.exp(segsum(dt * A[:, None]))                    # (b, s, l, l): 0 above the diagonal
+        CB = jnp.einsum("blgn,bsgn->bgls", op.C, op.B)              # (b, g, l, l)
+        M = CB[:, group] * decay                                    # (b, s, l, l)
+        return M * dt[:, :, None, :] if include_dt_scaling else M   # column j times dt_j
+
+    def one_channel(args):
+        dt_c, A_c, g_c = args                                       # (b, l), (n,), ()
+        decay = jnp.exp(segsum(dt_c[:, None, :] * A_c[:, None]))    # (b, n, l, l): 0 above the diagonal
+        M = jnp.einsum("bln,bjn,bnlj->blj", op.C[:, :, g_c], op.B[:, :, g_c], decay)  # (b, l, l)
+        return M * dt_c[:, None, :] if include_dt_scaling else M
+
+    M = jax.lax.map(one_channel, (jnp.moveaxis(dt, 1, 0), A, group), batch_size=block)  # (s, b, l, l)
+    return jnp.moveaxis(M, 0, 1)                                    # (b, s, l, l)
+
+
+@partial(jax.jit, static_argnames=("operands", "config", "include_dt_scaling", "block"))
+def _effective_attention_layers(hooks, A, channels, *, operands, config, include_dt_scaling, block):
+    """Stacked layers: each of `hooks` (z, ...), A (z, h[, n]) -> (z, b, s, l, l), one layer at a time so the
+    temporaries stay one layer's (or one channel block's) size."""
+    def one_layer(args):
+        *hook_values, A_layer = args
+        return _effective_attention(operands(config, *hook_values, A_layer), channels,
+                                    include_dt_scaling=include_dt_scaling, block=block)
+
+    return jax.lax.map(one_layer, (*hooks, A))
+
+
+def _num_elements(shape) -> int:
     elements = 1
     for s in shape:
         elements *= int(s)
+    return elements
+
+
+def _check_size(shape: tuple[int, ...], max_elements: int | None) -> None:
+    elements = _num_elements(shape)
     if max_elements is not None and elements > max_elements:
         raise ValueError(
             f"effective attention of shape {shape} has {elements:,} elements ({elements * 4 / 2**30:.2f} GiB in "
             f"float32), over the limit max_elements={max_elements:,} ({max_elements * 4 / 2**30:.2f} GiB); pass "
-            f"a larger max_elements (or None) to compute it anyway, or use fewer tokens, rows or layers")
+            f"a larger max_elements (or None) to compute it anyway, or use fewer tokens, rows, layers or channels")
+
+
+def _channel_block(b: int, n: int, l: int, num: int, max_elements: int | None) -> int:
+    """Channels per block of a per-state decay, so that the (b, block, n, l, l) intermediate stays within
+    `max_elements` (DEFAULT_MAX_ELEMENTS when None); blocks of near-equal size."""
+    per_channel = _num_elements((b, n, l, l))
+    if max_elements is not None and per_channel > max_elements:
+        raise ValueError(
+            f"Mamba-1 effective attention builds a (b, channels, n, l, l) intermediate; one channel alone is "
+            f"{(b, n, l, l)} = {per_channel:,} elements, over the limit max_elements={max_elements:,}; pass a "
+            f"larger max_elements (or None), or use fewer tokens or rows")
+    most = max(1, (DEFAULT_MAX_ELEMENTS if max_elements is None else max_elements) // per_channel)
+    blocks = -(-num // most)
+    return -(-num // blocks)
+
+
+def _check_channels(channels, count: int, axis: str) -> np.ndarray:
+    """`channels` (indices into M's channel axis, negative from the end) -> (s,) int32 in [0, count)."""
+    if isinstance(channels, (int, np.integer, str, bytes)) or not isinstance(channels, (Sequence, np.ndarray,
+                                                                                         jax.Array, range)):
+        raise ValueError(f"channels must be a sequence of indices into the {count} {axis} (e.g. [0, 7] or "
+                         f"range(16)), got {channels!r}")
+    try:
+        index = np.asarray(channels)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as err:
+        raise ValueError("channels must be concrete indices (a list, range or NumPy array), not a traced value; "
+                         "they set the result's shape") from err
+    if index.ndim != 1 or index.size == 0 or not (np.issubdtype(index.dtype, np.integer)):
+        raise ValueError(f"channels must be a non-empty 1-D sequence of ints indexing the {count} {axis}, got "
+                         f"shape {index.shape} of dtype {index.dtype}")
+    bad = index[(index < -count) | (index >= count)]
+    if bad.size:
+        raise ValueError(f"channel index(es) {bad[:4].tolist()} out of range: this model's layers have {count} "
+                         f"{axis}, so indices must lie in [-{count}, {count})")
+    return (index % count).astype(np.int32)
 
 
 def compute_effective_attention(model, inputs, *, layer: int | None = None, include_dt_scaling: bool = False,
-                                attention_mask=None, max_elements: int | None = DEFAULT_MAX_ELEMENTS
-                                ) -> jax.Array:
-    """The SSD's effective attention matrices M (module docstring): (b, h, l, l) for one layer, (n_layers, b, h,
-    l, l) with `layer=None`; float32, zero above the diagonal.
+                                channels: Sequence[int] | None = None, attention_mask=None,
+                                max_elements: int | None = DEFAULT_MAX_ELEMENTS) -> jax.Array:
+    """The SSM's effective attention matrices M (module docstring), float32, zero above the diagonal:
+    Mamba-2 (b, h, l, l) per head, Mamba-1 (b, e, l, l) per inner channel; (n_layers, b, ., l, l) with
+    `layer=None`.
 
-    `inputs`: token ids (b, l) — the forward is run here, recording only `hook_conv` and `hook_dt` of the
-    layers needed (`attention_mask` applies) — or the `acts` of `run_with_cache` holding those hooks.
+    `inputs`: token ids (b, l) — the forward is run here, recording only the hooks needed (Mamba-2 `hook_conv`
+    and `hook_dt`, Mamba-1 `hook_x_proj` and `hook_dt`) of the layers needed (`attention_mask` applies) — or the
+    `acts` of `run_with_cache` holding those hooks.
     `include_dt_scaling`: multiply column j by dt_j, so y_i = sum_j M[i, j] x_j + D x_i reproduces
-    `hook_ssm_out`. `max_elements`: refuse results with more elements than this (default 2**28, 1 GiB in
-    float32; the computation needs a few times that) unless raised, or None for no limit.
-    Vectorised over positions (one segment sum per head); jit-able. TransformerLens's Mamba-2
-    `compute_effective_attention` computes the same matrices.
+    `hook_ssm_out`. `channels`: indices of the heads (Mamba-2) or inner channels (Mamba-1) to compute, in that
+    order (default all); the channel axis then has len(channels) entries.
+    `max_elements`: refuse results with more elements than this (default 2**28, 1 GiB in float32) unless
+    raised, or None for no limit; Mamba-1's (b, channels, n, l, l) intermediate is built in blocks of channels
+    that each stay within it too. The computation needs a few times the larger of the two.
+    Vectorised over positions; jit-able. TransformerLens's Mamba-2 `compute_effective_attention` computes the
+    Mamba-2 matrices.
     """
-    # TODO(mamba1): the per-channel (b, e, l, l) form for MambaForCausalLM, once easymamba.mamba1 lands.
     backbone = _backbone(model)
     cfg = model.config
+    family = _family(backbone)
     n_layers = len(backbone.layers)
     if layer is not None:
         if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
             raise ValueError(f"layer must be an int in [-{n_layers}, {n_layers}) or None, got {layer!r}")
         layer %= n_layers
     layers = list(range(n_layers)) if layer is None else [layer]
-    wanted = [f"layers.{i}.mixer.{hook}" for i in layers for hook in ("hook_conv", "hook_dt")]
+    num = family.num_channels(cfg)
+    index = np.arange(num, dtype=np.int32) if channels is None else _check_channels(channels, num,
+                                                                                    family.channel_axis)
+    wanted = [f"layers.{i}.mixer.{hook}" for i in layers for hook in family.hooks]
 
     if isinstance(inputs, Mapping):
         missing = [name for name in wanted if name not in inputs]
@@ -213,14 +357,14 @@ def compute_effective_attention(model, inputs, *, layer: int | None = None, incl
             raise ValueError(f"inputs must be token ids (b, l) or the acts dict of run_with_cache, got "
                              f"{type(inputs).__name__} of shape {getattr(inputs, 'shape', None)}")
         b, l = inputs.shape
-    out_shape = (b, cfg.num_heads, l, l) if layer is not None else (n_layers, b, cfg.num_heads, l, l)
+    out_shape = (b, index.size, l, l) if layer is not None else (n_layers, b, index.size, l, l)
     _check_size(out_shape, max_elements)
+    A = jnp.stack([-jnp.exp(backbone.layers[i].mixer.A_log[...].astype(jnp.float32)) for i in layers])  # (z, h[, n])
+    block = None if A.ndim == 2 else _channel_block(b, A.shape[-1], l, index.size, max_elements)
     if not isinstance(inputs, Mapping):
         _, acts = run_with_cache(model, inputs, names=wanted, attention_mask=attention_mask)
 
-    xbc = jnp.stack([acts[f"layers.{i}.mixer.hook_conv"] for i in layers])           # (z, b, l, c)
-    dt = jnp.stack([acts[f"layers.{i}.mixer.hook_dt"] for i in layers])              # (z, b, l, h)
-    A = jnp.stack([-jnp.exp(backbone.layers[i].mixer.A_log[...].astype(jnp.float32)) for i in layers])  # (z, h)
-    M = _effective_attention_layers(xbc, dt, A, e=cfg.intermediate_size, g=cfg.n_groups, n=cfg.state_size,
-                                    include_dt_scaling=bool(include_dt_scaling))    # (z, b, h, l, l)
+    hooks = tuple(jnp.stack([acts[f"layers.{i}.mixer.{hook}"] for i in layers]) for hook in family.hooks)
+    M = _effective_attention_layers(hooks, A, jnp.asarray(index), operands=family.operands, config=cfg,
+                                    include_dt_scaling=bool(include_dt_scaling), block=block)  # (z, b, s, l, l)
     return M[0] if layer is not None else M

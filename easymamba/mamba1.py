@@ -25,8 +25,14 @@ a state, one token is a decode step (conv window roll + one state update) and se
 sequence from the state (chunked prefill; transformers 5.23 drops the SSM state there, we do not). The block,
 backbone and head, the outputs and the loss are those of the Mamba-2 model in `easymamba.model`.
 
-Family interface: `MambaForCausalLM.config_class`, `.cache_class` and `.key_table` (and `model.init_cache`)
-let loaders and the decode loop treat Mamba-1 and Mamba-2 models alike.
+Hook points (`sow_hook`, free unless `easymamba.interp.run_with_cache` asks for them): `hook_embed`, per layer
+`hook_resid_post` and the mixer's `hook_in_proj`, `hook_conv`, `hook_x_proj`, `hook_dt`, `hook_ssm_out`,
+`hook_gated`, `hook_out_proj` (shapes in `MambaMixer`'s docstring).
+
+Family interface: `MambaForCausalLM.config_class`, `.cache_class`, `.key_table` and `.logical_axes` (and
+`model.init_cache`) let loaders (`easymamba.hf.FAMILIES`), the decode loop and the sharding code
+(`easymamba.sharding.MAMBA1_PARAM_AXES`) treat Mamba-1 and Mamba-2 models alike. A sharded model's mixers and
+backbone carry `mesh_rules`, as Mamba-2's do.
 """
 
 import math
@@ -46,7 +52,7 @@ from easymamba.kernels.selective_scan_reference import (
     selective_state_update_mamba1,
 )
 from easymamba.layers import DepthwiseConv1d, Embedding, kaiming_uniform_init, normal_init
-from easymamba.mixer import init_dt_bias
+from easymamba.mixer import init_dt_bias, sow_hook
 from easymamba.model import (
     Mamba2Block,
     Mamba2CausalLMOutput,
@@ -55,6 +61,7 @@ from easymamba.model import (
     causal_lm_loss,
 )
 from easymamba.norms import RMSNorm
+from easymamba.sharding import MeshRules, constrain, constrain_spec, mamba1_logical_axes
 
 __all__ = ["MambaMixer", "MambaBlock", "MambaModel", "MambaForCausalLM", "mamba1_key_table"]
 
@@ -76,7 +83,16 @@ def _scan_fn(kernel_impl: str):
 
 
 class MambaMixer(nnx.Module):
-    """One Mamba-1 mixer (HF `MambaMixer`), parameters named as in HF's state dict, HF's initialisation."""
+    """One Mamba-1 mixer (HF `MambaMixer`), parameters named as in HF's state dict, HF's initialisation.
+
+    Hook points (recorded only under `easymamba.interp.run_with_cache`; r is `time_step_rank`):
+    `hook_in_proj` (b, l, 2e) the in_proj output [x | z], `hook_conv` (b, l, e) after conv + SiLU + padding mask,
+    `hook_x_proj` (b, l, r + 2n) [dt_low_rank | B | C], `hook_dt` (b, l, e) softplus(dt_proj(dt_low_rank)), the
+    scan's step size in its compute dtype (float32 unless float64), `hook_ssm_out` (b, l, e) the selective-scan
+    output with the D skip, before the gate, `hook_gated` (b, l, e) that times silu(z), `hook_out_proj` (b, l, d).
+    """
+
+    HOOKS = ("hook_in_proj", "hook_conv", "hook_x_proj", "hook_dt", "hook_ssm_out", "hook_gated", "hook_out_proj")
 
     def __init__(self, config: MambaConfig, *, layer_idx: int = 0, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, kernel_impl: str = "auto"):
@@ -116,6 +132,7 @@ class MambaMixer(nnx.Module):
         self.out_proj = nnx.Linear(
             e, d, use_bias=config.use_bias,
             kernel_init=lambda key, shape, dt: kaiming_uniform_init(key, shape, shape[0], dt, out_scale), **linear)
+        self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
                  conv_state: jax.Array | None = None, ssm_state: jax.Array | None = None,
@@ -136,42 +153,73 @@ class MambaMixer(nnx.Module):
 
         if mask is not None:
             hidden = hidden * mask
-        x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)                 # (b, l, e) each
+        xz = self.in_proj(hidden)                                          # (b, l, 2e)
+        sow_hook(self, "hook_in_proj", xz)
+        x, z = jnp.split(xz, 2, axis=-1)                                   # (b, l, e) each
+        # On a mesh every per-channel op (conv, scan, gate) runs on each device's share of e: x and z are pinned
+        # there, the packed [x | z] columns of in_proj being split over devices without regard to e
+        # (MAMBA1_PARAM_AXES); the conv kernel then runs per shard (GSPMD cannot split a Pallas call).
+        rules = self.mesh_rules
+        x, z = (constrain(a, rules, "batch", None, "heads") for a in (x, z))
+        conv_shard = None if rules is None else rules.kernel_axes().for_channels(rules.heads)
         weight = self.conv1d.weight[...].astype(x.dtype)
         bias = None if self.conv1d.bias is None else self.conv1d.bias[...].astype(x.dtype)
         if decode:
-            x1, conv_state = kernels.causal_conv1d_update(x[:, 0], conv_state, weight, bias, activation="silu")
+            x1, conv_state = kernels.causal_conv1d_update(x[:, 0], conv_state, weight, bias, activation="silu",
+                                                          shard=conv_shard)
             x = x1[:, None]                                                # (b, 1, e)
         else:
             x, conv_state = kernels.causal_conv1d(x, weight, bias, activation="silu", initial_state=conv_state,
-                                                  impl=self.kernel_impl)
+                                                  impl=self.kernel_impl, shard=conv_shard)
         if mask is not None:
             x = x * mask
-        dt, B, C = jnp.split(self.x_proj(x), [r, r + n], axis=-1)          # (b,l,r) (b,l,n) (b,l,n)
+        sow_hook(self, "hook_conv", x)
+        x_proj = self.x_proj(x)                                            # (b, l, r + 2n)
+        sow_hook(self, "hook_x_proj", x_proj)
+        dt, B, C = jnp.split(x_proj, [r, r + n], axis=-1)                  # (b,l,r) (b,l,n) (b,l,n)
         # dt_proj's weight only: HF adds the bias inside the scan, in float32, before the softplus.
         dt = dt @ self.dt_proj.kernel[...].astype(dt.dtype)                # (b, l, e)
 
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))                  # (e, n)
         ssm_kwargs = dict(D=self.D[...], delta_bias=self.dt_proj.bias[...], delta_softplus=True)
+        sow_hook(self, "hook_dt", lambda: _step_size(dt, self.dt_proj.bias[...], x.dtype))
+        # The gate is applied here rather than inside the scan (the same product in the same dtype, as
+        # `_skip_and_gate` forms it), so that the ungated output can be a hook point.
         if decode:
-            y, ssm_state = _state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], z=z[:, 0],
-                                         **ssm_kwargs)
+            y, ssm_state = _state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], **ssm_kwargs)
             y = y[:, None]                                                 # (b, 1, e)
         else:
-            y, ssm_state = _scan_fn(self.kernel_impl)(x, dt, A, B, C, z=z, initial_state=ssm_state, **ssm_kwargs)
-        return self.out_proj(y.astype(self.dtype)), (conv_state, ssm_state)
+            y, ssm_state = _scan_fn(self.kernel_impl)(x, dt, A, B, C, initial_state=ssm_state, **ssm_kwargs)
+        sow_hook(self, "hook_ssm_out", y)                                  # (b, l, e), compute dtype
+        y = y * jax.nn.silu(z.astype(y.dtype))
+        sow_hook(self, "hook_gated", y)
+        out = self.out_proj(y.astype(self.dtype))                          # (b, l, d)
+        sow_hook(self, "hook_out_proj", out)
+        return out, (conv_state, ssm_state)
+
+
+def _step_size(dt, dt_bias, x_dtype) -> jax.Array:
+    """softplus(dt + dt_proj.bias) in the scan's compute dtype promote(x, float32), as the selective scan forms it
+    (`_process_delta` in kernels/selective_scan_reference.py); only evaluated for `hook_dt`."""
+    dtype = jnp.promote_types(x_dtype, jnp.float32)
+    return jax.nn.softplus(dt.astype(dtype) + dt_bias.astype(dtype))
 
 
 class MambaBlock(Mamba2Block):
     """Pre-norm residual block: `h + mixer(norm(h))`, the residual kept in float32 if `residual_in_fp32`.
-    The Mamba-2 block with `MambaMixer` (no hook points yet: the Mamba-1 interpretability work is open)."""
+    The Mamba-2 block with `MambaMixer`; its hook point `hook_resid_post` (b, l, d) is the block output."""
 
-    HOOKS = ()
     MIXER = MambaMixer
 
 
 class MambaModel(nnx.Module):
-    """Embeddings, `num_hidden_layers` blocks and the final norm (HF `MambaModel`). Returns `Mamba2Output`."""
+    """Embeddings, `num_hidden_layers` blocks and the final norm (HF `MambaModel`). Returns `Mamba2Output`.
+
+    Hook point: `hook_embed` (b, l, d), the embeddings (or `inputs_embeds`) entering layer 0.
+    """
+
+    HOOKS = ("hook_embed",)
+    logical_axes = staticmethod(mamba1_logical_axes)  # the sharding table (easymamba.sharding)
 
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  kernel_impl: str = "auto"):
@@ -179,6 +227,7 @@ class MambaModel(nnx.Module):
             raise TypeError(f"MambaModel needs a MambaConfig, got {type(config).__name__}")
         self.config = config
         self.dtype = dtype
+        self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
         self.embeddings = Embedding(config.vocab_size, config.hidden_size, init_std=config.initializer_range,
                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([
@@ -190,7 +239,12 @@ class MambaModel(nnx.Module):
     def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None,
                    mesh=None) -> MambaCache:
         """A zero cache for this model: conv state `[b, e, k]` in `dtype` (default the model dtype), SSM state
-        `[b, e, n]` in `ssm_dtype` (float32 default)."""
+        `[b, e, n]` in `ssm_dtype` (float32 default). A sharded model defaults `partition_axis` to its rules'
+        (rows over `batch`, e over `heads` in both states) and `mesh` to its mesh."""
+        rules = self.mesh_rules
+        if rules is not None:
+            partition_axis = rules.partition_axis() if partition_axis is None else partition_axis
+            mesh = rules.mesh if mesh is None else mesh
         kwargs = {} if partition_axis is None else {"partition_axis": partition_axis}
         meta = MambaCacheMetaData.from_config(self.config, batch_size, **kwargs)
         return MambaCache.init_cache(self.config.num_hidden_layers, meta, dtype=self.dtype if dtype is None else dtype,
@@ -221,19 +275,29 @@ class MambaModel(nnx.Module):
             attention_mask = _check_attention_mask(attention_mask, b, l)
         if cache is not None:  # before any work: a wrong cache is refused by name, not by a shape error later
             self._check_cache(cache, b)
+        rules = self.mesh_rules
+        if rules is not None:
+            rules.check_batch(b)
         hidden = self.embeddings(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)  # (b,l,d)
+        hidden = constrain(hidden, rules, "batch", None, "embed")
+        sow_hook(self, "hook_embed", hidden)
 
         all_hidden = [] if output_hidden_states else None
         new_views = []
         for i, layer in enumerate(self.layers):
             view = None if cache is None else cache.views[i]
-            hidden, (conv_state, ssm_state) = layer(
-                hidden, attention_mask=attention_mask,
-                conv_state=None if view is None else view.conv_states,
-                ssm_state=None if view is None else view.ssm_states)
+            conv_state = ssm_state = None
+            if view is not None:  # pinned to the cache's layout on the way in and out (a while_loop carry must be)
+                conv_spec, ssm_spec, _ = view.partition_specs
+                conv_state = constrain_spec(view.conv_states, rules, conv_spec)
+                ssm_state = constrain_spec(view.ssm_states, rules, ssm_spec)
+            hidden, (conv_state, ssm_state) = layer(hidden, attention_mask=attention_mask, conv_state=conv_state,
+                                                    ssm_state=ssm_state)
+            hidden = constrain(hidden, rules, "batch", None, "embed")
             if view is not None:
-                new_views.append(view.replace(conv_states=conv_state.astype(view.conv_states.dtype),
-                                              ssm_states=ssm_state.astype(view.ssm_states.dtype)))
+                new_views.append(view.replace(
+                    conv_states=constrain_spec(conv_state.astype(view.conv_states.dtype), rules, conv_spec),
+                    ssm_states=constrain_spec(ssm_state.astype(view.ssm_states.dtype), rules, ssm_spec)))
             if all_hidden is not None:  # as HF 5.23: each block's output, then norm_f's (no embeddings)
                 all_hidden.append(hidden)
         hidden = self.norm_f(hidden)
@@ -252,6 +316,7 @@ class MambaForCausalLM(nnx.Module):
 
     config_class: ClassVar[type] = MambaConfig
     cache_class: ClassVar[type] = MambaCache
+    logical_axes = staticmethod(mamba1_logical_axes)  # the sharding table (easymamba.sharding)
 
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  kernel_impl: str = "auto"):
@@ -286,7 +351,7 @@ class MambaForCausalLM(nnx.Module):
             logits = self.backbone.embeddings.attend(hidden.astype(self.backbone.embeddings.weight.dtype))
         else:
             logits = self.lm_head(hidden.astype(self.lm_head.kernel.dtype))
-        logits = logits.astype(jnp.float32)                                 # (b, l, v)
+        logits = constrain(logits.astype(jnp.float32), self.backbone.mesh_rules, "batch", None, "vocab")  # (b, l, v)
         loss = None if labels is None else causal_lm_loss(logits, labels, self.config.vocab_size)
         return Mamba2CausalLMOutput(logits, loss, out.cache, out.hidden_states)
 

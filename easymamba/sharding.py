@@ -26,7 +26,10 @@ row-parallel (one all-reduce per layer); batch rows are data-parallel.
 
 The parameter table is per family: a model class names its `logical_axes(config)` -> (table, units), where
 the table maps module-path suffixes to one logical name per dimension and `units` counts each logical axis
-(heads h, groups g, ...) for the divisibility rules. `MAMBA2_PARAM_AXES` is Mamba-2's; Mamba-1 adds its own.
+(heads h, groups g, ...) for the divisibility rules. `MAMBA2_PARAM_AXES` is Mamba-2's, `MAMBA1_PARAM_AXES`
+Mamba-1's: Mamba-1 has no heads, and its inner channels e (each with its own conv filter, A row, D, dt and state
+row) play their part, so `heads` counts e there and the mixer is Megatron-style in the same way (in_proj
+column-parallel, conv and scan local, x_proj and out_proj row-parallel with one all-reduce each).
 
 Meshes must use `AxisType.Auto` (what `make_mesh` builds): the model relies on GSPMD propagation between the
 constraints it places, and jax 0.10's default `Explicit` axes make an embedding gather on batch-sharded ids
@@ -86,6 +89,36 @@ def mamba2_logical_axes(config) -> tuple[tuple, dict[str, int]]:
     units = {"heads": config.num_heads, "groups": config.n_groups, "vocab": config.vocab_size,
              "embed": config.hidden_size}
     return MAMBA2_PARAM_AXES, units
+
+
+# Mamba-1 (easymamba.mamba1): `heads` is the inner channel axis e, `groups` does not occur (B and C are [n], shared
+# by every channel, so they are replicated activations, not parameters).
+MAMBA1_PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str | None, ...]], ...] = (
+    (("embeddings", "weight"), ("vocab", "embed")),                     # [v, d]
+    (("lm_head", "kernel"), ("embed", "vocab")),                        # [d, v]
+    # [d, 2e], HF's packed [x | z]: an even split of 2e over M devices gives the first M/2 devices x and the rest
+    # z, so the mixer re-shards x and z over e after the matmul (one exchange of [b, l, 2e] per layer on a mesh;
+    # Mamba-2 avoids it by storing in_proj in parts, docs/mamba1.md)
+    (("in_proj", "kernel"), ("embed", "heads")),
+    (("in_proj", "bias"), ("heads",)),                                  # [2e]
+    (("conv1d", "weight"), ("heads", None)),                            # [e, k]
+    (("conv1d", "bias"), ("heads",)),                                   # [e]
+    (("x_proj", "kernel"), ("heads", None)),                            # [e, r + 2n]: row-parallel
+    (("dt_proj", "kernel"), (None, "heads")),                           # [r, e]
+    (("dt_proj", "bias"), ("heads",)),                                  # [e]
+    (("mixer", "A_log"), ("heads", None)),                              # [e, n]
+    (("mixer", "D"), ("heads",)),                                       # [e]
+    (("out_proj", "kernel"), ("heads", "embed")),                       # [e, d]: row-parallel
+    (("out_proj", "bias"), ("embed",)),
+    (("norm", "weight"), ("embed",)),                                   # [d], the blocks' pre-norm
+    (("norm_f", "weight"), ("embed",)),
+)
+
+
+def mamba1_logical_axes(config) -> tuple[tuple, dict[str, int]]:
+    """Mamba-1's parameter table and the count of each logical axis: `heads` counts the inner channels e."""
+    units = {"heads": config.intermediate_size, "vocab": config.vocab_size, "embed": config.hidden_size}
+    return MAMBA1_PARAM_AXES, units
 
 
 def make_mesh(data: int | None = None, model: int = 1, *, devices=None) -> Mesh:
@@ -362,6 +395,6 @@ def shard_batch(array, mesh: Mesh, rules: ShardingRules | None = None, *, batch_
     return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda index: host[index])
 
 
-__all__ = ["LOGICAL_AXES", "MAMBA2_PARAM_AXES", "MeshRules", "ParamRules", "ShardingRules", "attach", "constrain",
-           "init_sharded", "make_mesh", "mamba2_logical_axes", "mesh_rules_of", "param_rules", "param_shardings",
-           "shard_batch", "shard_model"]
+__all__ = ["LOGICAL_AXES", "MAMBA1_PARAM_AXES", "MAMBA2_PARAM_AXES", "MeshRules", "ParamRules", "ShardingRules",
+           "attach", "constrain", "init_sharded", "make_mesh", "mamba1_logical_axes", "mamba2_logical_axes",
+           "mesh_rules_of", "param_rules", "param_shardings", "shard_batch", "shard_model"]
