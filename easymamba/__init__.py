@@ -29,8 +29,10 @@ from easymamba.model import (
 )
 from easymamba.norms import GatedRMSNorm, RMSNorm
 from easymamba.orbax_checkpoint import load_checkpoint, save_checkpoint
+from easymamba.orbax_checkpoint import load_train_state, save_train_state
 from easymamba.safetensors_io import CheckpointError
 from easymamba.sharding import ShardingRules, init_sharded, make_mesh, shard_batch, shard_model
+from easymamba.train import TokenBatcher, TrainState, make_eval_step, make_optimizer, make_train_step
 
 __version__ = "0.1.0.dev0"
 
@@ -74,4 +76,11 @@ __all__ = [
     "save_pretrained",
     "state_dict",
     "stream_generate",
+    "TokenBatcher",
+    "TrainState",
+    "load_train_state",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "save_train_state",
 ]

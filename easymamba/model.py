@@ -59,7 +59,17 @@ class Mamba2Block(nnx.Module):
         self.mixer = self.MIXER(config, layer_idx=layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                 kernel_impl=kernel_impl)
 
+    # Rematerialise this block in the backward pass (`jax.checkpoint` through `nnx.remat`): its activations are
+    # recomputed from its input instead of being kept. Off by default; `easymamba.train.make_train_step(remat=True)`
+    # turns it on for the copy of the model it differentiates.
+    remat: bool = False
+
     def __call__(self, hidden: jax.Array, *, attention_mask=None, conv_state=None, ssm_state=None):
+        if self.remat:
+            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, conv_state, ssm_state)
+        return self._forward(hidden, attention_mask, conv_state, ssm_state)
+
+    def _forward(self, hidden, attention_mask, conv_state, ssm_state):
         residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
         normed = self.norm(hidden.astype(self.norm.weight.dtype))
         out, states = self.mixer(normed, attention_mask=attention_mask, conv_state=conv_state,
@@ -213,6 +223,17 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array, vocab_size: int | None 
 
     logits (b, l, v), labels (b, l). With no label left to score the mean is 0/0 = NaN, as in HF.
     """
+    total, count = causal_lm_loss_sum(logits, labels, vocab_size)
+    return total / count
+
+
+def causal_lm_loss_sum(logits: jax.Array, labels: jax.Array,
+                       vocab_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(summed next-token cross entropy, number of scored labels): `causal_lm_loss` before its division.
+
+    Sums add across micro-batches, so gradient accumulation (`easymamba.train`) can divide once by the
+    total count and give the update of the whole batch, however the -100s fall.
+    """
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must have shape {logits.shape[:2]} (batch, seq_len), got {labels.shape}")
     v = logits.shape[-1] if vocab_size is None else vocab_size
@@ -226,7 +247,7 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array, vocab_size: int | None 
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # (b, l-1, v)
     valid = targets != IGNORE_INDEX
     picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.sum(valid)
+    return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid)
 
 
 def _check_attention_mask(mask, b: int, l: int):

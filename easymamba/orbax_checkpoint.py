@@ -5,6 +5,8 @@ Layout of a checkpoint directory `D`:
     D/<n>/              one version, written by orbax (`CompositeCheckpointHandler`), n = 1, 2, ...
         params/         every parameter, keyed by its module path ("backbone.layers.0.mixer.in_proj.kernel")
         meta/           JSON: format tag, the HF config, compute dtype, each parameter's shape and dtype
+        opt_state/      (a training state only) the optax state's arrays, by position; meta lists their paths
+        train/          (a training state only) step and the PRNG key's raw data
     D/<n>.orbax-checkpoint-tmp-<t>/   a save in progress (or one that died); never read
 
 Atomicity. Orbax writes a version into a temporary directory and renames it to `D/<n>` only once every byte
@@ -20,6 +22,11 @@ destination: `NamedSharding(mesh, shardings(path) or P())` with a mesh (same hoo
 the default device otherwise. Parameters come back in their saved dtype (bit-exact) unless `param_dtype` is
 given, and the compute dtype as saved unless `dtype` is given.
 
+Training states (`easymamba.train.TrainState`: parameters, optimizer state, step, rng) are saved the same way
+by `save_train_state` and restored by `load_train_state` into a state of the same model and optimizer (`like`),
+whose arrays give each restored array its dtype and sharding. Their parameters are stored as a model's, so
+`load_checkpoint` reads the model of a training checkpoint too.
+
 orbax is imported on first use, so `import easymamba` stays light.
 """
 
@@ -34,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from easymamba.config import Mamba2Config
-from easymamba.hf import ShardingHook, abstract_model, param_sharding
+from easymamba.config import Mamba2Config, config_from_hf
+from easymamba.hf import FAMILIES, ShardingHook, abstract_model, param_sharding
 from easymamba.model import Mamba2ForCausalLM
 from easymamba.safetensors_io import CheckpointError
 
@@ -74,11 +81,8 @@ def _remove_old(directory: pathlib.Path, keep: pathlib.Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(model: Mamba2ForCausalLM, directory: "str | os.PathLike") -> pathlib.Path:
-    """Save `model` (config, dtypes, every parameter, sharded or not) into `directory`, atomically.
-
-    The new version replaces the previous one only once it is complete; returns its path.
-    """
+def _save_version(directory: "str | os.PathLike", items: dict) -> pathlib.Path:
+    """Write `items` ({name: orbax save args}) as the next version of `directory`, then drop the older ones."""
     ocp = _ocp()
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
@@ -89,25 +93,36 @@ def save_checkpoint(model: Mamba2ForCausalLM, directory: "str | os.PathLike") ->
             shutil.rmtree(p, ignore_errors=True)
     existing = versions(directory)
     target = directory / str(int(existing[-1].name) + 1 if existing else 1)
-
-    params = {_key(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": type(model).__name__,
-        "config": json.loads(model.config.to_json_string()),
-        "dtype": str(np.dtype(model.dtype)),
-        "params": {k: {"shape": list(v.shape), "dtype": str(np.dtype(v.dtype))} for k, v in params.items()},
-    }
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
-        checkpointer.save(target, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                          meta=ocp.args.JsonSave(meta)))
+        checkpointer.save(target, args=ocp.args.Composite(**items))
     finally:
         checkpointer.close()
     _remove_old(directory, keep=target)
     return target
 
 
-def _read_meta(version: pathlib.Path) -> dict:
+def _model_meta(model, params: dict) -> dict:
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": type(model).__name__,
+        "config": json.loads(model.config.to_json_string()),
+        "dtype": str(np.dtype(model.dtype)),
+        "params": {k: {"shape": list(v.shape), "dtype": str(np.dtype(v.dtype))} for k, v in params.items()},
+    }
+
+
+def save_checkpoint(model: Mamba2ForCausalLM, directory: "str | os.PathLike") -> pathlib.Path:
+    """Save `model` (config, dtypes, every parameter, sharded or not) into `directory`, atomically.
+
+    The new version replaces the previous one only once it is complete; returns its path.
+    """
+    ocp = _ocp()
+    params = {_key(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
+    return _save_version(directory, {"params": ocp.args.StandardSave(params),
+                                     "meta": ocp.args.JsonSave(_model_meta(model, params))})
+
+
+def _read_meta(version: pathlib.Path, *, any_model: bool = False) -> dict:
     ocp = _ocp()
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
@@ -118,16 +133,17 @@ def _read_meta(version: pathlib.Path) -> dict:
         checkpointer.close()
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{version}/meta does not describe an easymamba checkpoint (format {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION or meta.get("model") != Mamba2ForCausalLM.__name__:
+    models = [family.model_class.__name__ for family in FAMILIES.values()]  # Mamba-2 and Mamba-1 (easymamba.hf)
+    if meta.get("format_version") != FORMAT_VERSION or (meta.get("model") not in models and not any_model):
         raise CheckpointError(f"{version} holds format version {meta.get('format_version')} of model "
                               f"{meta.get('model')}; this easymamba reads version {FORMAT_VERSION} of "
-                              f"{Mamba2ForCausalLM.__name__}")
+                              f"{' or '.join(models)}")
     return meta
 
 
 def checkpoint_config(directory: "str | os.PathLike") -> Mamba2Config:
     """The config saved in the latest version of checkpoint `directory`."""
-    return Mamba2Config.from_hf(_read_meta(_latest(directory))["config"])
+    return config_from_hf(_read_meta(_latest(directory))["config"])
 
 
 def _latest(directory: "str | os.PathLike") -> pathlib.Path:
@@ -148,7 +164,7 @@ def load_checkpoint(directory: "str | os.PathLike", *, dtype=None, param_dtype=N
     ocp = _ocp()
     version = _latest(pathlib.Path(directory).absolute())
     meta = _read_meta(version)
-    config = Mamba2Config.from_hf(meta["config"])
+    config = config_from_hf(meta["config"])
     dtype = jnp.dtype(meta["dtype"]) if dtype is None else dtype
     saved = meta["params"]
     module_dtype = param_dtype if param_dtype is not None else jnp.dtype(saved[_key(("backbone", "embeddings",
@@ -183,4 +199,131 @@ def load_checkpoint(directory: "str | os.PathLike", *, dtype=None, param_dtype=N
     return nnx.merge(graphdef, state)
 
 
-__all__ = ["checkpoint_config", "is_checkpoint", "load_checkpoint", "save_checkpoint", "versions"]
+# ---- training state: parameters, optimizer state, step and rng -----------------------------------------
+
+def _sharding_of(leaf):
+    sharding = getattr(leaf, "sharding", None)
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _key_impl(key) -> str:
+    """The PRNG implementation of a key array, or of an abstract one (`jax.ShapeDtypeStruct`) of the default's."""
+    if isinstance(key, jax.Array):
+        return str(jax.random.key_impl(key))
+    default = jax.random.key(0)
+    if key.dtype != default.dtype:
+        raise CheckpointError(f"the abstract rng given in like has dtype {key.dtype}; only the default PRNG "
+                              f"implementation ({default.dtype}) can be read into an abstract key")
+    return str(jax.random.key_impl(default))
+
+
+def _spec(leaf) -> dict:
+    return {"shape": list(np.shape(leaf)), "dtype": str(np.dtype(leaf.dtype))}
+
+
+def save_train_state(state, directory: "str | os.PathLike") -> pathlib.Path:
+    """Save a whole `easymamba.train.TrainState` (parameters, optimizer state, step, rng) into `directory`,
+    atomically, as the next version (the previous one is removed once this one is complete); returns its path.
+
+    The parameters are stored as `save_checkpoint` stores them, so `load_checkpoint(directory)` reads the model
+    of a (Mamba-2) training checkpoint as well. Resume with `load_train_state`.
+    """
+    ocp = _ocp()
+    model = state.model()
+    params = {_key(path): var.get_value() for path, var in nnx.to_flat_state(state.params)}
+    entries = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+    opt = {f"{i:05d}": leaf for i, (_, leaf) in enumerate(entries)}  # by position: optax paths are not file names
+    train = {"step": state.step, "rng": jax.random.key_data(state.rng)}
+    meta = _model_meta(model, params)
+    meta["train_state"] = {
+        "step": int(state.step), "rng_impl": str(jax.random.key_impl(state.rng)),
+        "opt_state": [{"path": jax.tree_util.keystr(p), **_spec(v)} for p, v in entries],
+    }
+    items = {"params": ocp.args.StandardSave(params), "train": ocp.args.StandardSave(train),
+             "meta": ocp.args.JsonSave(meta)}
+    if opt:  # a stateless optimizer (plain SGD) has none
+        items["opt_state"] = ocp.args.StandardSave(opt)
+    return _save_version(directory, items)
+
+
+def load_train_state(directory: "str | os.PathLike", like):
+    """The `TrainState` saved by `save_train_state` in `directory` (its latest complete version).
+
+    like: a `TrainState` of the same model config and optimizer (e.g. `TrainState.create(model, tx)` with a
+    freshly built model): it gives the structure, dtypes and shardings every array is read into. It may be
+    abstract, so that no initial state is ever materialised:
+    `jax.eval_shape(lambda m: TrainState.create(m, tx), nnx.eval_shape(lambda: Model(config, rngs=nnx.Rngs(0))))`.
+    Everything is checked against the checkpoint first; a mismatch raises `CheckpointError` naming what differs.
+    """
+    ocp = _ocp()
+    version = _latest(pathlib.Path(directory).absolute())
+    meta = _read_meta(version, any_model=True)
+    if "train_state" not in meta:
+        raise CheckpointError(f"{version} holds a model (save_checkpoint), not a training state: it has no optimizer "
+                              "state; load it with load_checkpoint and start a new TrainState from that model")
+    saved = meta["train_state"]
+    model = like.model()
+    config = json.loads(model.config.to_json_string())
+    if meta["model"] != type(model).__name__ or meta["config"] != config:
+        diff = sorted(k for k in set(config) | set(meta["config"]) if config.get(k) != meta["config"].get(k))
+        raise CheckpointError(f"{version} holds a {meta['model']} whose config differs from the state given as like "
+                              f"({type(model).__name__}) in {diff[:8]}")
+
+    flat = list(nnx.to_flat_state(like.params))
+    param_targets = {}
+    for path, var in flat:
+        key, leaf = _key(path), var.get_value()
+        want = meta["params"].get(key)
+        if want is None or want != _spec(leaf):
+            raise CheckpointError(f"parameter {key}: the state given as like has {_spec(leaf)}, {version} has "
+                                  f"{want or 'no such parameter'}")
+        param_targets[key] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding_of(leaf))
+    if len(param_targets) != len(meta["params"]):
+        extra = sorted(set(meta["params"]) - set(param_targets))
+        raise CheckpointError(f"{version} has parameters the state given as like does not: {extra[:8]}")
+
+    opt_leaves, opt_def = jax.tree.flatten(like.opt_state)
+    if len(opt_leaves) != len(saved["opt_state"]):
+        raise CheckpointError(f"the optimizer state given as like has {len(opt_leaves)} arrays, {version} has "
+                              f"{len(saved['opt_state'])}: was it saved with a different optimizer (tx)?")
+    opt_targets = {}
+    for i, (leaf, want) in enumerate(zip(opt_leaves, saved["opt_state"])):
+        if _spec(leaf) != {"shape": want["shape"], "dtype": want["dtype"]}:
+            raise CheckpointError(f"optimizer state {want['path']}: the state given as like has {_spec(leaf)}, "
+                                  f"{version} has shape {want['shape']} of {want['dtype']}; a different optimizer?")
+        opt_targets[f"{i:05d}"] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding_of(leaf))
+    impl = _key_impl(like.rng)
+    if saved["rng_impl"] != impl:
+        raise CheckpointError(f"{version} holds a {saved['rng_impl']} rng key, the state given as like a {impl} one")
+    rng_data = jax.random.key_data(like.rng) if isinstance(like.rng, jax.Array) else jax.eval_shape(
+        jax.random.key_data, like.rng)
+    train_targets = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=_sharding_of(like.step)),
+                     "rng": jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=_sharding_of(like.rng))}
+
+    items = {"params": ocp.args.StandardRestore(param_targets), "train": ocp.args.StandardRestore(train_targets)}
+    if opt_targets:
+        items["opt_state"] = ocp.args.StandardRestore(opt_targets)
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        restored = checkpointer.restore(version, args=ocp.args.Composite(**items))
+    except Exception as exc:
+        raise CheckpointError(f"cannot restore the training state of {version}: {exc}") from None
+    finally:
+        checkpointer.close()
+    params = nnx.from_flat_state([(path, var.replace(restored["params"][_key(path)])) for path, var in flat])
+    opt_state = jax.tree.unflatten(opt_def, [restored["opt_state"][f"{i:05d}"] for i in range(len(opt_leaves))])
+    return like.replace(step=restored["train"]["step"], params=params, opt_state=opt_state,
+                        rng=jax.random.wrap_key_data(restored["train"]["rng"], impl=impl))
+
+
+def train_state_step(directory: "str | os.PathLike") -> int | None:
+    """The step of the latest training state saved in `directory`, or None when there is none to resume."""
+    found = versions(directory)
+    if not found:
+        return None
+    meta = _read_meta(found[-1], any_model=True)
+    return meta["train_state"]["step"] if "train_state" in meta else None
+
+
+__all__ = ["checkpoint_config", "is_checkpoint", "load_checkpoint", "load_train_state", "save_checkpoint",
+           "save_train_state", "train_state_step", "versions"]
