@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/generate.py --out results.json            # on a GPU machine
     PYTHONPATH=. python3 benchmarks/generate.py --tiny                        # smoke run on a CPU
+    PYTHONPATH=. python3 benchmarks/generate.py --prefill-lens 512,1024,2048 --out results.json   # + a sweep
 
 Models are random (HF initialisation) in bfloat16: a 130M-shaped one (d 768, 24 layers, 24 heads of 64,
 state 128) and a 1.3B-shaped one (d 2048, 48 layers, 64 heads). For each batch size, `new` tokens are
@@ -16,7 +17,10 @@ generated greedily after a 16-token prompt with EOS disabled, so every row runs 
   inside the jit), which is how its README decodes.
 
 Prefill: one jitted forward over [1, 2048] tokens filling the cache (ours: `model(ids, cache=...)`).
-Peers that are absent are skipped and reported as such. Prints a table; `--out` writes the JSON.
+`--prefill-lens 512,...,16384` also times that forward at each length (`prefill_ms_by_len` in the JSON); a
+length that fails, e.g. out of memory, is recorded as its error and the rest goes on (the decode numbers are
+kept). `benchmarks/plots.py` draws the decode and prefill sweeps. Peers that are absent are skipped and
+reported as such. Prints a table; `--out` writes the JSON.
 Run with `XLA_PYTHON_CLIENT_PREALLOCATE=false`, or JAX's default preallocation (75% of the GPU) leaves torch
 too little memory for transformers' pure-torch scan.
 """
@@ -55,7 +59,20 @@ def timed(fn, repeats):
     return float(np.median(times))
 
 
-def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats):
+def sweep_lengths(prefill_ms, lengths):
+    """{length: ms} of `prefill_ms(length)`, or {length: "error ..."} where it fails (e.g. out of memory), so
+    one length does not end the sweep."""
+    out = {}
+    for length in lengths or ():
+        try:
+            out[length] = prefill_ms(length)
+        except Exception as exc:  # noqa: BLE001 - recorded, the next length still runs
+            out[length] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        print(f"#   prefill l={length}: {out[length]}", flush=True)
+    return out
+
+
+def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -80,14 +97,17 @@ def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats):
         out = nnx.merge(graphdef, state)(ids, cache=cache)
         return out.logits[:, -1], out.cache
 
-    ids = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (1, prefill_len)), jnp.int32)
-    cache = model.init_cache(1)
-    prefill_s = timed(lambda: jax.block_until_ready(prefill(state, ids, cache)), repeats)
-    return {"decode_tok_s": rows, "prefill_ms": prefill_s * 1e3,
+    def prefill_ms(length):
+        ids = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (1, length)), jnp.int32)
+        cache = model.init_cache(1)
+        return timed(lambda: jax.block_until_ready(prefill(state, ids, cache)), repeats) * 1e3
+
+    return {"decode_tok_s": rows, "prefill_ms": sweep_lengths(prefill_ms, [prefill_len])[prefill_len],
+            "prefill_ms_by_len": sweep_lengths(prefill_ms, prefill_lens),
             "kernels": em.kernels.describe() if hasattr(em, "kernels") else None}
 
 
-def bench_transformers(name, batches, new, prompt_len, prefill_len, repeats):
+def bench_transformers(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None):
     try:
         import torch
         import transformers
@@ -108,18 +128,24 @@ def bench_transformers(name, batches, new, prompt_len, prefill_len, repeats):
             torch.cuda.synchronize()
 
         rows[b] = b * new / timed(run, max(1, repeats // 2))
-    ids = torch.randint(1, kw["vocab_size"], (1, prefill_len), device="cuda")
+    def prefill_ms(length):
+        ids = torch.randint(1, kw["vocab_size"], (1, length), device="cuda")
 
-    def prefill():
-        with torch.no_grad():
-            model(ids, use_cache=True)
-        torch.cuda.synchronize()
+        def prefill():
+            with torch.no_grad():
+                model(ids, use_cache=True)
+            torch.cuda.synchronize()
 
-    return {"decode_tok_s": rows, "prefill_ms": timed(prefill, repeats) * 1e3,
-            "version": transformers.__version__}
+        try:
+            return timed(prefill, repeats) * 1e3
+        finally:
+            torch.cuda.empty_cache()  # an out-of-memory length must not starve the next one
+
+    return {"decode_tok_s": rows, "prefill_ms": sweep_lengths(prefill_ms, [prefill_len])[prefill_len],
+            "prefill_ms_by_len": sweep_lengths(prefill_ms, prefill_lens), "version": transformers.__version__}
 
 
-def bench_mamba2_jax(name, batches, new, prompt_len, prefill_len, repeats):
+def bench_mamba2_jax(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None):
     if os.path.isdir(PEERS) and PEERS not in sys.path:
         sys.path.insert(0, PEERS)
     try:
@@ -154,10 +180,29 @@ def bench_mamba2_jax(name, batches, new, prompt_len, prefill_len, repeats):
             jax.block_until_ready(tok)
 
         rows[b] = b * new / timed(run, max(1, repeats // 2))
-    ids = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (1, prefill_len)), jnp.int32)
-    cache = mamba2_jax.create_empty_cache(cfg, 1, dtype=jnp.bfloat16)
-    prefill_s = timed(lambda: jax.block_until_ready(step(state, ids, cache)), repeats)
-    return {"decode_tok_s": rows, "prefill_ms": prefill_s * 1e3, "version": mamba2_jax.__version__}
+    def prefill_ms(length):
+        ids = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (1, length)), jnp.int32)
+        cache = mamba2_jax.create_empty_cache(cfg, 1, dtype=jnp.bfloat16)
+        return timed(lambda: jax.block_until_ready(step(state, ids, cache)), repeats) * 1e3
+
+    return {"decode_tok_s": rows, "prefill_ms": sweep_lengths(prefill_ms, [prefill_len])[prefill_len],
+            "prefill_ms_by_len": sweep_lengths(prefill_ms, prefill_lens), "version": mamba2_jax.__version__}
+
+
+def versions():
+    """Versions of what the run imports (the plots print them)."""
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("jax", "jaxlib", "flax", "easymamba", "torch", "transformers"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    if os.path.isdir(PEERS):
+        for dist in md.distributions(path=[PEERS]):
+            out[dist.metadata["Name"]] = dist.version
+    return out
 
 
 def main():
@@ -166,6 +211,8 @@ def main():
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--new", type=int, default=256, help="tokens generated per row")
     parser.add_argument("--prefill-len", type=int, default=2048)
+    parser.add_argument("--prefill-lens", default=None,
+                        help="comma-separated lengths: also time the prefill at each (a sweep for the plots)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", default="easymamba,transformers,mamba2_jax", help="which to run, in order")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CPU)")
@@ -173,19 +220,21 @@ def main():
     args = parser.parse_args()
     if args.tiny:
         args.shapes, args.batches, args.new, args.prefill_len, args.repeats = "tiny", "1,4", 8, 64, 1
+    prefill_lens = [int(v) for v in args.prefill_lens.split(",")] if args.prefill_lens else None
     import jax
 
     batches = [int(b) for b in args.batches.split(",")]
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new, "prefill_len": args.prefill_len,
-               "runs": {}}
+               "prefill_lens": prefill_lens, "batches": batches, "versions": versions(), "runs": {}}
     runners = {"easymamba": bench_easymamba, "transformers": bench_transformers, "mamba2_jax": bench_mamba2_jax}
     names = [p for p in args.impls.split(",") if p]
     for shape in args.shapes.split(","):
         for name in names:
             t0 = time.time()
             try:
-                res = runners[name](shape, batches, args.new, 16, args.prefill_len, args.repeats)
+                res = runners[name](shape, batches, args.new, 16, args.prefill_len, args.repeats,
+                                    prefill_lens=prefill_lens)
             except Exception as exc:  # a peer that breaks is reported, not fatal
                 res = {"skipped": f"{type(exc).__name__}: {exc}"}
             res["wall_s"] = round(time.time() - t0, 1)
@@ -202,7 +251,9 @@ def main():
             print(f"| {shape} | {name} | skipped: {res['skipped'][:80]} |")
             continue
         cells = " | ".join(f"{res['decode_tok_s'][b]:,.0f}" for b in batches)
-        print(f"| {shape} | {name} | {cells} | {res['prefill_ms']:.1f} |")
+        prefill = res["prefill_ms"]
+        prefill = f"{prefill:.1f}" if isinstance(prefill, float) else prefill[:60]
+        print(f"| {shape} | {name} | {cells} | {prefill} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1, default=str)

@@ -1,9 +1,14 @@
 """SSD forward, decode step and conv1d timings on one GPU, beside the floor and the peers, in one run.
 
     PYTHONPATH=. python benchmarks/ssd.py [--out results.json] [--quick]
+    PYTHONPATH=. python benchmarks/ssd.py --lengths 512,1024,2048,4096,8192,16384 --out ssd_lengths.json
+    PYTHONPATH=. python benchmarks/ssd.py --lengths 64,128,256 --tiny --out /tmp/ssd_tiny.json   # CPU smoke run
 
-Prints one table per part (medians in ms) and writes every number to --out. Shapes are the issue's (tokens
-32K): 2.7B-like h80 p64 n128 g1 at b16 l2k and b4 l8k, 130M-like h24 at b4 l8k, Codestral-like h128 g8 at b2 l4k;
+Prints one table per part (medians in ms) and writes every number to --out. `--lengths` instead times the
+SSD forward over a sweep of sequence lengths at one head shape and a constant batch (`--sweep-batch`, default
+4; 2.7B-like h80 p64 n128 g1), for easymamba's kernel, its XLA path and each peer present, with the floor at
+every point; `benchmarks/plots.py` draws it. The parts' shapes are the issue's (tokens 32K): 2.7B-like
+h80 p64 n128 g1 at b16 l2k and b4 l8k, 130M-like h24 at b4 l8k, Codestral-like h128 g8 at b2 l4k;
 bf16 x/B/C/z/y, float32 dt, A, D, dt_bias, states. Every SSD call does dt_bias + softplus and the D skip.
 
 Floor: max(minimum bytes / measured copy bandwidth, matmul FLOPs / measured bf16 matmul rate), where the
@@ -59,15 +64,15 @@ def bench_jax(fn, *args, iters=20, repeats=7):
     return statistics.median(times)
 
 
-def measure_ceilings():
-    x = jnp.ones((1 << 29,), jnp.bfloat16) * 1.5  # 1 GiB
+def measure_ceilings(copy_elems=1 << 29, matmul_side=8192):
+    x = jnp.ones((copy_elems,), jnp.bfloat16) * 1.5  # 1 GiB by default
     copy = jax.jit(lambda a: a + 1)
     ms = bench_jax(copy, x, iters=10, repeats=5)
     bandwidth = 2 * x.nbytes / (ms * 1e-3)  # bytes read + written per second
-    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+    a = jax.random.normal(jax.random.key(0), (matmul_side, matmul_side), jnp.bfloat16)
     mm = jax.jit(lambda u, v: u @ v)
     ms = bench_jax(mm, a, a, iters=10, repeats=5)
-    flops = 2 * 8192**3 / (ms * 1e-3)
+    flops = 2 * matmul_side**3 / (ms * 1e-3)
     return bandwidth, flops
 
 
@@ -282,6 +287,120 @@ def run_conv(rows, bandwidth):
     print(json.dumps(row), flush=True)
 
 
+# ---- the sequence-length sweep (--lengths) --------------------------------------------------------------------
+
+SWEEP_SHAPE = dict(h=80, p=64, n=128, g=1)   # 2.7B-like heads; the batch stays fixed (--sweep-batch)
+TINY_SWEEP_SHAPE = dict(h=4, p=16, n=16, g=1)
+
+
+def versions():
+    """Versions of everything a sweep touches (the plots print them)."""
+    import importlib.metadata as md
+
+    out = {"jax": jax.__version__}
+    for dist in ("jaxlib", "flax", "easymamba", "torch", "triton"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    if os.path.isdir(PEERS):  # the wheels unzipped into third_party_peers/site carry their dist-info
+        for dist in md.distributions(path=[PEERS]):
+            out[dist.metadata["Name"]] = dist.version
+    return out
+
+
+def ssd_peers(peers=True):
+    """{name: callable(args) -> jitted fn of (x, dt, A, B, C) or a torch call} for each peer that imports;
+    a peer that does not is reported and left out."""
+    found = {}
+    if not peers:
+        return found
+    sys.path.insert(0, PEERS)
+    try:
+        torch, do_bench, mcsc, _ = peer_mamba_ssm()
+        found["mamba_ssm"] = (torch, do_bench, mcsc)
+    except Exception as e:  # noqa: BLE001 - any import failure means the peer is absent
+        print(f"mamba_ssm: skipped ({type(e).__name__}: {e})")
+    try:
+        from jla.layers.ssm import mamba2_ssd
+        found["jla"] = mamba2_ssd
+    except Exception as e:  # noqa: BLE001
+        print(f"jax-linear-attention: skipped ({type(e).__name__}: {e})")
+    try:
+        from mamba2_jax.modeling import ssd_forward
+        found["mamba2_jax"] = ssd_forward
+    except Exception as e:  # noqa: BLE001
+        print(f"mamba2-jax: skipped ({type(e).__name__}: {e})")
+    return found
+
+
+def time_ssd_point(b, l, h, p, n, g, peers, chunk, timing):
+    """One sweep point: ms of each implementation on the same inputs (bf16 x/B/C, float32 dt/A/D/dt_bias;
+    dt_bias + softplus + D skip; y in bf16); an implementation that fails is recorded as its error."""
+    args = ssd_inputs(b, l, h, p, n, g)
+    common = dict(D=args["D"], dt_bias=args["dt_bias"], dt_softplus=True)
+    main = (args["x"], args["dt"], args["A"], args["B"], args["C"])
+    row, errors = {}, {}
+
+    def attempt(name, thunk):
+        try:
+            row[name] = thunk()
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not end the sweep
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"  {name} l={l}: failed ({errors[name]})")
+
+    attempt("pallas", lambda: bench_jax(jax.jit(functools.partial(
+        ssd_pallas, chunk_size=chunk, y_dtype=jnp.bfloat16, **common)), *main, **timing))
+    attempt("xla", lambda: bench_jax(jax.jit(lambda *a: (lambda y, s: (y.astype(jnp.bfloat16), s))(
+        *ssd_chunked(*a, chunk_size=chunk, **common))), *main, **timing))
+    if "jla" in peers:
+        def jla_fn(x, dt, A, B, C):
+            return peers["jla"](x, jax.nn.softplus(dt + args["dt_bias"]), A, B, C, d=args["D"],
+                                output_final_state=True)
+        attempt("jla", lambda: bench_jax(jax.jit(jla_fn), *main, **timing))
+    if "mamba2_jax" in peers:
+        def m2j_fn(x, dt, A, B, C):
+            r = h // g
+            return peers["mamba2_jax"](x, dt, A, jnp.repeat(B, r, axis=2), jnp.repeat(C, r, axis=2), chunk,
+                                       args["D"], args["dt_bias"], 0.0, float("inf"), return_final_states=True)
+        attempt("mamba2_jax", lambda: bench_jax(jax.jit(m2j_fn), *main, **timing))
+    if "mamba_ssm" in peers:
+        torch, do_bench, mcsc = peers["mamba_ssm"]
+
+        def run_torch():
+            t = {k: to_torch(torch, v) for k, v in args.items()}
+            for key in ("x", "B", "C"):
+                t[key] = t[key].to(torch.bfloat16)
+
+            def call():
+                return mcsc(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"], dt_bias=t["dt_bias"],
+                            dt_softplus=True, return_final_states=True)
+
+            call()
+            ms = do_bench(call, warmup=50, rep=300, return_mode="median")
+            del t
+            torch.cuda.empty_cache()
+            return ms
+        attempt("mamba_ssm", run_torch)
+    if errors:
+        row["errors"] = errors
+    return row
+
+
+def run_sweep(lengths, batch, shape, bandwidth, flops, peers, chunk=256, timing=None):
+    """The SSD forward at `shape` and batch `batch` for every l in `lengths` (constant batch: the work grows
+    with l, and the floor with it)."""
+    h, p, n, g = shape["h"], shape["p"], shape["n"], shape["g"]
+    points = []
+    for l in lengths:
+        floor, nbytes, nflops = ssd_floor(batch, l, h, p, n, g, bandwidth, flops, q=chunk)
+        point = dict(l=l, b=batch, tokens=batch * l, floor=floor, bytes=nbytes, flops=nflops)
+        point.update(time_ssd_point(batch, l, h, p, n, g, peers, chunk, timing or {}))
+        points.append(point)
+        print(json.dumps(point), flush=True)
+    return dict(shape=dict(shape, b=batch, chunk=chunk), lengths=list(lengths), points=points)
+
+
 def table(rows, columns):
     print("| shape | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
@@ -300,8 +419,30 @@ def main():
     parser.add_argument("--parts", default="ssd,decode,conv")
     parser.add_argument("--mosaic", action="store_true", help="also time the kernel through Mosaic GPU lowering")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--lengths", default=None,
+                        help="comma-separated sequence lengths: run the SSD length sweep instead of --parts")
+    parser.add_argument("--sweep-batch", type=int, default=None, help="batch of every sweep point (default 4)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --lengths: a small head shape, small ceilings, few repeats (a CPU smoke run)")
     opts = parser.parse_args()
     info = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
+    if opts.lengths:
+        info["versions"] = versions()
+        lengths = [int(v) for v in opts.lengths.split(",")]
+        batch = opts.sweep_batch or (1 if opts.tiny else 4)
+        ceilings = dict(copy_elems=1 << 20, matmul_side=256) if opts.tiny else {}
+        bandwidth, flops = measure_ceilings(**ceilings)
+        info.update(copy_bandwidth_TBps=bandwidth / 1e12, matmul_TFLOPs=flops / 1e12)
+        print(json.dumps(info), flush=True)
+        sweep = run_sweep(lengths, batch, TINY_SWEEP_SHAPE if opts.tiny else SWEEP_SHAPE, bandwidth, flops,
+                          ssd_peers(not opts.no_peers), chunk=64 if opts.tiny else 256,
+                          timing=dict(iters=2, repeats=3) if opts.tiny else None)
+        if opts.out:
+            with open(opts.out, "w") as f:
+                json.dump(dict(info=info, sweep=sweep), f, indent=1)
+        names = ["floor", "pallas", "xla", "mamba_ssm", "jla", "mamba2_jax"]
+        table([dict(p, shape=f"l{p['l']}") for p in sweep["points"]], names)
+        return
     bandwidth, flops = measure_ceilings()
     info.update(copy_bandwidth_TBps=bandwidth / 1e12, matmul_TFLOPs=flops / 1e12)
     print(json.dumps(info), flush=True)
