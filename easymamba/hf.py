@@ -561,12 +561,13 @@ FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
 
 def family_of(obj) -> ModelFamily:
     """The `ModelFamily` of a config, a model (by its `.config`), or a config or causal-LM class."""
-    for family in FAMILIES.values():
-        if isinstance(obj, type):
-            if issubclass(obj, (family.model_class, family.config_class)):
+    # A class by its nearest family base (MambaForCausalLM subclasses Mamba2ForCausalLM); anything else by its
+    # config's class.
+    bases = obj.__mro__ if isinstance(obj, type) else type(getattr(obj, "config", obj)).__mro__
+    for base in bases:
+        for family in FAMILIES.values():
+            if base in (family.model_class, family.config_class):
                 return family
-        elif isinstance(getattr(obj, "config", obj), family.config_class):
-            return family
     known = ", ".join(f"{f.model_class.__name__} ({f.config_class.__name__}, model_type {f.model_type!r})"
                       for f in FAMILIES.values())
     name = obj.__name__ if isinstance(obj, type) else type(obj).__name__

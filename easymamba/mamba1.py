@@ -29,14 +29,14 @@ Hook points (`sow_hook`, free unless `easymamba.interp.run_with_cache` asks for 
 `hook_resid_post` and the mixer's `hook_in_proj`, `hook_conv`, `hook_x_proj`, `hook_dt`, `hook_ssm_out`,
 `hook_gated`, `hook_out_proj` (shapes in `MambaMixer`'s docstring).
 
-Family interface: `MambaForCausalLM.config_class`, `.cache_class`, `.key_table` and `.logical_axes` (and
-`model.init_cache`) let loaders (`easymamba.hf.FAMILIES`), the decode loop and the sharding code
-(`easymamba.sharding.MAMBA1_PARAM_AXES`) treat Mamba-1 and Mamba-2 models alike. A sharded model's mixers and
-backbone carry `mesh_rules`, as Mamba-2's do.
+Family interface: `MambaModel` and `MambaForCausalLM` are the Mamba-2 backbone and causal LM with Mamba-1's
+config, block and cache classes (`CONFIG`, `BLOCK`, `CACHE`, `CACHE_METADATA`, `MODEL`), so the forward, the
+cache handling, `init_cache` and the output head are one code path. `.key_table` and `.logical_axes` let the
+loaders (`easymamba.hf.FAMILIES`) and the sharding code (`easymamba.sharding.MAMBA1_PARAM_AXES`) treat both
+families alike. A sharded model's mixers and backbone carry `mesh_rules`, as Mamba-2's do.
 """
 
 import math
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -51,17 +51,10 @@ from easymamba.kernels.selective_scan_reference import (
     selective_scan_naive,
     selective_state_update_mamba1,
 )
-from easymamba.layers import DepthwiseConv1d, Embedding, kaiming_uniform_init, normal_init
+from easymamba.layers import DepthwiseConv1d, kaiming_uniform_init, normal_init
 from easymamba.mixer import init_dt_bias, sow_hook
-from easymamba.model import (
-    Mamba2Block,
-    Mamba2CausalLMOutput,
-    Mamba2Output,
-    _check_attention_mask,
-    causal_lm_loss,
-)
-from easymamba.norms import RMSNorm
-from easymamba.sharding import MeshRules, constrain, constrain_spec, mamba1_logical_axes
+from easymamba.model import Mamba2Block, Mamba2ForCausalLM, Mamba2Model
+from easymamba.sharding import MeshRules, constrain, mamba1_logical_axes
 
 __all__ = ["MambaMixer", "MambaBlock", "MambaModel", "MambaForCausalLM", "mamba1_key_table"]
 
@@ -212,148 +205,35 @@ class MambaBlock(Mamba2Block):
     MIXER = MambaMixer
 
 
-class MambaModel(nnx.Module):
-    """Embeddings, `num_hidden_layers` blocks and the final norm (HF `MambaModel`). Returns `Mamba2Output`.
+class MambaModel(Mamba2Model):
+    """Embeddings, `num_hidden_layers` Mamba-1 blocks and the final norm (HF `MambaModel`): the Mamba-2 backbone
+    with Mamba-1's config, block and cache (`MambaCache`: conv state `[b, e, k]`, SSM state `[b, e, n]`; a
+    sharded model's cache puts rows over `batch` and e over `heads`). Returns `Mamba2Output`.
 
     Hook point: `hook_embed` (b, l, d), the embeddings (or `inputs_embeds`) entering layer 0.
     """
 
-    HOOKS = ("hook_embed",)
+    CONFIG = MambaConfig
+    BLOCK = MambaBlock
+    CACHE = MambaCache
+    CACHE_METADATA = MambaCacheMetaData
     logical_axes = staticmethod(mamba1_logical_axes)  # the sharding table (easymamba.sharding)
 
-    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 kernel_impl: str = "auto"):
-        if not isinstance(config, MambaConfig):
-            raise TypeError(f"MambaModel needs a MambaConfig, got {type(config).__name__}")
-        self.config = config
-        self.dtype = dtype
-        self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
-        self.embeddings = Embedding(config.vocab_size, config.hidden_size, init_std=config.initializer_range,
-                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([
-            MambaBlock(config, layer_idx=i, rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_impl=kernel_impl)
-            for i in range(config.num_hidden_layers)
-        ])
-        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
 
-    def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None,
-                   mesh=None) -> MambaCache:
-        """A zero cache for this model: conv state `[b, e, k]` in `dtype` (default the model dtype), SSM state
-        `[b, e, n]` in `ssm_dtype` (float32 default). A sharded model defaults `partition_axis` to its rules'
-        (rows over `batch`, e over `heads` in both states) and `mesh` to its mesh."""
-        rules = self.mesh_rules
-        if rules is not None:
-            partition_axis = rules.partition_axis() if partition_axis is None else partition_axis
-            mesh = rules.mesh if mesh is None else mesh
-        kwargs = {} if partition_axis is None else {"partition_axis": partition_axis}
-        meta = MambaCacheMetaData.from_config(self.config, batch_size, **kwargs)
-        return MambaCache.init_cache(self.config.num_hidden_layers, meta, dtype=self.dtype if dtype is None else dtype,
-                                     mesh=mesh, ssm_dtype=ssm_dtype)
-
-    def _check_cache(self, cache, batch_size: int) -> None:
-        if not isinstance(cache, MambaCache):
-            raise ValueError(f"cache must be a MambaCache (model.init_cache({batch_size})) for this Mamba-1 model; "
-                             f"got {type(cache).__name__}")
-        cache.check_compatible(self.config, batch_size)
-        empty = [i for i, v in enumerate(cache.views) if v is None]
-        if empty:
-            raise ValueError(f"cache layer(s) {empty[:8]} hold no state (an init_empty cache?); build one with "
-                             f"model.init_cache({batch_size})")
-
-    def __call__(self, input_ids=None, *, attention_mask=None, cache: MambaCache | None = None, inputs_embeds=None,
-                 output_hidden_states: bool = False) -> Mamba2Output:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids (b, l) and inputs_embeds (b, l, d)")
-        if input_ids is not None and input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {input_ids.shape}")
-        d = self.config.hidden_size
-        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != d):
-            raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), "
-                             f"got {inputs_embeds.shape}")
-        b, l = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if attention_mask is not None:
-            attention_mask = _check_attention_mask(attention_mask, b, l)
-        if cache is not None:  # before any work: a wrong cache is refused by name, not by a shape error later
-            self._check_cache(cache, b)
-        rules = self.mesh_rules
-        if rules is not None:
-            rules.check_batch(b)
-        hidden = self.embeddings(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)  # (b,l,d)
-        hidden = constrain(hidden, rules, "batch", None, "embed")
-        sow_hook(self, "hook_embed", hidden)
-
-        all_hidden = [] if output_hidden_states else None
-        new_views = []
-        for i, layer in enumerate(self.layers):
-            view = None if cache is None else cache.views[i]
-            conv_state = ssm_state = None
-            if view is not None:  # pinned to the cache's layout on the way in and out (a while_loop carry must be)
-                conv_spec, ssm_spec, _ = view.partition_specs
-                conv_state = constrain_spec(view.conv_states, rules, conv_spec)
-                ssm_state = constrain_spec(view.ssm_states, rules, ssm_spec)
-            hidden, (conv_state, ssm_state) = layer(hidden, attention_mask=attention_mask, conv_state=conv_state,
-                                                    ssm_state=ssm_state)
-            hidden = constrain(hidden, rules, "batch", None, "embed")
-            if view is not None:
-                new_views.append(view.replace(
-                    conv_states=constrain_spec(conv_state.astype(view.conv_states.dtype), rules, conv_spec),
-                    ssm_states=constrain_spec(ssm_state.astype(view.ssm_states.dtype), rules, ssm_spec)))
-            if all_hidden is not None:  # as HF 5.23: each block's output, then norm_f's (no embeddings)
-                all_hidden.append(hidden)
-        hidden = self.norm_f(hidden)
-        if all_hidden is not None:
-            all_hidden.append(hidden)
-        new_cache = None if cache is None else MambaCache(views=tuple(new_views)).update_seq(l)
-        return Mamba2Output(hidden, new_cache, None if all_hidden is None else tuple(all_hidden))
-
-
-class MambaForCausalLM(nnx.Module):
+class MambaForCausalLM(Mamba2ForCausalLM):
     """Mamba-1 language model (HF `MambaForCausalLM`): backbone + tied (the default) or untied output head.
 
     Called like `Mamba2ForCausalLM` and returns the same `Mamba2CausalLMOutput` (logits float32, loss with
     HF's shift and -100 ignore index, the new `MambaCache`, hidden states on request).
     """
 
-    config_class: ClassVar[type] = MambaConfig
-    cache_class: ClassVar[type] = MambaCache
+    MODEL = MambaModel
     logical_axes = staticmethod(mamba1_logical_axes)  # the sharding table (easymamba.sharding)
-
-    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 kernel_impl: str = "auto"):
-        self.config = config
-        self.dtype = dtype
-        self.kernel_impl = kernel_impl
-        self.backbone = MambaModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_impl=kernel_impl)
-        if config.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            std = config.initializer_range
-            self.lm_head = nnx.Linear(
-                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs)
 
     @staticmethod
     def key_table(config: MambaConfig) -> list[tuple[str, tuple, str]]:
         """`mamba1_key_table(config)`: every HF tensor name, module path and layout kind."""
         return mamba1_key_table(config)
-
-    def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None,
-                   mesh=None) -> MambaCache:
-        return self.backbone.init_cache(batch_size, dtype=dtype, ssm_dtype=ssm_dtype, partition_axis=partition_axis,
-                                        mesh=mesh)
-
-    def __call__(self, input_ids=None, *, attention_mask=None, cache: MambaCache | None = None, labels=None,
-                 inputs_embeds=None, output_hidden_states: bool = False) -> Mamba2CausalLMOutput:
-        out = self.backbone(input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
-                            output_hidden_states=output_hidden_states)
-        hidden = out.last_hidden_state
-        if self.lm_head is None:
-            logits = self.backbone.embeddings.attend(hidden.astype(self.backbone.embeddings.weight.dtype))
-        else:
-            logits = self.lm_head(hidden.astype(self.lm_head.kernel.dtype))
-        logits = constrain(logits.astype(jnp.float32), self.backbone.mesh_rules, "batch", None, "vocab")  # (b, l, v)
-        loss = None if labels is None else causal_lm_loss(logits, labels, self.config.vocab_size)
-        return Mamba2CausalLMOutput(logits, loss, out.cache, out.hidden_states)
 
 
 def mamba1_key_table(config: MambaConfig) -> list[tuple[str, tuple, str]]:

@@ -13,6 +13,8 @@ Official implementation: `mamba_ssm/models/mixer_seq_simple.py` (`MixerModel`, `
       lm_head: Linear [d, v]   (absent when tie_word_embeddings: the embedding matrix is reused)
 """
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,21 +85,29 @@ class Mamba2Model(nnx.Module):
     """Embeddings, `num_hidden_layers` blocks and the final norm (HF `Mamba2Model`).
 
     Hook point: `hook_embed` (b, l, d), the embeddings (or `inputs_embeds`) entering layer 0.
+    A model family (Mamba-1: `easymamba.mamba1.MambaModel`) subclasses this with its own config, block and
+    cache classes.
     """
 
     HOOKS = ("hook_embed",)
+    CONFIG: ClassVar[type] = Mamba2Config
+    BLOCK: ClassVar[type] = Mamba2Block
+    CACHE: ClassVar[type] = Mamba2Cache
+    CACHE_METADATA: ClassVar[type] = Mamba2CacheMetaData
     logical_axes = staticmethod(mamba2_logical_axes)  # the sharding table (easymamba.sharding)
 
     def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  kernel_impl: str = "auto"):
+        if not isinstance(config, self.CONFIG):
+            raise TypeError(f"{type(self).__name__} needs a {self.CONFIG.__name__}, got {type(config).__name__}")
         self.config = config
         self.dtype = dtype
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
         self.embeddings = Embedding(config.vocab_size, config.hidden_size, init_std=config.initializer_range,
                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([
-            Mamba2Block(config, layer_idx=i, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                        kernel_impl=kernel_impl)
+            self.BLOCK(config, layer_idx=i, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                       kernel_impl=kernel_impl)
             for i in range(config.num_hidden_layers)
         ])
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
@@ -114,12 +124,15 @@ class Mamba2Model(nnx.Module):
             partition_axis = rules.partition_axis() if partition_axis is None else partition_axis
             mesh = rules.mesh if mesh is None else mesh
         kwargs = {} if partition_axis is None else {"partition_axis": partition_axis}
-        meta = Mamba2CacheMetaData.from_config(self.config, batch_size, **kwargs)
-        return Mamba2Cache.init_cache(self.config.num_hidden_layers, meta,
-                                      dtype=self.dtype if dtype is None else dtype, mesh=mesh,
-                                      ssm_dtype=ssm_dtype)
+        meta = self.CACHE_METADATA.from_config(self.config, batch_size, **kwargs)
+        return self.CACHE.init_cache(self.config.num_hidden_layers, meta,
+                                     dtype=self.dtype if dtype is None else dtype, mesh=mesh,
+                                     ssm_dtype=ssm_dtype)
 
     def _check_cache(self, cache: Mamba2Cache, batch_size: int) -> None:
+        if not isinstance(cache, self.CACHE):
+            raise ValueError(f"cache must be a {self.CACHE.__name__} (model.init_cache({batch_size})) for this "
+                             f"{type(self).__name__}; got {type(cache).__name__}")
         cache.check_compatible(self.config, batch_size)
         empty = [i for i, v in enumerate(cache.views) if v is None]
         if empty:
@@ -130,25 +143,22 @@ class Mamba2Model(nnx.Module):
                  inputs_embeds=None, output_hidden_states: bool = False) -> Mamba2Output:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (b, l) and inputs_embeds (b, l, d)")
-        if input_ids is not None:
-            if input_ids.ndim != 2:
-                raise ValueError(f"input_ids must have shape (batch, seq_len), got {input_ids.shape}")
-            hidden = self.embeddings(input_ids)                             # (b, l, d)
-        else:
-            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-                raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), "
-                                 f"got {inputs_embeds.shape}")
-            hidden = inputs_embeds.astype(self.dtype)
-        b, l = hidden.shape[:2]
+        if input_ids is not None and input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {input_ids.shape}")
+        d = self.config.hidden_size
+        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != d):
+            raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {d}), got {inputs_embeds.shape}")
+        b, l = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if attention_mask is not None:
+            attention_mask = _check_attention_mask(attention_mask, b, l)
+        if cache is not None:  # before any work: a wrong cache is refused by name, not by a shape error later
+            self._check_cache(cache, b)
         rules = self.mesh_rules
         if rules is not None:
             rules.check_batch(b)
+        hidden = self.embeddings(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)  # (b,l,d)
         hidden = constrain(hidden, rules, "batch", None, "embed")
         sow_hook(self, "hook_embed", hidden)
-        if attention_mask is not None:
-            attention_mask = _check_attention_mask(attention_mask, b, l)
-        if cache is not None:
-            self._check_cache(cache, b)
 
         all_hidden = [] if output_hidden_states else None
         new_views = []
@@ -171,15 +181,15 @@ class Mamba2Model(nnx.Module):
         hidden = self.norm_f(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
-        new_cache = None
-        if cache is not None:
-            new_cache = Mamba2Cache(views=tuple(new_views)).update_seq(l)
+        new_cache = None if cache is None else self.CACHE(views=tuple(new_views)).update_seq(l)
         return Mamba2Output(hidden, new_cache, None if all_hidden is None else tuple(all_hidden))
 
 
 class Mamba2ForCausalLM(nnx.Module):
-    """Mamba-2 language model (HF `Mamba2ForCausalLM`): backbone + tied or untied output head."""
+    """Mamba-2 language model (HF `Mamba2ForCausalLM`): backbone + tied or untied output head.
+    `MODEL` is the backbone class (Mamba-1's `MambaForCausalLM` subclasses this with `MambaModel`)."""
 
+    MODEL: ClassVar[type] = Mamba2Model
     logical_axes = staticmethod(mamba2_logical_axes)  # the sharding table (easymamba.sharding)
 
     def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -187,8 +197,8 @@ class Mamba2ForCausalLM(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.kernel_impl = kernel_impl
-        self.backbone = Mamba2Model(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                    kernel_impl=kernel_impl)
+        self.backbone = self.MODEL(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                   kernel_impl=kernel_impl)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
