@@ -64,23 +64,26 @@ __all__ = ["SSDBackwardConfig", "default_backward_config", "ssd_backward_support
 class SSDBackwardConfig:
     """Tile and launch parameters of the two backward kernels (Triton backend on GPU). `block_q` is the chunk of
     both (the states are stored at its boundaries); the reverse kernel holds more [q, q] and [q, n] tiles live
-    than the forward, so its warps are a separate knob."""
+    than the forward (dS, dW, P, M besides the forward's tiles), so its chunk and warps are separate knobs. The
+    defaults are the H100 sweep's best (benchmarks/ssd_backward.py, docs/benchmarks.md): q 32 with 4 warps; q 64
+    spills and runs 1.1-1.7x slower, 2 warps or q 16 run 10x slower."""
 
-    block_q: int = 64
+    block_q: int = 32
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
     states_num_warps: int = 4
     states_num_stages: int = 2
-    # With h > g, dB and dC leave the reverse kernel per head ([b, l, h, n], summed over a group's heads by XLA).
-    # float32 partials by default; True writes them in the input dtype (bf16: half the bytes of the largest
-    # intermediate, each partial rounded to 2^-9 relative before the float32 sum).
-    input_dtype_partials: bool = False
+    # With h > g, dB and dC leave the reverse kernel per head ([b, l, h, n], summed over a group's heads by XLA),
+    # the largest intermediate of the backward. True: the partials in the input dtype (for bf16 inputs half the
+    # bytes; each partial rounded to 2^-9 relative before the float32 sum, the same size as the rounding of the
+    # bf16 gradient itself). False: float32 partials. float32 inputs get float32 partials either way.
+    input_dtype_partials: bool = True
 
 
-def default_backward_config(l: int) -> SSDBackwardConfig:  # noqa: ARG001 - the sweep may make it depend on l
-    """Not yet measured on a GPU: the forward's q 64 / 4 warps, to be replaced by the benchmark's best
-    (benchmarks/ssd_backward.py sweeps it)."""
-    return SSDBackwardConfig()
+def default_backward_config(l: int) -> SSDBackwardConfig:
+    """Measured on an H100 (docs/benchmarks.md, 2.7B/130M/Codestral shapes): one pipeline stage up to l 4096,
+    three above (at l 8192: 8.5 ms vs 8.9 with one stage; at l 2048: 7.3 ms vs 8.2 with two)."""
+    return SSDBackwardConfig(num_stages=1 if l <= 4096 else 3)
 
 
 def ssd_backward_supported(p: int, n: int) -> bool:
