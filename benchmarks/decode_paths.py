@@ -10,6 +10,8 @@ p 64, n 128, vocab 50288, tied head) in bf16, greedy, 16-token prompt, EOS off:
                as XLA fusions; in_proj / out_proj as XLA dots).
 * `fused`      the default on an sm_80+ GPU ("auto"): the fused decode-step kernel (kernels/decode_step_pallas.py)
                between XLA's in_proj and out_proj.
+* `fused+eos`  the same with an EOS id set (one that the run never samples in practice), so the loop checks
+               for early stopping (every `generation.STEPS_PER_CHECK` steps) instead of running a static count.
 
 tokens/s = b * new / wall time of a whole `generate` call (prefill of 16 tokens, Python and dispatch included),
 median of `--repeats` after a warm-up call.
@@ -40,6 +42,8 @@ def path(model, name):
     layers = model.backbone.layers
     saved = [layer.mixer.kernel_impl for layer in layers]
     try:
+        if name.endswith("+eos"):
+            name = name[:-len("+eos")]
         if name == "xla":
             for layer in layers:
                 layer.mixer.kernel_impl = "xla"
@@ -67,8 +71,10 @@ def bench_generate(shape, batches, new, repeats, paths):
                 ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (b, 16)), jnp.int32)
                 out = {}
 
+                stop = dict(eos_token_id=cfg.vocab_size - 1) if name.endswith("+eos") else {}
+
                 def run():
-                    out["seq"] = em.generate(model, ids, max_new_tokens=new).sequences
+                    out["seq"] = em.generate(model, ids, max_new_tokens=new, **stop).sequences
                     jax.block_until_ready(out["seq"])
 
                 rows[name][b] = b * new / median_time(run, repeats)

@@ -343,26 +343,43 @@ def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     seen = None if carry.seen is None else add_seen(carry.seen, token)
 
     model = _merge(graphdef, state)
-    out = model(token[:, None], cache=carry.cache)
-    cache = out.cache
     if settings.eos_token_ids:  # a row stopped before this step keeps its state: pads must not enter it
-
-        def keep(old, new):
-            if new.ndim == 0:                                              # seqlen_offset: the batch's count
-                return new
-            return jnp.where(carry.done.reshape((-1,) + (1,) * (new.ndim - 1)), old, new)
-
-        cache = jax.tree.map(keep, carry.cache, cache)
+        out = model(token[:, None], cache=carry.cache, active_rows=live)  # held in place (the fused kernel's own)
+        # seqlen_offset, the batch's count, stays only once every row had stopped (a step of `_loop`'s group
+        # after the last EOS)
+        cache = jax.tree.map(lambda old, new: jnp.where(jnp.all(carry.done), old, new) if new.ndim == 0 else new,
+                             carry.cache, out.cache)
+    else:
+        out = model(token[:, None], cache=carry.cache)
+        cache = out.cache
     return carry.replace(step=carry.step + 1, tokens=token, next_logits=out.logits[:, 0], generated=generated,
                          num_generated=carry.num_generated + live.astype(jnp.int32), done=done, cache=cache,
                          seen=seen, logits=out_logits)
 
 
-def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: SamplingParams) -> _Carry:
-    def running(c: _Carry):
-        return (c.step < settings.max_new_tokens) & ~jnp.all(c.done)
+# Steps per trip of the outer loop when rows can stop early (see `_loop`).
+STEPS_PER_CHECK = 8
 
-    return jax.lax.while_loop(running, lambda c: _step(graphdef, settings, state, c, rng, params), carry)
+
+def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: SamplingParams) -> _Carry:
+    """All decode steps. A `while_loop` whose condition depends on device values makes the GPU runtime read the
+    condition back to the host every trip, a stall between steps (measured in docs/benchmarks.md); a loop of
+    static trip count runs without it. So: with no EOS id every row runs to the end and the loop has a static
+    trip count; with EOS ids, the early-stop check runs every `STEPS_PER_CHECK` steps (an inner loop of static
+    count), then single checked steps finish the count. Steps after every row stopped change nothing in the
+    result: the rows' tokens are pads, their cache is kept (`_step`'s `keep`) and so is `seqlen_offset`."""
+    m = settings.max_new_tokens
+    step = lambda c: _step(graphdef, settings, state, c, rng, params)  # noqa: E731
+    if not settings.eos_token_ids:
+        return jax.lax.fori_loop(0, m, lambda _, c: step(c), carry)  # the carry is fresh: step 0
+
+    def running(c: _Carry, ahead: int = 1):
+        return (c.step + ahead <= m) & ~jnp.all(c.done)
+
+    group = min(STEPS_PER_CHECK, m)
+    carry = jax.lax.while_loop(lambda c: running(c, group),
+                               lambda c: jax.lax.fori_loop(0, group, lambda _, c: step(c), c), carry)
+    return jax.lax.while_loop(running, step, carry)
 
 
 # -- the public entry points -----------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from easymamba.kernels.selective_scan_reference import (
     selective_state_update_mamba1,
 )
 from easymamba.layers import DepthwiseConv1d, kaiming_uniform_init, normal_init
-from easymamba.mixer import init_dt_bias, sow_hook
+from easymamba.mixer import check_active_rows, hold_rows, init_dt_bias, sow_hook
 from easymamba.model import Mamba2Block, Mamba2ForCausalLM, Mamba2Model
 from easymamba.sharding import MeshRules, constrain, mamba1_logical_axes
 
@@ -129,18 +129,21 @@ class MambaMixer(nnx.Module):
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
                  conv_state: jax.Array | None = None, ssm_state: jax.Array | None = None,
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                 active_rows: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """hidden (b, l, d) -> (out (b, l, d), (conv_state (b, e, k), ssm_state (b, e, n) float32)).
 
         `attention_mask` (b, l) of 0/1 zeroes padded positions where HF 5.23 does: the mixer input before
         in_proj and the conv output after SiLU (so a left-padded row's state stays zero through its pads).
         `conv_state` / `ssm_state` continue a sequence; pass both or neither.
+        `active_rows` (b,) bool, with states: rows where False return their states as given (`hold_rows`).
         """
         cfg = self.config
         b, l, _ = hidden.shape
         e, n, r = cfg.intermediate_size, cfg.state_size, cfg.resolved_time_step_rank
         if (conv_state is None) != (ssm_state is None):
             raise ValueError("MambaMixer needs both conv_state and ssm_state to continue a sequence, or neither")
+        check_active_rows(active_rows, b, conv_state)
+        old_states = conv_state, ssm_state
         decode = l == 1 and conv_state is not None
         mask = None if attention_mask is None else attention_mask[:, -l:, None].astype(hidden.dtype)  # (b, l, 1)
 
@@ -188,7 +191,7 @@ class MambaMixer(nnx.Module):
         sow_hook(self, "hook_gated", y)
         out = self.out_proj(y.astype(self.dtype))                          # (b, l, d)
         sow_hook(self, "hook_out_proj", out)
-        return out, (conv_state, ssm_state)
+        return out, hold_rows(active_rows, old_states, (conv_state, ssm_state))
 
 
 def _step_size(dt, dt_bias, x_dtype) -> jax.Array:

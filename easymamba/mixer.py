@@ -61,6 +61,27 @@ def init_dt_bias(key, num_heads: int, config: Mamba2Config, dtype) -> jax.Array:
     return _inverse_softplus(dt).astype(dtype)
 
 
+def check_active_rows(active_rows, b: int, conv_state) -> None:
+    """A mixer's `active_rows`: (b,) bool, and only with states to hold."""
+    if active_rows is None:
+        return
+    if conv_state is None:
+        raise ValueError("active_rows holds rows of a cache: pass it with conv_state and ssm_state")
+    if tuple(active_rows.shape) != (b,) or active_rows.dtype != jnp.bool_:
+        raise ValueError(f"active_rows must be a bool array of shape (batch,) = ({b},); got {active_rows.dtype}"
+                         f"{list(active_rows.shape)}")
+
+
+def hold_rows(active_rows, old_states, new_states):
+    """The new states, except the rows where `active_rows` is False, which keep the old ones (a finished row of a
+    batch that generation keeps stepping). One `where` per state: in the op-by-op decode step XLA fuses it into
+    the state update's own pass; the fused decode kernel holds the rows itself instead."""
+    if active_rows is None:
+        return new_states
+    return tuple(jnp.where(active_rows.reshape((-1,) + (1,) * (new.ndim - 1)), new, old.astype(new.dtype))
+                 for old, new in zip(old_states, new_states))
+
+
 class Mamba2Mixer(nnx.Module):
     """One Mamba-2 SSM mixer (HF `Mamba2Mixer`), parameters named as in HF's state dict.
 
@@ -107,18 +128,21 @@ class Mamba2Mixer(nnx.Module):
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
                  conv_state: jax.Array | None = None, ssm_state: jax.Array | None = None,
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                 active_rows: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """hidden (b, l, d) -> (out (b, l, d), (conv_state (b, c, k), ssm_state (b, h, p, n) float32)).
 
         `attention_mask` (b, l) of 0/1 zeroes padded positions where HF does: the mixer input before
         in_proj and the conv output after SiLU (so left-padded rows keep a zero state through the pads).
         `conv_state` / `ssm_state` continue a sequence; pass both or neither.
+        `active_rows` (b,) bool, with states: rows where False return their states as given (`hold_rows`).
         """
         cfg = self.config
         b, l, _ = hidden.shape
         e, h, p, g, n = cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.n_groups, cfg.state_size
         if (conv_state is None) != (ssm_state is None):
             raise ValueError("Mamba2Mixer needs both conv_state and ssm_state to continue a sequence, or neither")
+        check_active_rows(active_rows, b, conv_state)
+        old_states = conv_state, ssm_state
         decode = l == 1 and conv_state is not None
         mask = None if attention_mask is None else attention_mask[:, -l:, None].astype(hidden.dtype)  # (b, l, 1)
 
@@ -127,7 +151,7 @@ class Mamba2Mixer(nnx.Module):
         rules = self.mesh_rules
         if decode and rules is None and mask is None and not getattr(self, "__hooks__", ()):
             if decode_step_impl(self.kernel_impl, p, n, cfg.conv_kernel) == "pallas":
-                return self._fused_decode_step(hidden, conv_state, ssm_state)
+                return self._fused_decode_step(hidden, conv_state, ssm_state, active_rows)
         if rules is None:
             z, x, B, C, dt, conv_state = self._project_and_conv_packed(hidden, mask, conv_state, decode)
         else:
@@ -153,10 +177,9 @@ class Mamba2Mixer(nnx.Module):
         sow_hook(self, "hook_inner_norm", y)
         out = self.out_proj(y.astype(self.dtype))                          # (b, l, d)
         sow_hook(self, "hook_out_proj", out)
-        return out, (conv_state, ssm_state)
+        return out, hold_rows(active_rows, old_states, (conv_state, ssm_state))
 
-
-    def _fused_decode_step(self, hidden, conv_state, ssm_state):
+    def _fused_decode_step(self, hidden, conv_state, ssm_state, active_rows):
         """One token of an unsharded model, no mask, no hooks: in_proj, then conv update + SiLU + state update +
         D + gate + grouped norm as one Pallas kernel (`kernels/decode_step_pallas.py`; the norm's last multiply is
         a small XLA fusion), then out_proj. Same numbers as the op-by-op path (tests/test_decode_step_pallas.py).
@@ -170,7 +193,7 @@ class Mamba2Mixer(nnx.Module):
         bias = None if parts[0].bias is None else tuple(part.bias[...].astype(zxbcdt.dtype) for part in parts)
         y, conv_state, ssm_state = mamba2_decode_step(
             zxbcdt, conv_state, weight, bias, self.A_log[...], self.D[...], self.dt_bias[...], ssm_state,
-            self.norm.weight[...], n_groups=cfg.n_groups, eps=self.norm.eps, dt_limit=cfg.time_step_limit,
+            self.norm.weight[...], active_rows, n_groups=cfg.n_groups, eps=self.norm.eps, dt_limit=cfg.time_step_limit,
             A_is_log=True, y_dtype=self.dtype, impl="pallas")
         out = self.out_proj(y[:, None].astype(self.dtype))                 # (b, 1, d)
         return out, (conv_state, ssm_state)

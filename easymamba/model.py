@@ -66,16 +66,17 @@ class Mamba2Block(nnx.Module):
     # turns it on for the copy of the model it differentiates.
     remat: bool = False
 
-    def __call__(self, hidden: jax.Array, *, attention_mask=None, conv_state=None, ssm_state=None):
+    def __call__(self, hidden: jax.Array, *, attention_mask=None, conv_state=None, ssm_state=None,
+                 active_rows=None):
         if self.remat:
-            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, conv_state, ssm_state)
-        return self._forward(hidden, attention_mask, conv_state, ssm_state)
+            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, conv_state, ssm_state, active_rows)
+        return self._forward(hidden, attention_mask, conv_state, ssm_state, active_rows)
 
-    def _forward(self, hidden, attention_mask, conv_state, ssm_state):
+    def _forward(self, hidden, attention_mask, conv_state, ssm_state, active_rows):
         residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
         normed = self.norm(hidden.astype(self.norm.weight.dtype))
         out, states = self.mixer(normed, attention_mask=attention_mask, conv_state=conv_state,
-                                 ssm_state=ssm_state)
+                                 ssm_state=ssm_state, active_rows=active_rows)
         hidden = residual + out
         sow_hook(self, "hook_resid_post", hidden)
         return hidden, states
@@ -140,7 +141,9 @@ class Mamba2Model(nnx.Module):
                              f"model.init_cache({batch_size})")
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache: Mamba2Cache | None = None,
-                 inputs_embeds=None, output_hidden_states: bool = False) -> Mamba2Output:
+                 inputs_embeds=None, output_hidden_states: bool = False, active_rows=None) -> Mamba2Output:
+        """`active_rows` (b,) bool, with a cache: rows where False keep their cache states as they were (their
+        outputs are computed and mean nothing): how generation steps a batch whose rows finish apart."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (b, l) and inputs_embeds (b, l, d)")
         if input_ids is not None and input_ids.ndim != 2:
@@ -153,6 +156,8 @@ class Mamba2Model(nnx.Module):
             attention_mask = _check_attention_mask(attention_mask, b, l)
         if cache is not None:  # before any work: a wrong cache is refused by name, not by a shape error later
             self._check_cache(cache, b)
+        if active_rows is not None and cache is None:
+            raise ValueError("active_rows holds rows of a cache: pass it with cache=")
         rules = self.mesh_rules
         if rules is not None:
             rules.check_batch(b)
@@ -170,7 +175,7 @@ class Mamba2Model(nnx.Module):
                 conv_state = constrain_spec(view.conv_states, rules, conv_spec)
                 ssm_state = constrain_spec(view.ssm_states, rules, ssm_spec)
             hidden, (conv_state, ssm_state) = layer(hidden, attention_mask=attention_mask, conv_state=conv_state,
-                                                    ssm_state=ssm_state)
+                                                    ssm_state=ssm_state, active_rows=active_rows)
             hidden = constrain(hidden, rules, "batch", None, "embed")
             if view is not None:  # the new states keep the cache's layout (a while_loop carry must)
                 new_views.append(view.replace(
@@ -181,7 +186,7 @@ class Mamba2Model(nnx.Module):
         hidden = self.norm_f(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
-        new_cache = None if cache is None else self.CACHE(views=tuple(new_views)).update_seq(l)
+        new_cache = None if cache is None else self.CACHE(views=tuple(new_views)).update_seq(l, active_rows)
         return Mamba2Output(hidden, new_cache, None if all_hidden is None else tuple(all_hidden))
 
 
@@ -213,9 +218,9 @@ class Mamba2ForCausalLM(nnx.Module):
                                         partition_axis=partition_axis, mesh=mesh)
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache: Mamba2Cache | None = None, labels=None,
-                 inputs_embeds=None, output_hidden_states: bool = False) -> Mamba2CausalLMOutput:
+                 inputs_embeds=None, output_hidden_states: bool = False, active_rows=None) -> Mamba2CausalLMOutput:
         out = self.backbone(input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
-                            output_hidden_states=output_hidden_states)
+                            output_hidden_states=output_hidden_states, active_rows=active_rows)
         hidden = out.last_hidden_state
         if self.lm_head is None:
             logits = self.backbone.embeddings.attend(hidden.astype(self.backbone.embeddings.weight.dtype))

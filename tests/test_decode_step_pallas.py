@@ -64,7 +64,7 @@ def as_parts(ops, *, h, p, n, g, form):
 
 
 def as64(ops):
-    return jax.tree.map(lambda a: np.asarray(a, np.float64), ops)
+    return jax.tree.map(lambda a: np.asarray(a, bool if a.dtype == bool else np.float64), ops)
 
 
 def kernel_fn(*, interpret, **kw):
@@ -79,9 +79,11 @@ def kernel_fn(*, interpret, **kw):
 
 
 def check(seed, *, b, h, p, n, g, k, dtype, interpret, steps=1, bias=True, y_dtype=None, block_p=None,
-          form="packed", A_is_log=False):
+          form="packed", A_is_log=False, active=None):
     rng = np.random.default_rng(seed)
     ops = inputs(rng, b=b, h=h, p=p, n=n, g=g, k=k, dtype=dtype, bias=bias)
+    if active is not None:  # rows where False must come out with both states bit for bit as they went in
+        ops["active"] = jnp.asarray(active)
     if A_is_log:
         ops["A"] = jnp.asarray(rng.normal(size=h), dtype)
     kw = dict(n_groups=g, eps=1e-5, dt_limit=(0.001, 3.0), y_dtype=y_dtype, A_is_log=A_is_log)
@@ -92,6 +94,11 @@ def check(seed, *, b, h, p, n, g, k, dtype, interpret, steps=1, bias=True, y_dty
         if step:  # a new token: fresh in_proj output; the states carry over
             ops["zxbcdt"] = ref_ops["zxbcdt"] = jnp.asarray(rng.normal(size=ops["zxbcdt"].shape), dtype)
         y, conv, ssm = kernel(as_parts(ops, h=h, p=p, n=n, g=g, form=form))
+        if active is not None:
+            held = ~np.asarray(active)
+            assert np.array_equal(np.asarray(conv)[held], np.asarray(ops["conv_state"])[held])
+            assert np.array_equal(np.asarray(ssm)[held], np.asarray(ops["ssm_state"])[held])
+            assert not np.array_equal(np.asarray(ssm)[~held], np.asarray(ops["ssm_state"])[~held])
         if dtype == jnp.float32:
             with jax.enable_x64(True):
                 y_r, conv_r, ssm_r = jax.tree.map(np.asarray, decode_step_ref(**as64(ref_ops), **kw))
@@ -141,6 +148,20 @@ def test_channel_blocks_interpret():
     check(4, **SHAPES["g2_b1"], dtype=jnp.float32, interpret=True, block_p=2, form="parts5")
     with pytest.raises(ValueError, match="block_p"):
         check(4, **SHAPES["g2_b1"], dtype=jnp.float32, interpret=True, block_p=3)
+
+
+def test_held_rows_keep_their_states_interpret():
+    # `active`: rows where False keep both states exactly; the others step as without it (3 chained steps, several
+    # programs per head so that the group's B / C window writer is a held row's program too)
+    check(8, **SHAPES["g2_b1"] | dict(b=3), dtype=jnp.float32, interpret=True, steps=3, block_p=2,
+          active=[True, False, True])
+    check(9, **SHAPES["g1"], dtype=jnp.bfloat16, interpret=True, steps=2, active=[False, True])
+    rng = np.random.default_rng(10)
+    ops = inputs(rng, **SHAPES["g1"], dtype=jnp.float32)
+    with pytest.raises(ValueError, match="active must be a bool array of shape"):
+        mamba2_decode_step(**ops, active=jnp.ones((3,), jnp.bool_), n_groups=1, eps=1e-5, impl="xla")
+    with pytest.raises(ValueError, match="active must be a bool array of shape"):
+        mamba2_decode_step(**ops, active=jnp.ones((2,), jnp.int32), n_groups=1, eps=1e-5, impl="pallas")
 
 
 def test_public_wrapper():
@@ -200,6 +221,12 @@ def test_float32_gpu(shape):
 
 @gpu
 @needs_gpu
+def test_held_rows_keep_their_states_gpu():
+    check(11, **GPU_SHAPES["130M"], dtype=jnp.bfloat16, interpret=False, steps=3, active=[True, False, True])
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("form", ["packed", "parts5"])
 def test_bfloat16_gpu(form):
     check(8, **GPU_SHAPES["130M"], dtype=jnp.bfloat16, interpret=False, steps=3, form=form, A_is_log=True)
@@ -221,24 +248,30 @@ def test_auto_picks_kernel_gpu():
 
 
 # -- the model's decode path ------------------------------------------------------------------------------------
-def _model_decode(kernel_impl, config, steps, dtype=jnp.float32):
-    """Prefill 5 tokens op by op, then `steps` cached decode steps with the model's kernels set to `kernel_impl`.
-    Returns (per-step logits, final conv states, final SSM states)."""
+def _model_decode(kernel_impl, config, steps, dtype=jnp.float32, active_rows=None, prefill_states=None):
+    """Prefill 5 tokens op by op, then `steps` cached decode steps with the model's kernels set to `kernel_impl`
+    (and `active_rows` given to each). Returns (per-step logits, final conv states, final SSM states); the
+    prefill's (conv, SSM) states are appended to the list `prefill_states` when one is given."""
     from flax import nnx
 
     import easymamba as em
     model = em.Mamba2ForCausalLM(config, rngs=nnx.Rngs(3), dtype=dtype, kernel_impl="reference")
     ids = jnp.asarray(np.random.default_rng(21).integers(0, config.vocab_size, size=(2, 5 + steps)), jnp.int32)
     cache = model(ids[:, :5], cache=model.init_cache(2)).cache
+    if prefill_states is not None:
+        prefill_states.append((jnp.stack([v.conv_states for v in cache.views]),
+                               jnp.stack([v.ssm_states for v in cache.views]), cache.views[0].positions))
     for layer in model.backbone.layers:
         layer.mixer.kernel_impl = kernel_impl
     graphdef, state = nnx.split(model)
-    step = jax.jit(lambda s, tok, c: nnx.merge(graphdef, s)(tok, cache=c))
+    step = jax.jit(lambda s, tok, c: nnx.merge(graphdef, s)(tok, cache=c, active_rows=active_rows))
     logits = []
     for t in range(5, 5 + steps):
         out = step(state, ids[:, t:t + 1], cache)
         cache = out.cache
         logits.append(out.logits)
+    if prefill_states is not None:
+        prefill_states.append(cache.views[0].positions)
     return (jnp.stack(logits), jnp.stack([v.conv_states for v in cache.views]),
             jnp.stack([v.ssm_states for v in cache.views]))
 
@@ -261,3 +294,24 @@ def test_model_decode_steps_through_the_fused_kernel_interpret(monkeypatch):
     assert len(calls) == config.num_hidden_layers                # not on the op-by-op path
     for got, want in zip(fused, ref):
         assert rel_err(got, want) <= 1e-5, rel_err(got, want)
+
+
+@pytest.mark.parametrize("kernel_impl", ["pallas", "reference"])
+def test_model_holds_inactive_rows_interpret(kernel_impl):
+    # `active_rows` through the model, on the fused kernel (interpreted) and the op-by-op path: the held row
+    # (row 1) leaves 3 decode steps with the prefill's states and position bit for bit; the active row steps as
+    # without the mask (the same path, so the same numbers: exact)
+    import easymamba as em
+
+    config = em.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=8,
+                             state_size=8, n_groups=2, expand=1, conv_kernel=4, chunk_size=4)
+    seen = []
+    _, conv, ssm = _model_decode(kernel_impl, config, steps=3, active_rows=jnp.asarray([True, False]),
+                                 prefill_states=seen)
+    (conv0, ssm0, pos0), pos = seen
+    np.testing.assert_array_equal(conv[:, 1], conv0[:, 1])
+    np.testing.assert_array_equal(ssm[:, 1], ssm0[:, 1])
+    np.testing.assert_array_equal(pos, pos0 + jnp.asarray([3, 0]))
+    logits_free, conv_free, ssm_free = _model_decode(kernel_impl, config, steps=3)
+    np.testing.assert_array_equal(conv[:, 0], conv_free[:, 0])
+    np.testing.assert_array_equal(ssm[:, 0], ssm_free[:, 0])

@@ -183,10 +183,10 @@ class BaseCache:
             view = dataclasses.replace(view, layer_index=index)
         return self._with_view(index, view)
 
-    def update_seq(self, num: Any):
+    def update_seq(self, num: Any, active_rows: Any = None):
         """Advance every view's `positions` and `seqlen_offset` by `num` (an int or an integer scalar array,
-        traced or not, e.g. inside `lax.while_loop`)."""
-        return type(self)(tuple(None if v is None else v.update_seq(num) for v in self.views))
+        traced or not, e.g. inside `lax.while_loop`); with `active_rows` (b,) bool only those rows' positions."""
+        return type(self)(tuple(None if v is None else v.update_seq(num, active_rows) for v in self.views))
 
     def reset(self):
         """Zero states, positions and offsets in every view; empty slots stay empty."""

@@ -268,12 +268,20 @@ class BaseCacheView:
             raise ValueError(f"new_ssm_state [{dims}] must have shape {shape}; found {found}")
         return dataclasses.replace(self, ssm_states=jnp.asarray(new_ssm_state).astype(self.ssm_states.dtype))
 
-    def update_seq(self, num: Any):
-        """Advance every row's position and `seqlen_offset` by `num` (an int or integer scalar, may be traced)."""
+    def update_seq(self, num: Any, active_rows: Any = None):
+        """Advance every row's position and `seqlen_offset` by `num` (an int or integer scalar, may be traced).
+        `active_rows` (b,) bool: only those rows' positions advance (the others were held; `seqlen_offset`, the
+        batch's count, advances regardless)."""
         step = _as_int32_step(num)
+        positions = self.positions + step
+        if active_rows is not None:
+            if tuple(jnp.shape(active_rows)) != tuple(self.positions.shape):
+                raise ValueError(f"active_rows must have shape {tuple(self.positions.shape)} (batch,); found "
+                                 f"{tuple(jnp.shape(active_rows))}")
+            positions = jnp.where(active_rows, positions, self.positions)
         return dataclasses.replace(
             self,
-            positions=(self.positions + step).astype(jnp.int32),
+            positions=positions.astype(jnp.int32),
             seqlen_offset=(self.seqlen_offset + step).astype(jnp.int32),
         )
 

@@ -31,6 +31,11 @@ The SSM state is updated in place (`input_output_aliases`; donate it under jit).
 program of a group reads the group's B / C window, so an in-place write by one of them would race with the
 others' reads; a new conv state buffer is written instead.
 
+`active` [b] bool (optional): rows where False keep both states as they were (a finished row of a batch that
+generation keeps stepping); their y is computed as without `active` (and means nothing). The kernel writes those
+rows' loaded states back unchanged, so holding a row costs no pass over the state (a `where` after the call would read both
+states and break the in-place update).
+
 Upstream: mamba_ssm `Mamba2.step` (causal_conv1d_update, selective_state_update with TIE_HDIM, RMSNormGated
 with group_size = e / g). Backward: the VJP of `decode_step_ref` (a custom VJP, as the other kernels here).
 """
@@ -147,19 +152,21 @@ def _round_like(x, dtype):
     return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
-def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, *,
-                    n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None):
+def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active=None,
+                    *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None):
     """A Mamba-2 layer's decode step from the existing references: conv update + SiLU, state update, gated norm.
 
     zxbcdt: the in_proj output for one token, [b, 2e + 2gn + h] packed as [z | x | B | C | dt] (HF), or the
     tuple (z [b, e], xBC [b, c], dt [b, h]), or (z, x [b, e], B [b, gn], C [b, gn], dt); dt raw (before dt_bias).
     conv_state [b, c, k]; conv_weight [c, k] or its (x, B, C) parts [e | gn, k]; conv_bias [c], parts, or None;
     A [h] (float32, negative; or A_log when `A_is_log`); D [h]; dt_bias [h]; ssm_state [b, h, p, n];
-    norm_weight [e]. Returns (y [b, e] in y_dtype (default z's), the input of out_proj; new conv_state in
-    conv_state's dtype; new ssm_state in ssm_state's dtype).
+    norm_weight [e]; active [b] bool or None (rows where False keep both states). Returns (y [b, e] in y_dtype
+    (default z's), the input of out_proj; new conv_state in conv_state's dtype; new ssm_state in ssm_state's dtype).
     """
     (b, e, c, k, h, p, n, g), widths, act, weight, bias = _operands(zxbcdt, conv_weight, conv_bias, conv_state,
                                                                     ssm_state, n_groups)
+    _check_active(active, b)
+    old_conv, old_ssm = conv_state, ssm_state
     z, dt = _part(act, "z", e, 1), _part(act, "dt", h, 1)
     join = lambda src, axis: jnp.concatenate([_part(src, m, widths[m], axis) for m in _CONV_PARTS], axis)  # noqa
     xBC, w = join(act, 1), join(weight, 0)  # [b, c], [c, k]
@@ -177,7 +184,16 @@ def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, s
     grouped = gated.reshape(b, g, e // g)  # [b, g, e/g]
     normed = grouped * lax.rsqrt(jnp.mean(jnp.square(grouped), axis=-1, keepdims=True) + eps)
     y = norm_weight.astype(jnp.float32) * normed.reshape(b, e)
+    if active is not None:
+        conv_state = jnp.where(active[:, None, None], conv_state, old_conv)
+        ssm_state = jnp.where(active[:, None, None, None], ssm_state, old_ssm)
     return y.astype(z.dtype if y_dtype is None else y_dtype), conv_state, ssm_state
+
+
+def _check_active(active, b):
+    if active is not None and (tuple(active.shape) != (b,) or active.dtype != jnp.bool_):
+        raise ValueError(f"active must be a bool array of shape (batch,) = ({b},); got {active.dtype}"
+                         f"{list(active.shape)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,11 +206,14 @@ def _softplus(v):
     return jnp.where(v > 20.0, v, jnp.log1p(jnp.exp(jnp.minimum(v, 20.0))))
 
 
-def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log):
+def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log, has_active):
     """`where[part] = (input position, offset)` for z, x, B, C, dt, w_x, w_B, w_C and (if any) b_x, b_B, b_C;
-    then the inputs conv_state, A, D, dt_bias, ssm_state at positions n_in - 5 .. n_in - 1."""
+    then the inputs conv_state, A, D, dt_bias, ssm_state at positions n_in - 5 .. n_in - 1, and the row's
+    `active` flag [1] int32 after them when `has_active`."""
+    n_ops = n_in - 1 if has_active else n_in
     ins, (y_ref, ss_ref, conv_out_ref, state_out_ref) = refs[:n_in], refs[n_in:]
-    conv_ref, A_ref, D_ref, dtb_ref, state_ref = ins[n_in - 5:]
+    conv_ref, A_ref, D_ref, dtb_ref, state_ref = ins[n_ops - 5:n_ops]
+    live = ins[n_in - 1][0] != 0 if has_active else None  # this row steps (else its states stay as loaded)
     f32 = jnp.float32
 
     def load(part, start, size):  # [size] of an operand given packed or in parts
@@ -225,6 +244,8 @@ def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log):
         acc = jnp.sum(window * ins[wpos][pl.ds(woff + start, size), :].astype(f32), axis=1)  # [S]
         if "b_" + part in where:
             acc = acc + load("b_" + part, start, size).astype(f32)
+        if live is not None:  # a held row writes back the window it had
+            window = jnp.where(live, window, conv_ref[rows, col].astype(f32))
         return (acc * jax.nn.sigmoid(acc)).astype(new.dtype).astype(f32), window
 
     x, x_win = conv("x", c0, block_p, c0)  # [P], [P, k]
@@ -232,8 +253,11 @@ def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log):
     C, C_win = conv("C", gi * n, n, e + g * n + gi * n)
 
     dt = jnp.clip(_softplus(dt), dt_limit[0], dt_limit[1])
+    old = state
     state = jnp.exp(dt * A) * state + (dt * x)[:, None] * B[None, :]  # [P, n]
     y = (jnp.sum(state * C[None, :], axis=1) + D * x) * (z * jax.nn.sigmoid(z))  # [P]
+    if live is not None:
+        state = jnp.where(live, state, old)
 
     state_out_ref[...] = state.astype(state_out_ref.dtype)
     y_ref[...] = y  # float32, gated, not yet normalised
@@ -256,8 +280,8 @@ def _default_block_p(b: int, h: int, p: int) -> int:
     return bp
 
 
-def _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, *, n_groups, dt_limit,
-                 A_is_log, block_p):
+def _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, active=None, *, n_groups,
+                 dt_limit, A_is_log, block_p):
     """The pallas_call: (gated y [b, e] float32, sums of its squares per program [b, h * p / block_p], new
     conv_state, new ssm_state). Batch rows and heads are independent here (a mesh can run it per shard); the
     norm's group reduction, which spans heads, is `_finish_norm`'s."""
@@ -294,10 +318,14 @@ def _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_
     state_spec = pl.BlockSpec((None, None, bp, n), lambda bi, hi, pj: (bi, hi, pj, 0))
     inputs += [conv_state, A, D, dt_bias, ssm_state]
     specs += [whole_row(c, k), per_head, per_head, per_head, state_spec]
+    state_pos = len(inputs) - 1
+    if active is not None:
+        inputs.append(active.astype(jnp.int32)[:, None])  # [b, 1]
+        specs.append(whole_row(1))
     n_in = len(inputs)
 
     kernel = functools.partial(_kernel, where=where, n_in=n_in, e=e, g=g, n=n, p=p, k=k, r=r, block_p=bp,
-                               dt_limit=dt_limit, A_is_log=A_is_log)
+                               dt_limit=dt_limit, A_is_log=A_is_log, has_active=active is not None)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((b, e), jnp.float32), jax.ShapeDtypeStruct((b, h * npb), jnp.float32),
@@ -308,7 +336,7 @@ def _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_
         out_specs=(pl.BlockSpec((None, bp), lambda bi, hi, pj: (bi, hi * npb + pj)),
                    pl.BlockSpec((None, None), lambda bi, hi, pj: (bi, hi * npb + pj)),
                    whole_row(c, k), state_spec),
-        input_output_aliases={n_in - 1: 3},
+        input_output_aliases={state_pos: 3},
         compiler_params=pu.compiler_params(num_warps=4 if bp * n <= 64 * 128 else 8, num_stages=1),
         interpret=pu.interpret_mode(),
         name="mamba2_decode_step",
@@ -324,10 +352,10 @@ def _finish_norm(y, ss, norm_weight, *, n_groups, eps, y_dtype):
     return y.reshape(b, e).astype(y_dtype)
 
 
-def _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, *,
+def _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active, *,
              n_groups, eps, dt_limit, A_is_log, y_dtype, block_p):
     y, ss, conv_state, ssm_state = _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias,
-                                                ssm_state, n_groups=n_groups, dt_limit=dt_limit, A_is_log=A_is_log,
+                                                ssm_state, active, n_groups=n_groups, dt_limit=dt_limit, A_is_log=A_is_log,
                                                 block_p=block_p)
     z_dtype = (zxbcdt[0] if isinstance(zxbcdt, (tuple, list)) else zxbcdt).dtype
     y = _finish_norm(y, ss, norm_weight, n_groups=n_groups, eps=eps, y_dtype=z_dtype if y_dtype is None else y_dtype)
@@ -337,22 +365,24 @@ def _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_stat
 _NONDIFF = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype", "block_p")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(9, 9 + len(_NONDIFF))))
-def _decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, *statics):
-    return _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
+@functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(10, 10 + len(_NONDIFF))))
+def _decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active,
+                 *statics):
+    return _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active,
                     **dict(zip(_NONDIFF, statics)))
 
 
 def _decode_step_fwd(*args):
-    return _decode_step(*args), args[:9]
+    return _decode_step(*args), args[:10]
 
 
 def _decode_step_bwd(*rest):
     # a decode step's backward is rare (RL, online learning): the reference's VJP, exact
     statics, (residuals, cotangents) = dict(zip(_NONDIFF, rest[:len(_NONDIFF)])), rest[len(_NONDIFF):]
     statics.pop("block_p")
-    _, vjp = jax.vjp(functools.partial(decode_step_ref, **statics), *residuals)
-    return vjp(cotangents)
+    *residuals, active = residuals
+    _, vjp = jax.vjp(functools.partial(decode_step_ref, active=active, **statics), *residuals)
+    return (*vjp(cotangents), None)  # `active` is a bool mask: no cotangent
 
 
 _decode_step.defvjp(_decode_step_fwd, _decode_step_bwd)
@@ -365,8 +395,8 @@ def _static(n_groups, eps, dt_limit, y_dtype):
     return int(n_groups), float(eps), (float(lo), float(hi)), None if y_dtype is None else jnp.dtype(y_dtype)
 
 
-def decode_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, *,
-                       n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None,
+def decode_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
+                       active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None,
                        block_p: int | None = None):
     """Same contract as `decode_step_ref`; one Pallas kernel plus the norm's last step in XLA. Compiled on GPU
     (shapes: `decode_step_supported`), interpreted elsewhere. `block_p`: channels of a head per program, a power of
@@ -374,8 +404,8 @@ def decode_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias
     n_groups, eps, dt_limit, y_dtype = _static(n_groups, eps, dt_limit, y_dtype)
     kw = dict(n_groups=n_groups, eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype)
     jax.eval_shape(functools.partial(decode_step_ref, **kw),  # the reference's shape checks; abstract, no compute
-                   zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight)
-    return _decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
+                   zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active)
+    return _decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active,
                         *kw.values(), None if block_p is None else int(block_p))
 
 
@@ -423,8 +453,8 @@ _xla = jax.jit(decode_step_ref, static_argnames=_STATIC)
 _pallas = jax.jit(decode_step_pallas, static_argnames=_STATIC + ("block_p",))
 
 
-def mamba2_decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, *,
-                       n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None,
+def mamba2_decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
+                       active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None,
                        impl: str = "auto"):
     """A Mamba-2 layer's decode step from the in_proj output to the out_proj input (see the module docstring;
     operands as `decode_step_ref`). Returns (y [b, e] in y_dtype (default z's dtype), new conv_state, new
@@ -432,11 +462,13 @@ def mamba2_decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias
 
     impl: "pallas" the kernel (compiled on an sm_80+ GPU, interpreted on CPU), "xla" the jitted
     `decode_step_ref`, "auto" the kernel where it compiles and was measured faster (GPU), else XLA.
+    `active` [b] bool: rows where False keep both states (module docstring).
     Inside a jitted decode loop, donate the SSM state: the kernel writes it in place.
     """
     b, _, p, n = ssm_state.shape
     impl = _resolve(impl, p, n, conv_state.shape[-1])
     n_groups, eps, dt_limit, y_dtype = _static(n_groups, eps, dt_limit, y_dtype)
     fn = _xla if impl == "xla" else _pallas
-    return fn(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, n_groups=n_groups,
+    return fn(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active,
+              n_groups=n_groups,
               eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype)
