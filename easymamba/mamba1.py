@@ -162,7 +162,7 @@ class MambaMixer(nnx.Module):
         bias = None if self.conv1d.bias is None else self.conv1d.bias[...].astype(x.dtype)
         if decode:
             x1, conv_state = kernels.causal_conv1d_update(x[:, 0], conv_state, weight, bias, activation="silu",
-                                                          shard=conv_shard)
+                                                          impl=self.kernel_impl, shard=conv_shard)
             x = x1[:, None]                                                # (b, 1, e)
         else:
             x, conv_state = kernels.causal_conv1d(x, weight, bias, activation="silu", initial_state=conv_state,

@@ -165,7 +165,7 @@ class Mamba2Mixer(nnx.Module):
         if decode:
             y, ssm_state = kernels.selective_state_update(
                 ssm_state, x[:, 0].reshape(b, h, p), dt[:, 0], A, B[:, 0].reshape(b, g, n),
-                C[:, 0].reshape(b, g, n), shard=shard, **ssm_kwargs)
+                C[:, 0].reshape(b, g, n), impl=self.kernel_impl, shard=shard, **ssm_kwargs)
             y = y[:, None]                                                 # (b, 1, h, p)
         else:
             y, ssm_state = kernels.ssd(
@@ -227,7 +227,7 @@ class Mamba2Mixer(nnx.Module):
                 state = constrain(constrain(state, rules, "batch", None, None), rules, "batch", axis, None)
             if decode:
                 y, state = kernels.causal_conv1d_update(part[:, 0], state, weight, bias, activation="silu",
-                                                        shard=part_shard)
+                                                        impl=self.kernel_impl, shard=part_shard)
                 y = y[:, None]                                             # (b, 1, channels)
             else:
                 y, state = kernels.causal_conv1d(part, weight, bias, activation="silu", initial_state=state,
@@ -259,7 +259,8 @@ class Mamba2Mixer(nnx.Module):
         z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)     # (b,l,e) (b,l,c) (b,l,h)
         weight, bias = self.conv1d.packed(xbc.dtype)
         if decode:
-            xbc1, conv_state = kernels.causal_conv1d_update(xbc[:, 0], conv_state, weight, bias, activation="silu")
+            xbc1, conv_state = kernels.causal_conv1d_update(xbc[:, 0], conv_state, weight, bias, activation="silu",
+                                                            impl=self.kernel_impl)
             xbc = xbc1[:, None]                                            # (b, 1, c)
         else:
             xbc, conv_state = kernels.causal_conv1d(xbc, weight, bias, activation="silu", initial_state=conv_state,

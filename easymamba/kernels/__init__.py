@@ -11,8 +11,12 @@ Public entry points (shapes in `easymamba.typing` letters):
 says how the operands are split over a device mesh: a Pallas kernel then runs once per shard under
 `jax.shard_map` (GSPMD cannot partition a custom kernel call), on its batch rows and heads (or conv channels);
 the XLA and reference forms ignore it and are partitioned by GSPMD. The Pallas kernels live in `ssd_pallas_gpu.py`,
-`conv1d_pallas.py` and `state_update_pallas.py` (docs/kernels.md); the pure-JAX references they are tested
-against (`ssd_naive`, `ssd_chunked`, `segsum`, `selective_state_update_ref`, `causal_conv1d_ref`,
+`conv1d_pallas.py` and `state_update_pallas.py` (Triton-style: compiled on GPU, interpreted on CPU), and in
+`ssd_pallas_tpu.py`, `conv1d_pallas_tpu.py` and `state_update_pallas_tpu.py` (Mosaic TPU: what impl="pallas" runs
+on a TPU backend; docs/kernels.md). Every TPU form takes the same operands and options as its GPU form (seq_idx,
+initial states, D, z, dt_bias, dt_limit), so the choice changes the kernel, never the contract; the shapes each
+compiles for differ, and are checked per backend here. The pure-JAX references they are tested against
+(`ssd_naive`, `ssd_chunked`, `segsum`, `selective_state_update_ref`, `causal_conv1d_ref`,
 `causal_conv1d_update_ref`) are re-exported.
 
 Mamba-1's selective scan (`selective_scan_reference.py`): `selective_scan_naive` (the recurrence, ground truth),
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from easymamba.kernels import conv1d_pallas_tpu, dispatch, ssd_pallas_tpu, state_update_pallas_tpu
 from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas, causal_conv1d_update_pallas, conv1d_supported
 from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
 from easymamba.kernels.dispatch import describe, resolve_impl
@@ -71,6 +76,15 @@ _ssd_pallas = jax.jit(ssd_pallas, static_argnames=_SSD_STATIC + ("y_dtype", "con
 _conv_pallas = jax.jit(causal_conv1d_pallas, static_argnames=("activation",))
 _conv_update_pallas = jax.jit(causal_conv1d_update_pallas, static_argnames=("activation",))
 _state_update_pallas = jax.jit(selective_state_update_pallas, static_argnames=("dt_softplus", "dt_limit"))
+# The Mosaic TPU forms, named through their modules: a package attribute `ssd_pallas_tpu` holding the function
+# would shadow the submodule of that name. `interpret` stays None: compiled on a TPU, Pallas' TPU interpreter
+# elsewhere (tests that fake a TPU backend for the choice only).
+_ssd_tpu = jax.jit(ssd_pallas_tpu.ssd_pallas_tpu, static_argnames=_SSD_STATIC + ("y_dtype", "config", "interpret"))
+_conv_tpu = jax.jit(conv1d_pallas_tpu.causal_conv1d_tpu,
+                    static_argnames=("activation", "interpret", "block_l", "block_c"))
+_conv_update_tpu = jax.jit(conv1d_pallas_tpu.causal_conv1d_update_tpu, static_argnames=("activation", "interpret"))
+_state_update_tpu = jax.jit(state_update_pallas_tpu.selective_state_update_tpu,
+                            static_argnames=("dt_softplus", "dt_limit", "interpret", "block_h"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +139,36 @@ def _local_groups(B, shard: MeshAxes, num_heads: int):
     return jnp.take(B, (first + jnp.arange(per_shard)) // per_group, axis=B.ndim - 2)  # one group per head
 
 
+def _local_heads_groups(h: int, g: int, shard: MeshAxes | None) -> tuple[int, int]:
+    """(heads, groups) that one shard's kernel call sees: h split over `shard.heads`, and B/C's groups either
+    split over `shard.groups` or cut to the groups the shard's heads read (as `_local_groups` cuts them)."""
+    if shard is None or shard.heads is None or h % shard.size(shard.heads):
+        return h, g  # unsplit heads (or a split shard_map itself refuses)
+    local = h // shard.size(shard.heads)
+    if shard.groups is not None:
+        return local, g // shard.size(shard.groups)
+    per_group = h // g
+    if local % per_group == 0 or per_group % local == 0:
+        return local, max(local // per_group, 1)
+    return local, local  # one group per head
+
+
+def _ssd_shapes(backend: str, x, B, C, z, shard: MeshAxes | None) -> tuple[bool, str]:
+    """Whether `backend`'s SSD kernel handles these operands (the TPU kernel: per shard), and them in words."""
+    if x.ndim != 4 or B.ndim != 4:
+        return False, f"x {x.shape}, B {B.shape}"
+    p, n = x.shape[3], B.shape[3]
+    if backend != "tpu":
+        return ssd_supported(p, n), f"p = {p}, n = {n}"
+    h, g = _local_heads_groups(x.shape[2], B.shape[2], shard)
+    tpu_dtypes = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+    dtypes_ok = all(a is None or jnp.dtype(a.dtype) in tpu_dtypes for a in (B, C, z))
+    q = ssd_pallas_tpu.SSDTPUConfig().q  # the chunk `ssd` runs the kernel with
+    ok = dtypes_ok and ssd_pallas_tpu.ssd_tpu_supported(p, n, h=h, g=g, q=q, dtype=x.dtype)
+    per = " per shard" if shard is not None and shard.heads is not None else ""
+    return ok, f"p = {p}, n = {n}, h = {h} and g = {g}{per}, x in {jnp.dtype(x.dtype).name}"
+
+
 def _static_limit(dt_limit) -> tuple[float, float]:
     """dt_limit as a hashable pair of Python floats, so it can be a static jit argument."""
     low, high = dt_limit
@@ -152,11 +196,15 @@ def ssd(
     """The Mamba-2 SSD scan; returns (y [b,l,h,p], final_state [b,h,p,n]) in promote(x.dtype, float32).
 
     Semantics: `ssd_naive` (the recurrence) — see `easymamba.kernels.ssd_reference` for the math, seq_idx and
-    dtype rules. `impl` in ("auto", "pallas", "xla", "reference"), resolved by `dispatch.resolve_impl`.
+    dtype rules. `impl` in ("auto", "pallas", "xla", "reference"), resolved by `dispatch.resolve_impl`; on a TPU
+    "pallas" is `ssd_pallas_tpu` (its chunk is its own `SSDTPUConfig().q`; `chunk_size` sets the backward's).
     `shard`: the operands' mesh layout (`MeshAxes`); the Pallas kernel then runs per shard.
     """
-    impl = resolve_impl(impl, "ssd", shape_ok=x.ndim == B.ndim == 4 and ssd_supported(x.shape[-1], B.shape[-1]))
-    fn = {"pallas": _ssd_pallas, "xla": _ssd_xla}.get(impl, ssd_chunked)
+    backend = dispatch.platform()
+    shape_ok, shapes = _ssd_shapes(backend, x, B, C, z, shard)
+    impl = resolve_impl(impl, "ssd", shape_ok=shape_ok, shapes=shapes, backend=backend)
+    pallas = _ssd_tpu if backend == "tpu" else _ssd_pallas
+    fn = {"pallas": pallas, "xla": _ssd_xla}.get(impl, ssd_chunked)
     static = dict(chunk_size=chunk_size, dt_softplus=bool(dt_softplus), dt_limit=_static_limit(dt_limit))
     args = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, seq_idx=seq_idx)
     if impl != "pallas" or shard is None:
@@ -177,13 +225,15 @@ def ssd(
                        (PartitionSpec(b_, None, h_, None), PartitionSpec(b_, h_, None, None)))
 
 
-def _conv_shape_ok(weight, shard: MeshAxes | None) -> bool:
-    """Whether the conv kernel compiles for the channels each shard holds."""
+def _conv_shapes(backend: str, weight, shard: MeshAxes | None) -> tuple[bool, str]:
+    """Whether `backend`'s conv kernel compiles for the channels each shard holds, and the shapes in words."""
     if weight.ndim != 2:
-        return False
+        return False, f"weight {weight.shape}"
     c, k = weight.shape
     split = 1 if shard is None else shard.size(shard.heads)
-    return c % split == 0 and conv1d_supported(c // split, k)
+    supported = conv1d_pallas_tpu.conv1d_tpu_supported if backend == "tpu" else conv1d_supported
+    per = f" over {split} shards" if split > 1 else ""
+    return c % split == 0 and supported(c // split, k), f"c = {c} channels{per}, k = {k}"
 
 
 def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None, seq_idx=None, impl="auto",
@@ -191,10 +241,13 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None
     """Depthwise causal conv1d; returns (y [b,l,c], conv_state [b,c,k]) in x's dtype.
 
     Semantics: `causal_conv1d_ref` (see `easymamba.kernels.conv1d_reference`). `shard`: channels split over
-    `shard.heads`, rows over `shard.batch`; the Pallas kernel then runs per shard.
+    `shard.heads`, rows over `shard.batch`; the Pallas kernel (on a TPU `causal_conv1d_tpu`) then runs per shard.
     """
-    impl = resolve_impl(impl, "causal_conv1d", shape_ok=_conv_shape_ok(weight, shard))
-    fn = {"pallas": _conv_pallas, "xla": _conv_xla}.get(impl, causal_conv1d_ref)
+    backend = dispatch.platform()
+    shape_ok, shapes = _conv_shapes(backend, weight, shard)
+    impl = resolve_impl(impl, "causal_conv1d", shape_ok=shape_ok, shapes=shapes, backend=backend)
+    pallas = _conv_tpu if backend == "tpu" else _conv_pallas
+    fn = {"pallas": pallas, "xla": _conv_xla}.get(impl, causal_conv1d_ref)
     args = dict(x=x, weight=weight, bias=bias, initial_state=initial_state, seq_idx=seq_idx)
     if impl != "pallas" or shard is None:
         return fn(**args, activation=activation)
@@ -207,9 +260,13 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu", impl="auto",
                          shard: MeshAxes | None = None):
-    """One decode step of the causal conv; returns (y [b,c] in x's dtype, new conv_state [b,c,k])."""
-    impl = resolve_impl(impl, "causal_conv1d_update", shape_ok=_conv_shape_ok(weight, shard))
-    fn = {"pallas": _conv_update_pallas, "xla": _conv_update_xla}.get(impl, causal_conv1d_update_ref)
+    """One decode step of the causal conv; returns (y [b,c] in x's dtype, new conv_state [b,c,k]). On a TPU
+    impl="pallas" is `causal_conv1d_update_tpu`."""
+    backend = dispatch.platform()
+    shape_ok, shapes = _conv_shapes(backend, weight, shard)
+    impl = resolve_impl(impl, "causal_conv1d_update", shape_ok=shape_ok, shapes=shapes, backend=backend)
+    pallas = _conv_update_tpu if backend == "tpu" else _conv_update_pallas
+    fn = {"pallas": pallas, "xla": _conv_update_xla}.get(impl, causal_conv1d_update_ref)
     args = dict(x=x, conv_state=conv_state, weight=weight, bias=bias)
     if impl != "pallas" or shard is None:
         return fn(**args, activation=activation)
@@ -224,10 +281,15 @@ def selective_state_update(
     state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
     impl="auto", shard: MeshAxes | None = None,
 ):
-    """One decode step of the SSD recurrence; returns (y [b,h,p], new state [b,h,p,n] in state's dtype)."""
-    shape_ok = state.ndim == 4 and state_update_supported(*state.shape[2:])
-    impl = resolve_impl(impl, "selective_state_update", shape_ok=shape_ok)
-    fn = {"pallas": _state_update_pallas, "xla": _state_update_xla}.get(impl, selective_state_update_ref)
+    """One decode step of the SSD recurrence; returns (y [b,h,p], new state [b,h,p,n] in state's dtype). On a TPU
+    impl="pallas" is `selective_state_update_tpu`."""
+    backend = dispatch.platform()
+    supported = state_update_pallas_tpu.state_update_tpu_supported if backend == "tpu" else state_update_supported
+    shape_ok = state.ndim == 4 and supported(*state.shape[2:])
+    shapes = f"p = {state.shape[2]}, n = {state.shape[3]}" if state.ndim == 4 else f"state {state.shape}"
+    impl = resolve_impl(impl, "selective_state_update", shape_ok=shape_ok, shapes=shapes, backend=backend)
+    pallas = _state_update_tpu if backend == "tpu" else _state_update_pallas
+    fn = {"pallas": pallas, "xla": _state_update_xla}.get(impl, selective_state_update_ref)
     static = dict(dt_softplus=bool(dt_softplus), dt_limit=_static_limit(dt_limit))
     args = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     if impl != "pallas" or shard is None:

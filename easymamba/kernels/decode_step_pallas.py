@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from easymamba.kernels import dispatch
 from easymamba.kernels import pallas_util as pu
 from easymamba.kernels.conv1d_reference import causal_conv1d_update_ref
 from easymamba.kernels.ssd_reference import selective_state_update_ref
@@ -442,9 +443,12 @@ def _resolve(impl: str, p: int, n: int, k: int) -> str:
 
 def decode_step_impl(kernel_impl: str, p: int, n: int, k: int) -> str:
     """What a model whose kernels were asked for `kernel_impl` ("auto" | "pallas" | "xla" | "reference", the
-    mixer's setting) runs for its decode step: "pallas" (this kernel) or "xla" (the mixer's op-by-op path)."""
+    mixer's setting) runs for its decode step: "pallas" (this kernel) or "xla" (the mixer's op-by-op path; on TPU
+    also for "pallas", where that path's conv and state updates run their Mosaic TPU kernels)."""
     if kernel_impl in ("xla", "reference"):
         return "xla"
+    if kernel_impl == "pallas" and dispatch.platform() == "tpu":
+        return "xla"  # no TPU form of this fused kernel: the op-by-op step, whose ops run their TPU kernels
     return _resolve(kernel_impl, p, n, k)
 
 

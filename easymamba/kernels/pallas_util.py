@@ -1,6 +1,7 @@
-"""What every Pallas kernel here shares: where it can run, how it is compiled, and the shape rules.
+"""What the Triton-style Pallas kernels here share: where they can run, how they are compiled, the shape rules.
 
-The kernels in this package are written in the pointer style of Pallas' Triton lowering (`pl.pallas_call` with
+The GPU kernels in this package (`ssd_pallas_gpu.py`, `conv1d_pallas.py`, `state_update_pallas.py`,
+`decode_step_pallas.py`) are written in the pointer style of Pallas' Triton lowering (`pl.pallas_call` with
 `BlockSpec`s that pick one (batch, head) or (batch, channel-block) per program, loops and gathers inside):
 
 * on an NVIDIA GPU they are compiled through the Triton backend, named explicitly with
@@ -8,7 +9,10 @@ The kernels in this package are written in the pointer style of Pallas' Triton l
   deprecates the Triton backend but still ships it; the Mosaic GPU form of these kernels is not written yet
   (see docs/kernels.md);
 * everywhere else (CPU CI) they run in Pallas' interpret mode, which executes the same kernel body with jnp;
-* they are not TPU kernels (Mosaic TPU has no gathers from refs), so `dispatch` never picks them on TPU.
+* they are not TPU kernels (Mosaic TPU has no gathers from refs). On a TPU backend impl="pallas" runs their
+  Mosaic TPU forms instead (`ssd_pallas_tpu.py`, `conv1d_pallas_tpu.py`, `state_update_pallas_tpu.py`: TPU
+  block rules, their own `*_tpu_supported` and interpret switch, nothing from this module); `dispatch` picks
+  between the two.
 
 Triton needs every loaded block to have power-of-two sides and a matmul side >= 16; `pow2_at_least` and the
 `*_supported` helpers in each kernel file state which shapes compile.
