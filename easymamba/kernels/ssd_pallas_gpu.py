@@ -43,7 +43,7 @@ from easymamba.kernels.ssd_pallas_gpu_bwd import (
     ssd_backward_pallas,
     ssd_backward_supported,
 )
-from easymamba.kernels.ssd_reference import _check_ssd_args, _process_dt, _segment_ids, ssd_chunked
+from easymamba.kernels.ssd_reference import _check_ssd_args, _process_dt, _segment_ids, ssd_chunked_vjp
 
 __all__ = ["ssd_pallas", "SSDBlockConfig", "SSDBackwardConfig", "default_config", "ssd_supported"]
 
@@ -220,15 +220,8 @@ def _ssd_bwd(static, residuals, cotangents):
         grads = ssd_backward_pallas(*diff, seq_idx, dy, dfinal, dt_softplus=dt_softplus, dt_limit=dt_limit,
                                     config=backward)
         return (*grads, None)
-
-    def ref(x, dt, A, B, C, D, z, dt_bias, initial_state):
-        y, state = ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
-                               dt_softplus=dt_softplus, dt_limit=dt_limit, initial_state=initial_state,
-                               seq_idx=seq_idx)
-        return y.astype(y_dtype), state
-
-    _, vjp = jax.vjp(ref, *diff)
-    return (*vjp(cotangents), None)
+    return ssd_chunked_vjp(diff, seq_idx, cotangents, chunk_size=chunk_size, dt_softplus=dt_softplus,
+                           dt_limit=dt_limit, y_dtype=y_dtype)
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)

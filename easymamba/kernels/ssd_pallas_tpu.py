@@ -78,7 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from easymamba.kernels.ssd_reference import _check_ssd_args, _process_dt, ssd_chunked
+from easymamba.kernels.ssd_reference import _check_ssd_args, _process_dt, ssd_chunked_vjp
 
 __all__ = ["ssd_pallas_tpu", "SSDTPUConfig", "ssd_tpu_supported", "head_block"]
 
@@ -445,15 +445,8 @@ def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static):
 def _ssd_bwd(static, residuals, cotangents):
     dt_softplus, dt_limit, y_dtype, _, chunk_size, _ = static
     *diff, seq_idx = residuals
-
-    def ref(x, dt, A, B, C, D, z, dt_bias, initial_state):
-        y, state = ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
-                               dt_softplus=dt_softplus, dt_limit=dt_limit, initial_state=initial_state,
-                               seq_idx=seq_idx)
-        return y.astype(y_dtype), state
-
-    _, vjp = jax.vjp(ref, *diff)
-    return (*vjp(cotangents), None)
+    return ssd_chunked_vjp(diff, seq_idx, cotangents, chunk_size=chunk_size, dt_softplus=dt_softplus,
+                           dt_limit=dt_limit, y_dtype=y_dtype)
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)

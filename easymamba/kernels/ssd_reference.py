@@ -39,7 +39,7 @@ from jax import lax
 
 from easymamba.typing import GroupProj, SSMInput, SSMState, StepSize
 
-__all__ = ["segsum", "ssd_naive", "ssd_chunked", "selective_state_update_ref"]
+__all__ = ["segsum", "ssd_naive", "ssd_chunked", "ssd_chunked_vjp", "selective_state_update_ref"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -286,6 +286,21 @@ def ssd_chunked(
 # --------------------------------------------------------------------------------------------------------------
 # Single-token decode step
 # --------------------------------------------------------------------------------------------------------------
+
+
+def ssd_chunked_vjp(residuals, seq_idx, cotangents, *, chunk_size, dt_softplus, dt_limit, y_dtype):
+    """The VJP of `ssd_chunked` (y cast to `y_dtype`) at `residuals` = (x, dt, A, B, C, D, z, dt_bias,
+    initial_state) for `cotangents` = (dy, dfinal_state): the backward that a kernel's `custom_vjp` takes when it
+    has no backward kernel of its own. Returns the 9 cotangents, then None for `seq_idx`."""
+
+    def ref(x, dt, A, B, C, D, z, dt_bias, initial_state):
+        y, state = ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                               dt_softplus=dt_softplus, dt_limit=dt_limit, initial_state=initial_state,
+                               seq_idx=seq_idx)
+        return y.astype(y_dtype), state
+
+    _, vjp = jax.vjp(ref, *residuals)
+    return (*vjp(cotangents), None)
 
 
 def selective_state_update_ref(
