@@ -367,7 +367,8 @@ def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     static trip count runs without it. So: with no EOS id every row runs to the end and the loop has a static
     trip count; with EOS ids, the early-stop check runs every `STEPS_PER_CHECK` steps (an inner loop of static
     count), then single checked steps finish the count. Steps after every row stopped change nothing in the
-    result: the rows' tokens are pads, their cache is kept (`_step`'s `keep`) and so is `seqlen_offset`."""
+    result: the rows' tokens are pads, their states are held (the model's `active_rows`) and so is
+    `seqlen_offset`."""
     m = settings.max_new_tokens
     step = lambda c: _step(graphdef, settings, state, c, rng, params)  # noqa: E731
     if not settings.eos_token_ids:

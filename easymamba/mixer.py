@@ -27,7 +27,7 @@ from flax import nnx
 
 from easymamba import kernels
 from easymamba.config import Mamba2Config
-from easymamba.kernels.decode_step_pallas import decode_step_impl, mamba2_decode_step
+from easymamba.kernels.decode_step_pallas import check_row_mask, decode_step_impl, mamba2_decode_step
 from easymamba.layers import SplitConv1d, SplitLinear, kaiming_uniform_init
 from easymamba.norms import GatedRMSNorm
 from easymamba.sharding import MeshRules, constrain
@@ -67,9 +67,7 @@ def check_active_rows(active_rows, b: int, conv_state) -> None:
         return
     if conv_state is None:
         raise ValueError("active_rows holds rows of a cache: pass it with conv_state and ssm_state")
-    if tuple(active_rows.shape) != (b,) or active_rows.dtype != jnp.bool_:
-        raise ValueError(f"active_rows must be a bool array of shape (batch,) = ({b},); got {active_rows.dtype}"
-                         f"{list(active_rows.shape)}")
+    check_row_mask(active_rows, b, "active_rows")
 
 
 def hold_rows(active_rows, old_states, new_states):
@@ -193,8 +191,8 @@ class Mamba2Mixer(nnx.Module):
         bias = None if parts[0].bias is None else tuple(part.bias[...].astype(zxbcdt.dtype) for part in parts)
         y, conv_state, ssm_state = mamba2_decode_step(
             zxbcdt, conv_state, weight, bias, self.A_log[...], self.D[...], self.dt_bias[...], ssm_state,
-            self.norm.weight[...], active_rows, n_groups=cfg.n_groups, eps=self.norm.eps, dt_limit=cfg.time_step_limit,
-            A_is_log=True, y_dtype=self.dtype, impl="pallas")
+            self.norm.weight[...], active_rows, n_groups=cfg.n_groups, eps=self.norm.eps,
+            dt_limit=cfg.time_step_limit, A_is_log=True, y_dtype=self.dtype, impl="pallas")
         out = self.out_proj(y[:, None].astype(self.dtype))                 # (b, 1, d)
         return out, (conv_state, ssm_state)
 

@@ -35,8 +35,8 @@ from easymamba.kernels.conv1d_pallas_tpu import (
     causal_conv1d_tpu,
     causal_conv1d_update_tpu,
     conv1d_tpu_supported,
-    resolve_interpret,
 )
+from easymamba.kernels.pallas_util import resolve_tpu_interpret as resolve_interpret
 from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
 from easymamba.kernels.ssd_reference import selective_state_update_ref
 from easymamba.kernels.state_update_pallas_tpu import selective_state_update_tpu, state_update_tpu_supported

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from easymamba.kernels import ssd_pallas_tpu as tpu_mod
+from easymamba.kernels import pallas_util as pu
 from easymamba.kernels.ssd_pallas_tpu import SSDTPUConfig, head_block, ssd_pallas_tpu, ssd_tpu_supported
 from easymamba.kernels.ssd_reference import ssd_chunked, ssd_naive
 
@@ -212,9 +212,10 @@ def test_ssd_tpu_supported():
 def test_ssd_tpu_interpret_default():
     # interpret=None: compiled only on a TPU backend; True / False force it
     expected = jax.default_backend() != "tpu"
-    assert isinstance(tpu_mod._interpret_params(None), pltpu.InterpretParams) == expected
-    assert isinstance(tpu_mod._interpret_params(True), pltpu.InterpretParams)
-    assert tpu_mod._interpret_params(False) is False
+    params = lambda interpret: pu.tpu_interpret_params(pu.resolve_tpu_interpret(interpret))  # noqa: E731
+    assert isinstance(params(None), pltpu.InterpretParams) == expected
+    assert isinstance(params(True), pltpu.InterpretParams)
+    assert params(False) is False
 
 
 @pytest.mark.parametrize("case,kwargs,error,match", [

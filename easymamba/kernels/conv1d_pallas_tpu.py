@@ -41,9 +41,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from easymamba.kernels import pallas_util as pu
 from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
 
-__all__ = ["causal_conv1d_tpu", "causal_conv1d_update_tpu", "conv1d_tpu_supported", "resolve_interpret"]
+__all__ = ["causal_conv1d_tpu", "causal_conv1d_update_tpu", "conv1d_tpu_supported"]
 
 LANES = 128  # the TPU vector lane width: channel blocks are multiples of it
 SUBLANES = 8
@@ -53,16 +54,6 @@ DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)  # no float64 on TPU
 
 
 # TPU helpers, shared with state_update_pallas_tpu.py
-
-
-def resolve_interpret(interpret) -> bool:
-    """None: interpret unless running on a TPU; True / False force it."""
-    return jax.default_backend() != "tpu" if interpret is None else bool(interpret)
-
-
-def interpret_params(interpret: bool):
-    """What `pl.pallas_call(interpret=...)` takes: Pallas' TPU interpreter, or False to compile for Mosaic."""
-    return pltpu.InterpretParams() if interpret else False
 
 
 def pick_row(v, r):
@@ -199,7 +190,7 @@ def _conv_forward(x, weight, bias, initial_state, seq_idx, *, activation, interp
         out_specs=pl.BlockSpec((None, block_l, block_c), lambda bi, ci, j: (bi, j, ci)),
         scratch_shapes=[pltpu.VMEM((pad + block_l, block_c), f32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret_params(interpret),
+        interpret=pu.tpu_interpret_params(interpret),
         name="causal_conv1d_tpu",
     )(*args)
 
@@ -253,7 +244,7 @@ def causal_conv1d_tpu(x, weight, bias=None, *, activation="silu", initial_state=
         raise ValueError(f"block_l must be a positive multiple of {ROW_ALIGN} rows, got {block_l}")
     if block_c < LANES:
         raise ValueError(f"block_c must be at least {LANES} lanes, got {block_c}")
-    return _conv(x, weight, bias, initial_state, seq_idx, activation, resolve_interpret(interpret), block_l, block_c)
+    return _conv(x, weight, bias, initial_state, seq_idx, activation, pu.resolve_tpu_interpret(interpret), block_l, block_c)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -325,7 +316,7 @@ def _update_forward(x, conv_state, weight, bias, *, activation, interpret):
                    pl.BlockSpec((block_b, LANES, k), lambda bi, ci: (bi, ci, 0))),
         input_output_aliases={1: 1},  # the state is updated in place (donate it under jit to skip the copy)
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret_params(interpret),
+        interpret=pu.tpu_interpret_params(interpret),
         name="causal_conv1d_update_tpu",
     )(*args)
     return y.reshape(b, c), new_state
@@ -354,4 +345,4 @@ def causal_conv1d_update_tpu(x, conv_state, weight, bias=None, *, activation="si
     in place; `interpret` as in `causal_conv1d_tpu`; the gradient is the reference's VJP."""
     jax.eval_shape(functools.partial(causal_conv1d_update_ref, activation=activation), x, conv_state, weight, bias)
     _check_supported("causal_conv1d_update_tpu", x, conv_state.shape[1], conv_state.shape[2])
-    return _update(x, conv_state, weight, bias, activation, resolve_interpret(interpret))
+    return _update(x, conv_state, weight, bias, activation, pu.resolve_tpu_interpret(interpret))

@@ -33,8 +33,8 @@ others' reads; a new conv state buffer is written instead.
 
 `active` [b] bool (optional): rows where False keep both states as they were (a finished row of a batch that
 generation keeps stepping); their y is computed as without `active` (and means nothing). The kernel writes those
-rows' loaded states back unchanged, so holding a row costs no pass over the state (a `where` after the call would read both
-states and break the in-place update).
+rows' loaded states back unchanged, so holding a row costs no pass over the state (a `where` after the call
+would read both states and break the in-place update).
 
 Upstream: mamba_ssm `Mamba2.step` (causal_conv1d_update, selective_state_update with TIE_HDIM, RMSNormGated
 with group_size = e / g). Backward: the VJP of `decode_step_ref` (a custom VJP, as the other kernels here).
@@ -55,7 +55,7 @@ from easymamba.kernels.conv1d_reference import causal_conv1d_update_ref
 from easymamba.kernels.ssd_reference import selective_state_update_ref
 
 __all__ = ["mamba2_decode_step", "decode_step_pallas", "decode_step_ref", "decode_step_supported", "decode_step_impl",
-           "IMPLS"]
+           "check_row_mask", "IMPLS"]
 
 IMPLS = ("auto", "pallas", "xla")
 
@@ -166,7 +166,7 @@ def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, s
     """
     (b, e, c, k, h, p, n, g), widths, act, weight, bias = _operands(zxbcdt, conv_weight, conv_bias, conv_state,
                                                                     ssm_state, n_groups)
-    _check_active(active, b)
+    check_row_mask(active, b)
     old_conv, old_ssm = conv_state, ssm_state
     z, dt = _part(act, "z", e, 1), _part(act, "dt", h, 1)
     join = lambda src, axis: jnp.concatenate([_part(src, m, widths[m], axis) for m in _CONV_PARTS], axis)  # noqa
@@ -191,10 +191,11 @@ def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, s
     return y.astype(z.dtype if y_dtype is None else y_dtype), conv_state, ssm_state
 
 
-def _check_active(active, b):
-    if active is not None and (tuple(active.shape) != (b,) or active.dtype != jnp.bool_):
-        raise ValueError(f"active must be a bool array of shape (batch,) = ({b},); got {active.dtype}"
-                         f"{list(active.shape)}")
+def check_row_mask(mask, b: int, name: str = "active") -> None:
+    """A per-row mask of held rows (`active` here, a mixer's `active_rows`): None or bool of shape (b,)."""
+    if mask is not None and (tuple(mask.shape) != (b,) or mask.dtype != jnp.bool_):
+        raise ValueError(f"{name} must be a bool array of shape (batch,) = ({b},); got {mask.dtype}"
+                         f"{list(mask.shape)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,8 +357,8 @@ def _finish_norm(y, ss, norm_weight, *, n_groups, eps, y_dtype):
 def _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active, *,
              n_groups, eps, dt_limit, A_is_log, y_dtype, block_p):
     y, ss, conv_state, ssm_state = _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias,
-                                                ssm_state, active, n_groups=n_groups, dt_limit=dt_limit, A_is_log=A_is_log,
-                                                block_p=block_p)
+                                                ssm_state, active, n_groups=n_groups, dt_limit=dt_limit,
+                                                A_is_log=A_is_log, block_p=block_p)
     z_dtype = (zxbcdt[0] if isinstance(zxbcdt, (tuple, list)) else zxbcdt).dtype
     y = _finish_norm(y, ss, norm_weight, n_groups=n_groups, eps=eps, y_dtype=z_dtype if y_dtype is None else y_dtype)
     return y, conv_state, ssm_state
@@ -397,8 +398,8 @@ def _static(n_groups, eps, dt_limit, y_dtype):
 
 
 def decode_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
-                       active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None,
-                       block_p: int | None = None):
+                       active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False,
+                       y_dtype=None, block_p: int | None = None):
     """Same contract as `decode_step_ref`; one Pallas kernel plus the norm's last step in XLA. Compiled on GPU
     (shapes: `decode_step_supported`), interpreted elsewhere. `block_p`: channels of a head per program, a power of
     two dividing p (default: the whole head at large b h, fewer at small; `_default_block_p`)."""
@@ -458,8 +459,8 @@ _pallas = jax.jit(decode_step_pallas, static_argnames=_STATIC + ("block_p",))
 
 
 def mamba2_decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
-                       active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None,
-                       impl: str = "auto"):
+                       active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False,
+                       y_dtype=None, impl: str = "auto"):
     """A Mamba-2 layer's decode step from the in_proj output to the out_proj input (see the module docstring;
     operands as `decode_step_ref`). Returns (y [b, e] in y_dtype (default z's dtype), new conv_state, new
     ssm_state).

@@ -11,8 +11,8 @@ The GPU kernels in this package (`ssd_pallas_gpu.py`, `conv1d_pallas.py`, `state
 * everywhere else (CPU CI) they run in Pallas' interpret mode, which executes the same kernel body with jnp;
 * they are not TPU kernels (Mosaic TPU has no gathers from refs). On a TPU backend impl="pallas" runs their
   Mosaic TPU forms instead (`ssd_pallas_tpu.py`, `conv1d_pallas_tpu.py`, `state_update_pallas_tpu.py`: TPU
-  block rules, their own `*_tpu_supported` and interpret switch, nothing from this module); `dispatch` picks
-  between the two.
+  block rules, their own `*_tpu_supported`; from this module only the TPU interpret switch,
+  `resolve_tpu_interpret` / `tpu_interpret_params`); `dispatch` picks between the two.
 
 Triton needs every loaded block to have power-of-two sides and a matmul side >= 16; `pow2_at_least` and the
 `*_supported` helpers in each kernel file state which shapes compile.
@@ -31,8 +31,13 @@ except (ImportError, AttributeError):  # pragma: no cover - jax builds without t
     pltriton = None
     TritonParams = None
 
+try:  # the Mosaic TPU forms' interpreter (any backend); absent only from unusual jax builds
+    from jax.experimental.pallas import tpu as pltpu
+except ImportError:  # pragma: no cover
+    pltpu = None
+
 __all__ = ["on_gpu", "gpu_capability", "compiler_params", "interpret_mode", "force_interpret", "is_pow2",
-           "pow2_at_least"]
+           "pow2_at_least", "resolve_tpu_interpret", "tpu_interpret_params"]
 
 _FORCE_INTERPRET = [False]
 
@@ -85,3 +90,14 @@ def pow2_at_least(v: int, floor: int = 1) -> int:
     """The smallest power of two >= max(v, floor)."""
     v = max(v, floor)
     return 1 << (v - 1).bit_length()
+
+
+def resolve_tpu_interpret(interpret) -> bool:
+    """The TPU forms' `interpret` argument: None interprets unless running on a TPU; True / False force it."""
+    return jax.default_backend() != "tpu" if interpret is None else bool(interpret)
+
+
+def tpu_interpret_params(interpret: bool):
+    """What `pl.pallas_call(interpret=...)` takes for a TPU form: Pallas' TPU interpreter, or False to compile for
+    Mosaic TPU."""
+    return pltpu.InterpretParams() if interpret else False

@@ -78,6 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from easymamba.kernels import pallas_util as pu
 from easymamba.kernels.ssd_reference import _check_ssd_args, _process_dt, ssd_chunked_vjp
 
 __all__ = ["ssd_pallas_tpu", "SSDTPUConfig", "ssd_tpu_supported", "head_block"]
@@ -310,12 +311,6 @@ def _from_group_lanes(state, h, p, n, hb, gb, r):
     return jnp.einsum("bhpkn,hk->bhpn", state.reshape(b, h, p, gb, n), onehot)
 
 
-def _interpret_params(interpret):
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    return pltpu.InterpretParams() if interpret else False
-
-
 def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, dt_softplus, dt_limit, y_dtype, config,
              interpret):
     b, l, h, p = x.shape
@@ -370,7 +365,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, dt_softpl
         _kernel, hb=hb, gb=gb, p=p, n=n, r=r, q=q, l=l, has_D=D is not None, has_z=z is not None,
         has_init=initial_state is not None, has_seg=seq_idx is not None,
     )
-    interpret = _interpret_params(interpret)
+    interpret = pu.tpu_interpret_params(pu.resolve_tpu_interpret(interpret))
     isz = jnp.dtype(x.dtype).itemsize
     need = _vmem_bytes(hb, gb, p, n, q, isz, jnp.dtype(y_dtype).itemsize)
     y, final = pl.pallas_call(
@@ -485,7 +480,7 @@ def ssd_pallas_tpu(
     _, _, h, p, g, n = _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_limit)
     config = SSDTPUConfig() if config is None else config
     _check_dtypes(x=x, B=B, C=C, z=z)
-    compiled = _interpret_params(interpret) is False
+    compiled = not pu.resolve_tpu_interpret(interpret)
     _check_config(config, h, g, p, n, x.dtype, compiled)
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")

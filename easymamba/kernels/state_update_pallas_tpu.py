@@ -29,7 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from easymamba.kernels.conv1d_pallas_tpu import interpret_params, lanes_to_sublanes, pick_row, resolve_interpret
+from easymamba.kernels import pallas_util as pu
+from easymamba.kernels.conv1d_pallas_tpu import lanes_to_sublanes, pick_row
 from easymamba.kernels.ssd_reference import selective_state_update_ref
 
 __all__ = ["selective_state_update_tpu", "state_update_tpu_supported"]
@@ -142,7 +143,7 @@ def _forward(state, x, dt, A, B, C, D, z, dt_bias, *, dt_softplus, dt_limit, int
                    pl.BlockSpec((None, block_h, p, n), lambda bi, hi: (bi, hi, 0, 0))),
         input_output_aliases={0: 1},  # the state is updated in place
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret_params(interpret),
+        interpret=pu.tpu_interpret_params(interpret),
         name="selective_state_update_tpu",
     )(*args)
 
@@ -199,4 +200,4 @@ def selective_state_update_tpu(
     elif h % block_h or not (block_h == h or block_h % SUBLANES == 0):
         raise ValueError(f"block_h must divide h ({h}) and be h itself or a multiple of {SUBLANES}, got {block_h}")
     return _state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus),
-                         (float(dt_limit[0]), float(dt_limit[1])), resolve_interpret(interpret), block_h)
+                         (float(dt_limit[0]), float(dt_limit[1])), pu.resolve_tpu_interpret(interpret), block_h)
