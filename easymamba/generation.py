@@ -10,7 +10,8 @@ How it runs (letters of `easymamba.typing`; `m` = max_new_tokens):
     start    (jit)  the loop's carry: token buffer, flags, seen-token mask
     step     (jit)  choose a token from the pending logits, then feed it (an L == 1 decode step)
                                                                     -> its logits [b, v], cache
-    loop     (jit)  lax.while_loop(step) until m tokens or every row has stopped
+    loop     (jit)  lax.while_loop(step) until m tokens or every row has stopped; the cache's counters
+                    (`positions`, `seqlen_offset`) are left alone in the loop and advanced once after it
 
 `step` is one Python function: the loop's body and, jitted alone, the streaming path's step (`streamer=`,
 `stream_generate`), so streaming yields exactly the tokens `generate` returns. Every chosen token is fed, so
@@ -325,9 +326,10 @@ def _start_carry(settings: _Settings, next_logits, cache, input_ids, attention_m
         logits=jnp.zeros((b, m, v), jnp.float32) if settings.output_logits else None)
 
 
-def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: SamplingParams) -> _Carry:
+def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: SamplingParams,
+          update_seq: bool = True) -> _Carry:
     """Choose token `carry.step` from the pending logits, record it, feed it. The loop body and the
-    streaming step."""
+    streaming step. `update_seq=False` (the loop) leaves the cache's counters to `_advance` at the loop's end."""
     live = ~carry.done
     key = jax.random.fold_in(rng, carry.step) if params.do_sample else None
     token = sample_next_token(carry.next_logits, key, params, carry.seen)
@@ -344,13 +346,14 @@ def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
 
     model = _merge(graphdef, state)
     if settings.eos_token_ids:  # a row stopped before this step keeps its state: pads must not enter it
-        out = model(token[:, None], cache=carry.cache, active_rows=live)  # held in place (the fused kernel's own)
-        # seqlen_offset, the batch's count, stays only once every row had stopped (a step of `_loop`'s group
-        # after the last EOS)
-        cache = jax.tree.map(lambda old, new: jnp.where(jnp.all(carry.done), old, new) if new.ndim == 0 else new,
-                             carry.cache, out.cache)
+        out = model(token[:, None], cache=carry.cache, active_rows=live,  # held in place (the fused kernel's own)
+                    update_seq=update_seq)
+        cache = out.cache
+        if update_seq:  # seqlen_offset, the batch's count, stays once every row had stopped (as in `_advance`)
+            cache = jax.tree.map(lambda old, new: jnp.where(jnp.all(carry.done), old, new) if new.ndim == 0 else new,
+                                 carry.cache, out.cache)
     else:
-        out = model(token[:, None], cache=carry.cache)
+        out = model(token[:, None], cache=carry.cache, update_seq=update_seq)
         cache = out.cache
     return carry.replace(step=carry.step + 1, tokens=token, next_logits=out.logits[:, 0], generated=generated,
                          num_generated=carry.num_generated + live.astype(jnp.int32), done=done, cache=cache,
@@ -370,9 +373,9 @@ def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     result: the rows' tokens are pads, their states are held (the model's `active_rows`) and so is
     `seqlen_offset`."""
     m = settings.max_new_tokens
-    step = lambda c: _step(graphdef, settings, state, c, rng, params)  # noqa: E731
+    step = lambda c: _step(graphdef, settings, state, c, rng, params, update_seq=False)  # noqa: E731
     if not settings.eos_token_ids:
-        return jax.lax.fori_loop(0, m, lambda _, c: step(c), carry)  # the carry is fresh: step 0
+        return _advance(jax.lax.fori_loop(0, m, lambda _, c: step(c), carry))  # the carry is fresh: step 0
 
     def running(c: _Carry, ahead: int = 1):
         return (c.step + ahead <= m) & ~jnp.all(c.done)
@@ -380,7 +383,16 @@ def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     group = min(STEPS_PER_CHECK, m)
     carry = jax.lax.while_loop(lambda c: running(c, group),
                                lambda c: jax.lax.fori_loop(0, group, lambda _, c: step(c), c), carry)
-    return jax.lax.while_loop(running, step, carry)
+    return _advance(jax.lax.while_loop(running, step, carry))
+
+
+def _advance(carry: _Carry) -> _Carry:
+    """The cache's counters after a loop that started fresh (`num_generated` zero) and left them alone: each
+    row's position by the tokens it consumed (`num_generated`: a row consumes each token it emits, its EOS
+    included, and nothing after), `seqlen_offset` by the steps in which some row was live, the largest count.
+    What stepping them per step (`_step(update_seq=True)`, the streaming path) gives; per step they cost a small
+    kernel per layer on GPU (docs/benchmarks.md)."""
+    return carry.replace(cache=carry.cache.advance(carry.num_generated, jnp.max(carry.num_generated)))
 
 
 # -- the public entry points -----------------------------------------------------------------------------------

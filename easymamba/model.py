@@ -141,9 +141,13 @@ class Mamba2Model(nnx.Module):
                              f"model.init_cache({batch_size})")
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache: Mamba2Cache | None = None,
-                 inputs_embeds=None, output_hidden_states: bool = False, active_rows=None) -> Mamba2Output:
+                 inputs_embeds=None, output_hidden_states: bool = False, active_rows=None,
+                 update_seq: bool = True) -> Mamba2Output:
         """`active_rows` (b,) bool, with a cache: rows where False keep their cache states as they were (their
-        outputs are computed and mean nothing): how generation steps a batch whose rows finish apart."""
+        outputs are computed and mean nothing): how generation steps a batch whose rows finish apart.
+        `update_seq=False` returns the cache's counters (`positions`, `seqlen_offset`) as given, for a decode loop
+        that advances them once at its end (`cache.advance`): per step they cost a small kernel per layer on GPU
+        (docs/benchmarks.md), and no layer reads them."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (b, l) and inputs_embeds (b, l, d)")
         if input_ids is not None and input_ids.ndim != 2:
@@ -186,7 +190,9 @@ class Mamba2Model(nnx.Module):
         hidden = self.norm_f(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
-        new_cache = None if cache is None else self.CACHE(views=tuple(new_views)).update_seq(l, active_rows)
+        new_cache = None if cache is None else self.CACHE(views=tuple(new_views))
+        if new_cache is not None and update_seq:
+            new_cache = new_cache.update_seq(l, active_rows)
         return Mamba2Output(hidden, new_cache, None if all_hidden is None else tuple(all_hidden))
 
 
@@ -218,9 +224,11 @@ class Mamba2ForCausalLM(nnx.Module):
                                         partition_axis=partition_axis, mesh=mesh)
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache: Mamba2Cache | None = None, labels=None,
-                 inputs_embeds=None, output_hidden_states: bool = False, active_rows=None) -> Mamba2CausalLMOutput:
+                 inputs_embeds=None, output_hidden_states: bool = False, active_rows=None,
+                 update_seq: bool = True) -> Mamba2CausalLMOutput:
         out = self.backbone(input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
-                            output_hidden_states=output_hidden_states, active_rows=active_rows)
+                            output_hidden_states=output_hidden_states, active_rows=active_rows,
+                            update_seq=update_seq)
         hidden = out.last_hidden_state
         if self.lm_head is None:
             logits = self.backbone.embeddings.attend(hidden.astype(self.backbone.embeddings.weight.dtype))

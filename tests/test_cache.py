@@ -229,6 +229,27 @@ def test_update_seq_reset_and_immutability():
         cache.update_seq(1.5)
 
 
+def test_advance_moves_each_row_by_its_own_count():
+    """`advance` is `update_seq` with a count per row: what a decode loop applies once at its end."""
+    cache = random_cache(3)
+    rows = jnp.arange(B, dtype=jnp.int32) + 1
+    advanced = cache.advance(rows, 4)
+    for new, old in zip(advanced, cache):
+        np.testing.assert_array_equal(new.positions, np.asarray(old.positions) + np.arange(B) + 1)
+        assert int(new.seqlen_offset) == int(old.seqlen_offset) + 4 and new.positions.dtype == jnp.int32
+        assert same_bits(new.ssm_states, old.ssm_states)
+    same = jax.jit(lambda c, r: c.advance(r, jnp.max(r)))(cache, rows)
+    for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(cache.advance(rows, B))):
+        assert same_bits(a, b)
+    with pytest.raises(ValueError, match=rf"row_steps must be integers of shape \({B},\) \(batch,\); found int32 "
+                                         rf"of shape \({B + 1},\)"):
+        cache.advance(jnp.ones((B + 1,), jnp.int32), 1)
+    with pytest.raises(ValueError, match=r"row_steps must be integers"):
+        cache.advance(jnp.ones((B,), jnp.float32), 1)
+    with pytest.raises(ValueError, match=r"num must be an integer scalar"):
+        cache.advance(rows, rows)
+
+
 def test_update_view_and_init_empty():
     empty = Mamba2Cache.init_empty(3)
     assert empty.views == (None, None, None) and empty.metadata is None and empty.seqlen_offset is None

@@ -141,6 +141,10 @@ def test_rows_stop_at_any_eos_the_loop_ends_early_and_streaming_agrees(pair, pad
     assert recorder.ended == 1
     np.testing.assert_array_equal(via_streamer.sequences, out.sequences)
     np.testing.assert_array_equal(via_streamer.num_generated, out.num_generated)
+    # the loop advances the cache counters once at its end, the streaming path per step: the same counters
+    for looped, stepped in zip(out.cache.views, via_streamer.cache.views):
+        np.testing.assert_array_equal(looped.positions, stepped.positions)
+        assert int(looped.seqlen_offset) == int(stepped.seqlen_offset) == ids.shape[1] + expect.max()
 
     # the first row to stop keeps the state of its prompt + output, EOS included, pads excluded
     r = int(np.argmin(expect))
@@ -158,7 +162,8 @@ def test_returned_cache_continues_the_generation(pair, rows):
     ids = rows[0][None]
     full = np.asarray(em.generate(model, ids, max_new_tokens=M).sequences)[0, len(rows[0]):]
     part = em.generate(model, ids, max_new_tokens=10)
-    assert int(part.cache.seqlen_offset) == len(rows[0]) + 10
+    assert all(int(v.seqlen_offset) == len(rows[0]) + 10 and v.positions.tolist() == [len(rows[0]) + 10]
+               for v in part.cache.views)
     rest = em.generate(model, full[None, 10:11], cache=part.cache, max_new_tokens=M - 11)
     np.testing.assert_array_equal(np.asarray(rest.sequences)[0, 1:], full[11:])
     assert not part.cache.views[0].ssm_states.is_deleted()

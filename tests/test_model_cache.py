@@ -180,6 +180,25 @@ def test_cache_decode_inside_while_loop(pair, ids):
     assert int(cache.seqlen_offset) == LENGTH
 
 
+def test_update_seq_false_leaves_the_counters_and_steps_the_states(pair, ids):
+    """`update_seq=False` (the generation loop's step) returns the states of a normal step and the counters as
+    given; `cache.advance` later brings them to what per-step updates give."""
+    _, model = pair
+    cache0 = jitted(model)(ids[:, :4], cache=model.init_cache(2)).cache
+    tok = ids[:, 4:5]
+    stepped = model(tok, cache=cache0)
+    held = model(tok, cache=cache0, update_seq=False)
+    np.testing.assert_array_equal(held.logits, stepped.logits)
+    for h, s, c in zip(held.cache.views, stepped.cache.views, cache0.views):
+        np.testing.assert_array_equal(h.ssm_states, s.ssm_states)
+        np.testing.assert_array_equal(h.conv_states, s.conv_states)
+        np.testing.assert_array_equal(h.positions, c.positions)
+        assert int(h.seqlen_offset) == int(c.seqlen_offset) == 4
+    caught_up = held.cache.advance(jnp.ones((2,), jnp.int32), 1)
+    for a, b in zip(jax.tree_util.tree_leaves(caught_up), jax.tree_util.tree_leaves(stepped.cache)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_mismatched_cache_is_refused(pair, ids):
     _, model = pair
     with pytest.raises(ValueError, match=r"batch_size"):

@@ -188,6 +188,10 @@ class BaseCache:
         traced or not, e.g. inside `lax.while_loop`); with `active_rows` (b,) bool only those rows' positions."""
         return type(self)(tuple(None if v is None else v.update_seq(num, active_rows) for v in self.views))
 
+    def advance(self, row_steps: Any, batch_steps: Any):
+        """Every view's `positions` + `row_steps` (b,) and `seqlen_offset` + `batch_steps` (`BaseCacheView.advance`)."""
+        return type(self)(tuple(None if v is None else v.advance(row_steps, batch_steps) for v in self.views))
+
     def reset(self):
         """Zero states, positions and offsets in every view; empty slots stay empty."""
         return type(self)(tuple(None if v is None else v.reset() for v in self.views))

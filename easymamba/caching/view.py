@@ -285,6 +285,18 @@ class BaseCacheView:
             seqlen_offset=(self.seqlen_offset + step).astype(jnp.int32),
         )
 
+    def advance(self, row_steps: Any, batch_steps: Any):
+        """`positions` + `row_steps` (b,) integers (each row's own count) and `seqlen_offset` + `batch_steps` (an
+        integer scalar): `update_seq` with a count per row, for a decode loop that advances the counters once at
+        its end instead of once per step (`easymamba.generation`)."""
+        rows = jnp.asarray(row_steps)
+        if tuple(rows.shape) != tuple(self.positions.shape) or not jnp.issubdtype(rows.dtype, jnp.integer):
+            raise ValueError(f"row_steps must be integers of shape {tuple(self.positions.shape)} (batch,); found "
+                             f"{rows.dtype} of shape {tuple(rows.shape)}")
+        step = _as_int32_step(batch_steps)
+        return dataclasses.replace(self, positions=(self.positions + rows).astype(jnp.int32),
+                                   seqlen_offset=(self.seqlen_offset + step).astype(jnp.int32))
+
     def reset(self):
         """Zero states, positions 0, offset 0; dtypes, specs and (outside `jit`) shardings kept."""
         return dataclasses.replace(self, **{name: jnp.zeros_like(getattr(self, name)) for name in LEAVES})
