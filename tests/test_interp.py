@@ -287,3 +287,21 @@ def test_run_with_cache_logits_and_model_unchanged(pair, ids, all_acts):
     assert rel_err(M, interp.compute_effective_attention(model, acts, layer=0)) <= 1e-6
     assert em.run_with_cache is interp.run_with_cache
     assert em.compute_effective_attention is interp.compute_effective_attention
+
+
+def test_run_with_cache_through_rematerialised_blocks(pair, ids, all_acts, monkeypatch):
+    """Blocks marked for remat (as `make_train_step(remat=True)` marks its copy) record the same activations:
+    `sow` inside `nnx.remat` reaches the hook store. Same math, possibly different fusion: 1e-6."""
+    model = nnx.clone(pair[1])
+    for layer in model.backbone.layers:
+        layer.remat = True
+    wrapped = []
+    real_remat = nnx.remat
+    monkeypatch.setattr(nnx, "remat", lambda fn, *a, **k: wrapped.append(fn) or real_remat(fn, *a, **k))
+    logits, acts = interp.run_with_cache(model, ids)
+    assert len(wrapped) == len(model.backbone.layers)                 # the blocks did run through nnx.remat
+    want_logits, want = all_acts
+    assert list(acts) == list(want)
+    assert rel_err(logits, want_logits) <= 1e-6
+    for name, value in acts.items():
+        assert value.shape == want[name].shape and rel_err(value, want[name]) <= 1e-6, name
