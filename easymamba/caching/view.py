@@ -273,17 +273,13 @@ class BaseCacheView:
         `active_rows` (b,) bool: only those rows' positions advance (the others were held; `seqlen_offset`, the
         batch's count, advances regardless)."""
         step = _as_int32_step(num)
-        positions = self.positions + step
+        rows = jnp.broadcast_to(step, self.positions.shape)
         if active_rows is not None:
             if tuple(jnp.shape(active_rows)) != tuple(self.positions.shape):
                 raise ValueError(f"active_rows must have shape {tuple(self.positions.shape)} (batch,); found "
                                  f"{tuple(jnp.shape(active_rows))}")
-            positions = jnp.where(active_rows, positions, self.positions)
-        return dataclasses.replace(
-            self,
-            positions=positions.astype(jnp.int32),
-            seqlen_offset=(self.seqlen_offset + step).astype(jnp.int32),
-        )
+            rows = jnp.where(active_rows, rows, 0)
+        return self.advance(rows, step)
 
     def advance(self, row_steps: Any, batch_steps: Any):
         """`positions` + `row_steps` (b,) integers (each row's own count) and `seqlen_offset` + `batch_steps` (an
