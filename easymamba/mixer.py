@@ -28,7 +28,7 @@ from flax import nnx
 from easymamba import kernels
 from easymamba.config import Mamba2Config
 from easymamba.kernels.decode_step_pallas import check_row_mask, decode_step_impl, mamba2_decode_step
-from easymamba.layers import SplitConv1d, SplitLinear, kaiming_uniform_init
+from easymamba.layers import SplitConv1d, SplitLinear, kaiming_uniform_init, linear
 from easymamba.norms import GatedRMSNorm
 from easymamba.sharding import MeshRules, constrain
 
@@ -184,7 +184,7 @@ class Mamba2Mixer(nnx.Module):
         Operands go to the kernel as they are stored (conv weights in parts, A_log): anything computed from them
         before the custom call is one more launch per layer and token."""
         cfg = self.config
-        zxbcdt = self.in_proj.packed(hidden)[:, 0]                         # (b, 2e + 2gn + h)
+        zxbcdt = self.in_proj.packed(hidden, few_rows=True)[:, 0]          # (b, 2e + 2gn + h)
         conv = self.conv1d
         parts = [getattr(conv, name) for name in conv.part_names]         # x, B, C
         weight = tuple(part.weight[...].astype(zxbcdt.dtype) for part in parts)
@@ -193,7 +193,9 @@ class Mamba2Mixer(nnx.Module):
             zxbcdt, conv_state, weight, bias, self.A_log[...], self.D[...], self.dt_bias[...], ssm_state,
             self.norm.weight[...], active_rows, n_groups=cfg.n_groups, eps=self.norm.eps,
             dt_limit=cfg.time_step_limit, A_is_log=True, y_dtype=self.dtype, impl="pallas")
-        out = self.out_proj(y[:, None].astype(self.dtype))                 # (b, 1, d)
+        proj = self.out_proj
+        out = linear(proj, y[:, None].astype(self.dtype), proj.kernel[...],
+                     None if proj.bias is None else proj.bias[...], few_rows=True)  # (b, 1, d)
         return out, (conv_state, ssm_state)
 
     def _project_and_conv_parts(self, hidden, mask, conv_state, decode, rules):

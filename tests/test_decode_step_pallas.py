@@ -315,3 +315,35 @@ def test_model_holds_inactive_rows_interpret(kernel_impl):
     logits_free, conv_free, ssm_free = _model_decode(kernel_impl, config, steps=3)
     np.testing.assert_array_equal(conv[:, 0], conv_free[:, 0])
     np.testing.assert_array_equal(ssm[:, 0], ssm_free[:, 0])
+
+
+def test_model_fused_step_asks_for_k_minor_weights():
+    # The fused decode step multiplies its few rows by in_proj and out_proj laid out with the contracted axis
+    # contiguous (layers.few_row_kernel: a one-row dot becomes a reduce, which XLA runs along rows only then;
+    # docs/benchmarks.md). The request must reach XLA as a layout constraint on exactly those two weights, and
+    # `layers.linear` must give nnx.Linear's numbers with and without it (float32: the same dot, exact).
+    from flax import nnx
+
+    import easymamba as em
+    from easymamba.layers import linear
+
+    config = em.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=4, head_dim=8,
+                             state_size=8, n_groups=2, expand=1, conv_kernel=4, chunk_size=4)
+    model = em.Mamba2ForCausalLM(config, rngs=nnx.Rngs(3), kernel_impl="pallas")
+    cache = model.init_cache(2)
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray([[3], [5]], jnp.int32)
+    text = jax.jit(lambda s, tok, c: nnx.merge(graphdef, s)(tok, cache=c)).lower(state, ids, cache).as_text()
+    constraints = [line for line in text.splitlines() if "@LayoutConstraint" in line]
+    d, e = config.hidden_size, config.intermediate_size
+    packed = 2 * e + 2 * config.n_groups * config.state_size + config.num_heads
+    shapes = sorted(line.rsplit("-> tensor<", 1)[1].split("x")[:2] for line in constraints)
+    assert shapes == sorted([[str(d), str(packed)], [str(e), str(d)]]), constraints
+    assert all("result_layouts = [dense<[0, 1]>" in line for line in constraints), constraints
+
+    proj = model.backbone.layers[0].mixer.out_proj
+    y = jnp.asarray(np.random.default_rng(4).standard_normal((2, 1, e)), jnp.float32)
+    want = np.asarray(proj(y))
+    for few_rows in (False, True):
+        got = jax.jit(lambda y: linear(proj, y, proj.kernel[...], None, few_rows=few_rows))(y)
+        np.testing.assert_array_equal(np.asarray(got), want)
