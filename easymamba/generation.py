@@ -327,9 +327,10 @@ def _start_carry(settings: _Settings, next_logits, cache, input_ids, attention_m
 
 
 def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: SamplingParams,
-          update_seq: bool = True) -> _Carry:
+          update_seq: bool = True, decode_weights=None) -> _Carry:
     """Choose token `carry.step` from the pending logits, record it, feed it. The loop body and the
-    streaming step. `update_seq=False` (the loop) leaves the cache's counters to `_advance` at the loop's end."""
+    streaming step. `update_seq=False` (the loop) leaves the cache's counters to `_advance` at the loop's end;
+    `decode_weights` (the loop) are the model's `decode_weights()`, made before the loop."""
     live = ~carry.done
     key = jax.random.fold_in(rng, carry.step) if params.do_sample else None
     token = sample_next_token(carry.next_logits, key, params, carry.seen)
@@ -345,15 +346,16 @@ def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     seen = None if carry.seen is None else add_seen(carry.seen, token)
 
     model = _merge(graphdef, state)
+    extra = {} if decode_weights is None else {"decode_weights": decode_weights}
     if settings.eos_token_ids:  # a row stopped before this step keeps its state: pads must not enter it
         out = model(token[:, None], cache=carry.cache, active_rows=live,  # held in place (the fused kernel's own)
-                    update_seq=update_seq)
+                    update_seq=update_seq, **extra)
         cache = out.cache
         if update_seq:  # seqlen_offset, the batch's count, stays once every row had stopped (as in `_advance`)
             cache = jax.tree.map(lambda old, new: jnp.where(jnp.all(carry.done), old, new) if new.ndim == 0 else new,
                                  carry.cache, out.cache)
     else:
-        out = model(token[:, None], cache=carry.cache, update_seq=update_seq)
+        out = model(token[:, None], cache=carry.cache, update_seq=update_seq, **extra)
         cache = out.cache
     return carry.replace(step=carry.step + 1, tokens=token, next_logits=out.logits[:, 0], generated=generated,
                          num_generated=carry.num_generated + live.astype(jnp.int32), done=done, cache=cache,
@@ -373,7 +375,10 @@ def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     result: the rows' tokens are pads, their states are held (the model's `active_rows`) and so is
     `seqlen_offset`."""
     m = settings.max_new_tokens
-    step = lambda c: _step(graphdef, settings, state, c, rng, params, update_seq=False)  # noqa: E731
+    model = _merge(graphdef, state)
+    weights = model.decode_weights() if hasattr(model, "decode_weights") else None  # once, outside the loop
+    step = lambda c: _step(graphdef, settings, state, c, rng, params, update_seq=False,  # noqa: E731
+                           decode_weights=weights)
     if not settings.eos_token_ids:
         return _advance(jax.lax.fori_loop(0, m, lambda _, c: step(c), carry))  # the carry is fresh: step 0
 

@@ -130,11 +130,15 @@ class SplitLinear(nnx.Module):
         """`x @ [W_1 | W_2 | ...]` as ONE matmul over the concatenated parts (unsharded models: one GEMM instead of
         one per part; the concatenation depends only on parameters, so XLA hoists it out of a decode loop).
         `few_rows=True` lays the concatenated kernel out for a decode step's few rows (`few_row_kernel`)."""
+        kernel, bias = self.packed_params()
+        return linear(getattr(self, self.part_names[0]), x, kernel, bias, few_rows=few_rows)
+
+    def packed_params(self) -> tuple[jax.Array, jax.Array | None]:
+        """The parts' kernels `[in, out_features]` and biases (or None) concatenated in order."""
         parts = [getattr(self, name) for name in self.part_names]
-        first = parts[0]
         kernel = jnp.concatenate([part.kernel[...] for part in parts], axis=-1)
-        bias = None if first.bias is None else jnp.concatenate([part.bias[...] for part in parts], axis=-1)
-        return linear(first, x, kernel, bias, few_rows=few_rows)
+        bias = None if parts[0].bias is None else jnp.concatenate([part.bias[...] for part in parts], axis=-1)
+        return kernel, bias
 
 
 def few_row_kernel(kernel: jax.Array) -> jax.Array:

@@ -28,7 +28,7 @@ from flax import nnx
 from easymamba import kernels
 from easymamba.config import Mamba2Config
 from easymamba.kernels.decode_step_pallas import check_row_mask, decode_step_impl, mamba2_decode_step
-from easymamba.layers import SplitConv1d, SplitLinear, kaiming_uniform_init, linear
+from easymamba.layers import SplitConv1d, SplitLinear, few_row_kernel, kaiming_uniform_init, linear
 from easymamba.norms import GatedRMSNorm
 from easymamba.sharding import MeshRules, constrain
 
@@ -126,13 +126,16 @@ class Mamba2Mixer(nnx.Module):
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
                  conv_state: jax.Array | None = None, ssm_state: jax.Array | None = None,
-                 active_rows: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                 active_rows: jax.Array | None = None,
+                 decode_weights: dict | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """hidden (b, l, d) -> (out (b, l, d), (conv_state (b, c, k), ssm_state (b, h, p, n) float32)).
 
         `attention_mask` (b, l) of 0/1 zeroes padded positions where HF does: the mixer input before
         in_proj and the conv output after SiLU (so left-padded rows keep a zero state through the pads).
         `conv_state` / `ssm_state` continue a sequence; pass both or neither.
         `active_rows` (b,) bool, with states: rows where False return their states as given (`hold_rows`).
+        `decode_weights`: this mixer's `decode_weights()`, made once before a decode loop (used by the fused
+        decode step; ignored elsewhere).
         """
         cfg = self.config
         b, l, _ = hidden.shape
@@ -149,7 +152,7 @@ class Mamba2Mixer(nnx.Module):
         rules = self.mesh_rules
         if decode and rules is None and mask is None and not getattr(self, "__hooks__", ()):
             if decode_step_impl(self.kernel_impl, p, n, cfg.conv_kernel) == "pallas":
-                return self._fused_decode_step(hidden, conv_state, ssm_state, active_rows)
+                return self._fused_decode_step(hidden, conv_state, ssm_state, active_rows, decode_weights)
         if rules is None:
             z, x, B, C, dt, conv_state = self._project_and_conv_packed(hidden, mask, conv_state, decode)
         else:
@@ -177,14 +180,35 @@ class Mamba2Mixer(nnx.Module):
         sow_hook(self, "hook_out_proj", out)
         return out, hold_rows(active_rows, old_states, (conv_state, ssm_state))
 
-    def _fused_decode_step(self, hidden, conv_state, ssm_state, active_rows):
+    def decode_weights(self) -> dict | None:
+        """in_proj's parts packed into one kernel laid out for few rows (`layers.few_row_kernel`), for a decode
+        loop to make ONCE, outside the loop, and pass to every step (`decode_weights=`). Made inside the step,
+        XLA keeps the concatenation in the loop, fused into the matmul, which then indexes five operands: 4.4 us
+        per layer against 2.2 for one packed kernel (130M, b1, H100; docs/benchmarks.md). None when this
+        mixer's decode step is not the fused one (a mesh, hooks or a non-Pallas kernel_impl)."""
+        cfg = self.config
+        if self.mesh_rules is not None or getattr(self, "__hooks__", ()):
+            return None
+        if decode_step_impl(self.kernel_impl, cfg.head_dim, cfg.state_size, cfg.conv_kernel) != "pallas":
+            return None
+        kernel, bias = self.in_proj.packed_params()
+        first = getattr(self.in_proj, self.in_proj.part_names[0])
+        kernel, bias = first.promote_dtype((kernel, bias), dtype=first.dtype)
+        return {"in_proj_kernel": few_row_kernel(kernel), "in_proj_bias": bias}
+
+    def _fused_decode_step(self, hidden, conv_state, ssm_state, active_rows, decode_weights=None):
         """One token of an unsharded model, no mask, no hooks: in_proj, then conv update + SiLU + state update +
         D + gate + grouped norm as one Pallas kernel (`kernels/decode_step_pallas.py`; the norm's last multiply is
         a small XLA fusion), then out_proj. Same numbers as the op-by-op path (tests/test_decode_step_pallas.py).
         Operands go to the kernel as they are stored (conv weights in parts, A_log): anything computed from them
         before the custom call is one more launch per layer and token."""
         cfg = self.config
-        zxbcdt = self.in_proj.packed(hidden, few_rows=True)[:, 0]          # (b, 2e + 2gn + h)
+        if decode_weights is None:
+            zxbcdt = self.in_proj.packed(hidden, few_rows=True)[:, 0]      # (b, 2e + 2gn + h)
+        else:
+            first = getattr(self.in_proj, self.in_proj.part_names[0])
+            zxbcdt = linear(first, hidden, decode_weights["in_proj_kernel"], decode_weights["in_proj_bias"],
+                            few_rows=True)[:, 0]
         conv = self.conv1d
         parts = [getattr(conv, name) for name in conv.part_names]         # x, B, C
         weight = tuple(part.weight[...].astype(zxbcdt.dtype) for part in parts)

@@ -67,16 +67,18 @@ class Mamba2Block(nnx.Module):
     remat: bool = False
 
     def __call__(self, hidden: jax.Array, *, attention_mask=None, conv_state=None, ssm_state=None,
-                 active_rows=None):
+                 active_rows=None, decode_weights=None):
         if self.remat:
-            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, conv_state, ssm_state, active_rows)
-        return self._forward(hidden, attention_mask, conv_state, ssm_state, active_rows)
+            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, conv_state, ssm_state, active_rows,
+                                                  decode_weights)
+        return self._forward(hidden, attention_mask, conv_state, ssm_state, active_rows, decode_weights)
 
-    def _forward(self, hidden, attention_mask, conv_state, ssm_state, active_rows):
+    def _forward(self, hidden, attention_mask, conv_state, ssm_state, active_rows, decode_weights=None):
         residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
         normed = self.norm(hidden.astype(self.norm.weight.dtype))
+        extra = {} if decode_weights is None else {"decode_weights": decode_weights}
         out, states = self.mixer(normed, attention_mask=attention_mask, conv_state=conv_state,
-                                 ssm_state=ssm_state, active_rows=active_rows)
+                                 ssm_state=ssm_state, active_rows=active_rows, **extra)
         hidden = residual + out
         sow_hook(self, "hook_resid_post", hidden)
         return hidden, states
@@ -142,12 +144,13 @@ class Mamba2Model(nnx.Module):
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache: Mamba2Cache | None = None,
                  inputs_embeds=None, output_hidden_states: bool = False, active_rows=None,
-                 update_seq: bool = True) -> Mamba2Output:
+                 update_seq: bool = True, decode_weights=None) -> Mamba2Output:
         """`active_rows` (b,) bool, with a cache: rows where False keep their cache states as they were (their
         outputs are computed and mean nothing): how generation steps a batch whose rows finish apart.
         `update_seq=False` returns the cache's counters (`positions`, `seqlen_offset`) as given, for a decode loop
         that advances them once at its end (`cache.advance`): per step they cost a small kernel per layer on GPU
-        (docs/benchmarks.md), and no layer reads them."""
+        (docs/benchmarks.md), and no layer reads them.
+        `decode_weights`: `self.decode_weights()`, made once before a decode loop and passed to every step."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (b, l) and inputs_embeds (b, l, d)")
         if input_ids is not None and input_ids.ndim != 2:
@@ -162,6 +165,9 @@ class Mamba2Model(nnx.Module):
             self._check_cache(cache, b)
         if active_rows is not None and cache is None:
             raise ValueError("active_rows holds rows of a cache: pass it with cache=")
+        if decode_weights is not None and len(decode_weights) != len(self.layers):
+            raise ValueError(f"decode_weights has {len(decode_weights)} entries for {len(self.layers)} layers: "
+                             "pass what this model's decode_weights() returns")
         rules = self.mesh_rules
         if rules is not None:
             rules.check_batch(b)
@@ -178,8 +184,9 @@ class Mamba2Model(nnx.Module):
                 conv_spec, ssm_spec, _ = view.partition_specs
                 conv_state = constrain_spec(view.conv_states, rules, conv_spec)
                 ssm_state = constrain_spec(view.ssm_states, rules, ssm_spec)
+            extra = {} if decode_weights is None or decode_weights[i] is None else {"decode_weights": decode_weights[i]}
             hidden, (conv_state, ssm_state) = layer(hidden, attention_mask=attention_mask, conv_state=conv_state,
-                                                    ssm_state=ssm_state, active_rows=active_rows)
+                                                    ssm_state=ssm_state, active_rows=active_rows, **extra)
             hidden = constrain(hidden, rules, "batch", None, "embed")
             if view is not None:  # the new states keep the cache's layout (a while_loop carry must)
                 new_views.append(view.replace(
@@ -194,6 +201,14 @@ class Mamba2Model(nnx.Module):
         if new_cache is not None and update_seq:
             new_cache = new_cache.update_seq(l, active_rows)
         return Mamba2Output(hidden, new_cache, None if all_hidden is None else tuple(all_hidden))
+
+    def decode_weights(self) -> tuple | None:
+        """Per layer, weights of the decode step prepared once for a decode loop (`Mamba2Mixer.decode_weights`),
+        or None when no layer has any. Compute them outside the loop (under the same jit) and pass them to each
+        step as `decode_weights=`: XLA does not hoist them out of the loop by itself. They cost one more copy of
+        in_proj's weights while they live."""
+        weights = tuple(getattr(layer.mixer, "decode_weights", lambda: None)() for layer in self.layers)
+        return None if all(w is None for w in weights) else weights
 
 
 class Mamba2ForCausalLM(nnx.Module):
@@ -218,6 +233,10 @@ class Mamba2ForCausalLM(nnx.Module):
                 config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                 kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs)
 
+    def decode_weights(self) -> tuple | None:
+        """The backbone's `decode_weights()` (see `Mamba2Model.decode_weights`)."""
+        return self.backbone.decode_weights()
+
     def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None,
                    mesh=None) -> Mamba2Cache:
         return self.backbone.init_cache(batch_size, dtype=dtype, ssm_dtype=ssm_dtype,
@@ -225,10 +244,10 @@ class Mamba2ForCausalLM(nnx.Module):
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache: Mamba2Cache | None = None, labels=None,
                  inputs_embeds=None, output_hidden_states: bool = False, active_rows=None,
-                 update_seq: bool = True) -> Mamba2CausalLMOutput:
+                 update_seq: bool = True, decode_weights=None) -> Mamba2CausalLMOutput:
         out = self.backbone(input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
                             output_hidden_states=output_hidden_states, active_rows=active_rows,
-                            update_seq=update_seq)
+                            update_seq=update_seq, decode_weights=decode_weights)
         hidden = out.last_hidden_state
         if self.lm_head is None:
             logits = self.backbone.embeddings.attend(hidden.astype(self.backbone.embeddings.weight.dtype))

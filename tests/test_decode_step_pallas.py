@@ -347,3 +347,34 @@ def test_model_fused_step_asks_for_k_minor_weights():
     for few_rows in (False, True):
         got = jax.jit(lambda y: linear(proj, y, proj.kernel[...], None, few_rows=few_rows))(y)
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_generate_through_the_fused_kernel_with_prepared_weights_interpret(monkeypatch):
+    # `generate`'s loop makes the model's decode_weights() once, before the loop, and every fused step reads
+    # in_proj from them. Against the op-by-op path (kernel_impl="reference"), float32: the same greedy tokens,
+    # logits within 1e-5 relative (float32 rounding of the same operations in another order, as above).
+    from flax import nnx
+
+    import easymamba as em
+    from easymamba import mixer
+
+    config = em.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=8,
+                             state_size=8, n_groups=2, expand=1, conv_kernel=4, chunk_size=4)
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, size=(2, 5)), jnp.int32)
+    seen = []
+    fused_step = mixer.Mamba2Mixer._fused_decode_step
+    monkeypatch.setattr(mixer.Mamba2Mixer, "_fused_decode_step",
+                        lambda self, *a: seen.append(a[-1] is not None) or fused_step(self, *a))
+    runs = {}
+    for impl in ("pallas", "reference"):
+        model = em.Mamba2ForCausalLM(config, rngs=nnx.Rngs(3), kernel_impl=impl)
+        runs[impl] = em.generate(model, ids, max_new_tokens=4, output_logits=True)
+        if impl == "pallas":
+            weights = model.decode_weights()
+            assert weights is not None and len(weights) == config.num_hidden_layers
+            kernel = weights[0]["in_proj_kernel"]
+            assert kernel.shape == (config.hidden_size, model.backbone.layers[0].mixer.in_proj.out_features)
+    assert seen and all(seen), seen                      # every fused step (traced) got the prepared weights
+    assert model.decode_weights() is None                # the reference path has none to prepare
+    np.testing.assert_array_equal(np.asarray(runs["pallas"].sequences), np.asarray(runs["reference"].sequences))
+    assert rel_err(runs["pallas"].logits, runs["reference"].logits) <= 1e-5
