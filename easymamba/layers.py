@@ -126,12 +126,11 @@ class SplitLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:  # (..., in) -> each (..., size)
         return tuple(getattr(self, name)(x) for name in self.part_names)
 
-    def packed(self, x: jax.Array, *, few_rows: bool = False) -> jax.Array:  # (..., in) -> (..., out_features)
+    def packed(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out_features)
         """`x @ [W_1 | W_2 | ...]` as ONE matmul over the concatenated parts (unsharded models: one GEMM instead of
-        one per part; the concatenation depends only on parameters, so XLA hoists it out of a decode loop).
-        `few_rows=True` lays the concatenated kernel out for a decode step's few rows (`few_row_kernel`)."""
+        one per part)."""
         kernel, bias = self.packed_params()
-        return linear(getattr(self, self.part_names[0]), x, kernel, bias, few_rows=few_rows)
+        return linear(getattr(self, self.part_names[0]), x, kernel, bias)
 
     def packed_params(self) -> tuple[jax.Array, jax.Array | None]:
         """The parts' kernels `[in, out_features]` and biases (or None) concatenated in order."""
@@ -148,8 +147,8 @@ def few_row_kernel(kernel: jax.Array) -> jax.Array:
     parameter is, that reduce runs down the columns: 6.7 us for the 130M in_proj, and XLA writes out_proj's whole
     [e, d] product before reducing it (2.7 + 3.8 us). With k contiguous it runs along rows: 4.5 and 2.7 us
     (bf16, b1, H100; docs/benchmarks.md). Same values, a different physical layout: only XLA sees it. The
-    relayout is a copy of the weight that depends on parameters alone, so XLA hoists it out of a decode loop
-    (once per `generate` call); a step jitted alone pays it on every call.
+    relayout is a copy of the weight: make it once, before a decode loop (`Mamba2Mixer.decode_weights`), as a
+    step jitted alone would pay it on every call.
     """
     return with_layout_constraint(kernel, Layout(major_to_minor=(1, 0)))
 

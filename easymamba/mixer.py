@@ -181,11 +181,13 @@ class Mamba2Mixer(nnx.Module):
         return out, hold_rows(active_rows, old_states, (conv_state, ssm_state))
 
     def decode_weights(self) -> dict | None:
-        """in_proj's parts packed into one kernel laid out for few rows (`layers.few_row_kernel`), for a decode
-        loop to make ONCE, outside the loop, and pass to every step (`decode_weights=`). Made inside the step,
-        XLA keeps the concatenation in the loop, fused into the matmul, which then indexes five operands: 4.4 us
-        per layer against 2.2 for one packed kernel (130M, b1, H100; docs/benchmarks.md). None when this
-        mixer's decode step is not the fused one (a mesh, hooks or a non-Pallas kernel_impl)."""
+        """in_proj's parts packed into one kernel, and out_proj's kernel, both laid out for few rows
+        (`layers.few_row_kernel`), for a decode loop to make ONCE, outside the loop, and pass to every step
+        (`decode_weights=`). Made inside the step, XLA keeps in_proj's concatenation in the loop, fused into the
+        matmul, which then indexes five operands: 4.4 us per layer against 3.6 for one packed kernel (130M, b1,
+        H100; docs/benchmarks.md); and a step jitted alone (the streaming path) would relayout both weights on
+        every call, so without them the step uses the weights as stored. None when this mixer's decode step is
+        not the fused one (a mesh, hooks or a non-Pallas kernel_impl)."""
         cfg = self.config
         if self.mesh_rules is not None or getattr(self, "__hooks__", ()):
             return None
@@ -194,7 +196,9 @@ class Mamba2Mixer(nnx.Module):
         kernel, bias = self.in_proj.packed_params()
         first = getattr(self.in_proj, self.in_proj.part_names[0])
         kernel, bias = first.promote_dtype((kernel, bias), dtype=first.dtype)
-        return {"in_proj_kernel": few_row_kernel(kernel), "in_proj_bias": bias}
+        out_kernel = self.out_proj.kernel[...].astype(self.out_proj.dtype)
+        return {"in_proj_kernel": few_row_kernel(kernel), "in_proj_bias": bias,
+                "out_proj_kernel": few_row_kernel(out_kernel)}
 
     def _fused_decode_step(self, hidden, conv_state, ssm_state, active_rows, decode_weights=None):
         """One token of an unsharded model, no mask, no hooks: in_proj, then conv update + SiLU + state update +
@@ -204,7 +208,7 @@ class Mamba2Mixer(nnx.Module):
         before the custom call is one more launch per layer and token."""
         cfg = self.config
         if decode_weights is None:
-            zxbcdt = self.in_proj.packed(hidden, few_rows=True)[:, 0]      # (b, 2e + 2gn + h)
+            zxbcdt = self.in_proj.packed(hidden)[:, 0]                     # (b, 2e + 2gn + h)
         else:
             first = getattr(self.in_proj, self.in_proj.part_names[0])
             zxbcdt = linear(first, hidden, decode_weights["in_proj_kernel"], decode_weights["in_proj_bias"],
@@ -218,8 +222,11 @@ class Mamba2Mixer(nnx.Module):
             self.norm.weight[...], active_rows, n_groups=cfg.n_groups, eps=self.norm.eps,
             dt_limit=cfg.time_step_limit, A_is_log=True, y_dtype=self.dtype, impl="pallas")
         proj = self.out_proj
-        out = linear(proj, y[:, None].astype(self.dtype), proj.kernel[...],
-                     None if proj.bias is None else proj.bias[...], few_rows=True)  # (b, 1, d)
+        if decode_weights is None:
+            out = proj(y[:, None].astype(self.dtype))                      # (b, 1, d)
+        else:
+            out = linear(proj, y[:, None].astype(self.dtype), decode_weights["out_proj_kernel"],
+                         None if proj.bias is None else proj.bias[...], few_rows=True)
         return out, (conv_state, ssm_state)
 
     def _project_and_conv_parts(self, hidden, mask, conv_state, decode, rules):

@@ -318,10 +318,11 @@ def test_model_holds_inactive_rows_interpret(kernel_impl):
 
 
 def test_model_fused_step_asks_for_k_minor_weights():
-    # The fused decode step multiplies its few rows by in_proj and out_proj laid out with the contracted axis
-    # contiguous (layers.few_row_kernel: a one-row dot becomes a reduce, which XLA runs along rows only then;
-    # docs/benchmarks.md). The request must reach XLA as a layout constraint on exactly those two weights, and
-    # `layers.linear` must give nnx.Linear's numbers with and without it (float32: the same dot, exact).
+    # Given the model's decode_weights(), the fused decode step multiplies its few rows by in_proj (packed) and
+    # out_proj laid out with the contracted axis contiguous (layers.few_row_kernel: a one-row dot becomes a
+    # reduce, which XLA runs along rows only then; docs/benchmarks.md). The request must reach XLA as layout
+    # constraints on exactly those two weights; a step without them (a step jitted alone) asks for none, as it
+    # would pay the relayout every call. Both give nnx.Linear's numbers (float32, the same dots: 1e-6).
     from flax import nnx
 
     import easymamba as em
@@ -333,13 +334,26 @@ def test_model_fused_step_asks_for_k_minor_weights():
     cache = model.init_cache(2)
     graphdef, state = nnx.split(model)
     ids = jnp.asarray([[3], [5]], jnp.int32)
-    text = jax.jit(lambda s, tok, c: nnx.merge(graphdef, s)(tok, cache=c)).lower(state, ids, cache).as_text()
-    constraints = [line for line in text.splitlines() if "@LayoutConstraint" in line]
+
+    def step(s, tok, c, prepared):
+        m = nnx.merge(graphdef, s)
+        return m(tok, cache=c, decode_weights=m.decode_weights() if prepared else None).logits
+
     d, e = config.hidden_size, config.intermediate_size
     packed = 2 * e + 2 * config.n_groups * config.state_size + config.num_heads
-    shapes = sorted(line.rsplit("-> tensor<", 1)[1].split("x")[:2] for line in constraints)
-    assert shapes == sorted([[str(d), str(packed)], [str(e), str(d)]]), constraints
-    assert all("result_layouts = [dense<[0, 1]>" in line for line in constraints), constraints
+    logits = {}
+    for prepared in (False, True):
+        fn = jax.jit(functools.partial(step, prepared=prepared))
+        text = fn.lower(state, ids, cache).as_text()
+        constraints = [line for line in text.splitlines() if "@LayoutConstraint" in line]
+        if not prepared:
+            assert constraints == [], constraints
+        else:
+            shapes = sorted(line.rsplit("-> tensor<", 1)[1].split("x")[:2] for line in constraints)
+            assert shapes == sorted([[str(d), str(packed)], [str(e), str(d)]] * 2), constraints  # made + pinned
+            assert all("result_layouts = [dense<[0, 1]>" in line for line in constraints), constraints
+        logits[prepared] = fn(state, ids, cache)
+    assert rel_err(logits[True], logits[False]) <= 1e-6
 
     proj = model.backbone.layers[0].mixer.out_proj
     y = jnp.asarray(np.random.default_rng(4).standard_normal((2, 1, e)), jnp.float32)
