@@ -388,7 +388,12 @@ def test_generate_through_the_fused_kernel_with_prepared_weights_interpret(monke
             assert weights is not None and len(weights) == config.num_hidden_layers
             kernel = weights[0]["in_proj_kernel"]
             assert kernel.shape == (config.hidden_size, model.backbone.layers[0].mixer.in_proj.out_features)
-    assert seen and all(seen), seen                      # every fused step (traced) got the prepared weights
+            assert seen and all(seen), seen              # every fused step (traced) got the prepared weights
+            seen.clear()                                 # decode_weights=False: the steps read the weights as stored
+            runs["pallas, not prepared"] = em.generate(model, ids, max_new_tokens=4, output_logits=True,
+                                                       decode_weights=False)
+            assert seen and not any(seen), seen
     assert model.decode_weights() is None                # the reference path has none to prepare
-    np.testing.assert_array_equal(np.asarray(runs["pallas"].sequences), np.asarray(runs["reference"].sequences))
-    assert rel_err(runs["pallas"].logits, runs["reference"].logits) <= 1e-5
+    for name in ("pallas", "pallas, not prepared"):
+        np.testing.assert_array_equal(np.asarray(runs[name].sequences), np.asarray(runs["reference"].sequences))
+        assert rel_err(runs[name].logits, runs["reference"].logits) <= 1e-5

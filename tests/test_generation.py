@@ -286,6 +286,7 @@ def test_generation_config_is_the_same_as_keywords(pair, padded):
     (dict(max_new_tokens=4, repetition_penalty=0.0), r"repetition_penalty \(0.0\) must be > 0"),
     (dict(max_new_tokens=4, eos_token_id=[]), r"eos_token_id \(\[\]\)"),
     (dict(max_new_tokens=4, pad_token_id=-1), r"pad_token_id \(-1\)"),
+    (dict(max_new_tokens=4, decode_weights="yes"), r"decode_weights \('yes'\) must be True or False"),
 ])
 def test_generation_config_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
