@@ -352,16 +352,15 @@ def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     seen = None if carry.seen is None else add_seen(carry.seen, token)
 
     model = _merge(graphdef, state)
-    extra = {} if decode_weights is None else {"decode_weights": decode_weights}
     if settings.eos_token_ids:  # a row stopped before this step keeps its state: pads must not enter it
         out = model(token[:, None], cache=carry.cache, active_rows=live,  # held in place (the fused kernel's own)
-                    update_seq=update_seq, **extra)
+                    update_seq=update_seq, decode_weights=decode_weights)
         cache = out.cache
         if update_seq:  # seqlen_offset, the batch's count, stays once every row had stopped (as in `_advance`)
             cache = jax.tree.map(lambda old, new: jnp.where(jnp.all(carry.done), old, new) if new.ndim == 0 else new,
                                  carry.cache, out.cache)
     else:
-        out = model(token[:, None], cache=carry.cache, update_seq=update_seq, **extra)
+        out = model(token[:, None], cache=carry.cache, update_seq=update_seq, decode_weights=decode_weights)
         cache = out.cache
     return carry.replace(step=carry.step + 1, tokens=token, next_logits=out.logits[:, 0], generated=generated,
                          num_generated=carry.num_generated + live.astype(jnp.int32), done=done, cache=cache,
@@ -381,10 +380,8 @@ def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     result: the rows' tokens are pads, their states are held (the model's `active_rows`) and so is
     `seqlen_offset`."""
     m = settings.max_new_tokens
-    model = _merge(graphdef, state)
-    weights = None  # made once, outside the loop (GenerationConfig.decode_weights)
-    if settings.decode_weights and hasattr(model, "decode_weights"):
-        weights = model.decode_weights()
+    # made once, outside the loop (GenerationConfig.decode_weights)
+    weights = _merge(graphdef, state).decode_weights() if settings.decode_weights else None
     step = lambda c: _step(graphdef, settings, state, c, rng, params, update_seq=False,  # noqa: E731
                            decode_weights=weights)
     if not settings.eos_token_ids:

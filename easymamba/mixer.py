@@ -150,9 +150,8 @@ class Mamba2Mixer(nnx.Module):
         if mask is not None:
             hidden = hidden * mask
         rules = self.mesh_rules
-        if decode and rules is None and mask is None and not getattr(self, "__hooks__", ()):
-            if decode_step_impl(self.kernel_impl, p, n, cfg.conv_kernel) == "pallas":
-                return self._fused_decode_step(hidden, conv_state, ssm_state, active_rows, decode_weights)
+        if decode and mask is None and self._fused_decode():
+            return self._fused_decode_step(hidden, conv_state, ssm_state, active_rows, decode_weights)
         if rules is None:
             z, x, B, C, dt, conv_state = self._project_and_conv_packed(hidden, mask, conv_state, decode)
         else:
@@ -180,6 +179,13 @@ class Mamba2Mixer(nnx.Module):
         sow_hook(self, "hook_out_proj", out)
         return out, hold_rows(active_rows, old_states, (conv_state, ssm_state))
 
+    def _fused_decode(self) -> bool:
+        """Whether a one-token step (no mask) takes the fused decode-step kernel: unsharded, unhooked, and the
+        kernel is what `kernel_impl` resolves to here."""
+        cfg = self.config
+        return (self.mesh_rules is None and not getattr(self, "__hooks__", ())
+                and decode_step_impl(self.kernel_impl, cfg.head_dim, cfg.state_size, cfg.conv_kernel) == "pallas")
+
     def decode_weights(self) -> dict | None:
         """in_proj's parts packed into one kernel, and out_proj's kernel, both laid out for few rows
         (`layers.few_row_kernel`), for a decode loop to make ONCE, outside the loop, and pass to every step
@@ -188,10 +194,7 @@ class Mamba2Mixer(nnx.Module):
         H100; docs/benchmarks.md); and a step jitted alone (the streaming path) would relayout both weights on
         every call, so without them the step uses the weights as stored. None when this mixer's decode step is
         not the fused one (a mesh, hooks or a non-Pallas kernel_impl)."""
-        cfg = self.config
-        if self.mesh_rules is not None or getattr(self, "__hooks__", ()):
-            return None
-        if decode_step_impl(self.kernel_impl, cfg.head_dim, cfg.state_size, cfg.conv_kernel) != "pallas":
+        if not self._fused_decode():
             return None
         kernel, bias = self.in_proj.packed_params()
         first = getattr(self.in_proj, self.in_proj.part_names[0])

@@ -76,7 +76,7 @@ class Mamba2Block(nnx.Module):
     def _forward(self, hidden, attention_mask, conv_state, ssm_state, active_rows, decode_weights=None):
         residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
         normed = self.norm(hidden.astype(self.norm.weight.dtype))
-        extra = {} if decode_weights is None else {"decode_weights": decode_weights}
+        extra = {} if decode_weights is None else {"decode_weights": decode_weights}  # Mamba-1 mixers take none
         out, states = self.mixer(normed, attention_mask=attention_mask, conv_state=conv_state,
                                  ssm_state=ssm_state, active_rows=active_rows, **extra)
         hidden = residual + out
@@ -184,9 +184,9 @@ class Mamba2Model(nnx.Module):
                 conv_spec, ssm_spec, _ = view.partition_specs
                 conv_state = constrain_spec(view.conv_states, rules, conv_spec)
                 ssm_state = constrain_spec(view.ssm_states, rules, ssm_spec)
-            extra = {} if decode_weights is None or decode_weights[i] is None else {"decode_weights": decode_weights[i]}
-            hidden, (conv_state, ssm_state) = layer(hidden, attention_mask=attention_mask, conv_state=conv_state,
-                                                    ssm_state=ssm_state, active_rows=active_rows, **extra)
+            hidden, (conv_state, ssm_state) = layer(
+                hidden, attention_mask=attention_mask, conv_state=conv_state, ssm_state=ssm_state,
+                active_rows=active_rows, decode_weights=None if decode_weights is None else decode_weights[i])
             hidden = constrain(hidden, rules, "batch", None, "embed")
             if view is not None:  # the new states keep the cache's layout (a while_loop carry must)
                 new_views.append(view.replace(
@@ -206,7 +206,7 @@ class Mamba2Model(nnx.Module):
         """Per layer, weights of the decode step prepared once for a decode loop (`Mamba2Mixer.decode_weights`),
         or None when no layer has any. Compute them outside the loop (under the same jit) and pass them to each
         step as `decode_weights=`: XLA does not hoist them out of the loop by itself. They cost one more copy of
-        in_proj's weights while they live."""
+        in_proj's and out_proj's weights while they live."""
         weights = tuple(getattr(layer.mixer, "decode_weights", lambda: None)() for layer in self.layers)
         return None if all(w is None for w in weights) else weights
 
