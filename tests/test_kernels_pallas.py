@@ -17,7 +17,6 @@ so the error measured is the kernel's own. Errors are max |a - b| / max |b|. Tol
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,13 @@ from easymamba.kernels import pallas_util as pu
 from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas, causal_conv1d_update_pallas
 from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
 from easymamba.kernels.dispatch import describe, resolve_impl
-from easymamba.kernels.ssd_pallas_gpu import SSDBlockConfig, ssd_pallas
+from easymamba.kernels.ssd_pallas_gpu import (
+    MosaicSSDConfig,
+    SSDBlockConfig,
+    default_config,
+    mosaic_gpu_here,
+    ssd_pallas,
+)
 from easymamba.kernels.ssd_reference import selective_state_update_ref, ssd_naive
 from easymamba.kernels.state_update_pallas import selective_state_update_pallas
 
@@ -226,16 +231,19 @@ SSD_VARIANTS = {
 }
 
 
-def check_ssd(seed, variant, *, b, l, h, p, g, n, dtype, interpret, block_q):
+def check_ssd(seed, variant, *, b, l, h, p, g, n, dtype, interpret, block_q=None, config=None, y_dtype=None):
     args, extras = ssd_inputs(seed, b=b, l=l, h=h, p=p, g=g, n=n, dtype=dtype)
     kw = SSD_VARIANTS[variant](extras, b, l)
     arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
     static = {k: v for k, v in kw.items() if not isinstance(v, jax.Array)}
-    fn = functools.partial(ssd_pallas, config=SSDBlockConfig(block_q=block_q), **static)
+    config = SSDBlockConfig(block_q=block_q) if config is None else config
+    fn = functools.partial(ssd_pallas, config=config, y_dtype=y_dtype, **static)
     with interpreted(interpret):
         y, state = jax.jit(fn)(**args, **arrays)
     y_ref, state_ref = reference64(ssd_naive, **args, **kw)
-    assert y.shape == (b, l, h, p) and y.dtype == jnp.float32 and state.dtype == jnp.float32
+    y_dtype = jnp.float32 if y_dtype is None else y_dtype
+    assert y.shape == (b, l, h, p) and y.dtype == y_dtype and state.dtype == jnp.float32
+    # a bf16 y adds one rounding (2^-8) to the bf16 operand budget below
     tol = TOL[jnp.dtype(dtype).name]
     assert rel_err(y, y_ref) <= tol, variant
     assert rel_err(state, state_ref) <= tol, variant
@@ -260,6 +268,52 @@ def test_ssd_interpret_short(l):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_ssd_gpu(variant, dtype):
     check_ssd(10, variant, b=2, l=300, h=8, p=64, g=2, n=128, dtype=dtype, interpret=False, block_q=64)
+
+
+# The Mosaic GPU form (TMA + wgmma, Hopper): bf16 / f16 operands, p and n multiples of 64. On the CPU it runs in
+# jax's GPU interpreter (TMA copies, barriers and wgmma simulated; register layouts skipped), so the shapes are the
+# smallest the form takes: p = n = 64 (n = 128 once), one chunk of 64 plus a padded one (l = 100), g = 2 groups.
+MOSAIC_CPU = dict(b=1, l=100, h=4, p=64, g=2, n=64, dtype=jnp.bfloat16, interpret=True)
+
+
+@pytest.mark.parametrize("variant", list(SSD_VARIANTS))
+def test_ssd_mosaic_interpret(variant):
+    check_ssd(12, variant, config=MosaicSSDConfig(), **MOSAIC_CPU)
+
+
+@pytest.mark.parametrize("config,y_dtype,n", [
+    (MosaicSSDConfig(num_slots=1), jnp.bfloat16, 64),  # no prefetch: each chunk's copies issued in its own step
+    (MosaicSSDConfig(num_slots=3, overlap=False), jnp.bfloat16, 64),  # a deeper ring; y finished before the update
+    (MosaicSSDConfig(), jnp.float32, 128),  # float32 y; n = 128 spans two swizzle tiles
+])
+def test_ssd_mosaic_interpret_configs(config, y_dtype, n):
+    check_ssd(13, "full", config=config, y_dtype=y_dtype, **dict(MOSAIC_CPU, n=n))
+
+
+def test_ssd_mosaic_refuses_what_it_cannot_compile():
+    args, _ = ssd_inputs(14, b=1, l=8, h=2, p=64, g=1, n=64, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="Mosaic GPU SSD form.*float32"):
+        ssd_pallas(**args, config=MosaicSSDConfig())
+    args, _ = ssd_inputs(14, b=1, l=8, h=2, p=48, g=1, n=64, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="head_dim 48"):
+        ssd_pallas(**args, config=MosaicSSDConfig())
+    with pytest.raises(ValueError, match="block_q must be 64 or 128"):
+        MosaicSSDConfig(block_q=32)
+    assert not mosaic_gpu_here() or pu.gpu_capability()[0] == 9
+    if not ON_GPU:  # interpreted kernels default to the Triton form
+        assert isinstance(default_config(100, 64, 128, jnp.bfloat16), SSDBlockConfig)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("variant", list(SSD_VARIANTS))
+@pytest.mark.parametrize("y_dtype", [None, jnp.bfloat16])
+def test_ssd_mosaic_gpu(variant, y_dtype):
+    if not mosaic_gpu_here():
+        pytest.skip("the Mosaic GPU form needs a Hopper (sm_90) GPU")
+    check_ssd(15, variant, b=2, l=300, h=8, p=64, g=2, n=128, dtype=jnp.bfloat16, interpret=False,
+              config=MosaicSSDConfig(), y_dtype=y_dtype)
+    assert isinstance(default_config(300, 64, 128, jnp.bfloat16), MosaicSSDConfig)  # what ssd_pallas picks here
 
 
 def test_ssd_grad_interpret():

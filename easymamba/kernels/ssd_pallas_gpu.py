@@ -43,9 +43,11 @@ from easymamba.kernels.ssd_pallas_gpu_bwd import (
     ssd_backward_pallas,
     ssd_backward_supported,
 )
+from easymamba.kernels.ssd_pallas_mgpu import MosaicSSDConfig, mgpu_supported, ssd_forward_mgpu
 from easymamba.kernels.ssd_reference import _check_ssd_args, _process_dt, _segment_ids, ssd_chunked_vjp
 
-__all__ = ["ssd_pallas", "SSDBlockConfig", "SSDBackwardConfig", "default_config", "ssd_supported"]
+__all__ = ["ssd_pallas", "SSDBlockConfig", "MosaicSSDConfig", "SSDBackwardConfig", "default_config", "ssd_supported",
+           "mosaic_gpu_here"]
 
 BACKWARDS = ("pallas", "reference")
 
@@ -59,10 +61,24 @@ class SSDBlockConfig:
     num_stages: int = 2
 
 
-def default_config(l: int) -> SSDBlockConfig:
-    """Measured on an H100 (docs/benchmarks.md): q 64 and 4 warps everywhere; 2 pipeline stages up to l 4096,
-    3 above (at l 8192 two stages cost 1.1-1.5x, at l 2048 three stages cost 1.1x)."""
+def default_config(l: int, p: int | None = None, n: int | None = None, dtype=None):
+    """The kernel form and tiles `ssd_pallas` uses when given no config.
+
+    On a Hopper GPU (sm_90), compiled, for bf16 / f16 operands the Mosaic GPU form takes (`mgpu_supported`):
+    `MosaicSSDConfig()`, measured 0.77-0.93x the Triton form's time at the four benchmark shapes
+    (docs/benchmarks.md). Everywhere else the Triton form, measured on an H100: q 64 and 4 warps; 2 pipeline
+    stages up to l 4096, 3 above (at l 8192 two stages cost 1.1-1.5x, at l 2048 three stages cost 1.1x).
+    """
+    if p is not None and n is not None and dtype is not None and mosaic_gpu_here() and mgpu_supported(p, n, dtype):
+        return MosaicSSDConfig()
     return SSDBlockConfig(block_q=64, num_warps=4, num_stages=2 if l <= 4096 else 3)
+
+
+def mosaic_gpu_here() -> bool:
+    """Whether the Mosaic GPU form compiles here: kernels compiled (not interpreted) on a Hopper GPU (wgmma is
+    sm_90 only)."""
+    cap = pu.gpu_capability()
+    return not pu.interpret_mode() and cap is not None and cap[0] == 9
 
 
 def ssd_supported(p: int, n: int) -> bool:
@@ -141,8 +157,6 @@ def _kernel(*refs, q, nchunks, has_D, has_z, has_init, has_seg, cdtype):
 
 def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, dt_softplus, dt_limit, y_dtype, config):
     b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    r = h // g
     cdtype = jnp.promote_types(x.dtype, jnp.float32)
     q = config.block_q
     pad = (-l) % q
@@ -152,9 +166,30 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, dt_softpl
     def pad_l(a):
         return a if pad == 0 else jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
 
-    # dt processing and the chunk-local cumsum in XLA: [b, h, lp] float32 each (padded dt = 0: a no-op step)
+    # dt processing and the chunk-local cumsum in XLA: [b, lp, h] float32 each (padded dt = 0: a no-op step)
     dtp = pad_l(_process_dt(dt, dt_bias, dt_softplus, dt_limit, cdtype))  # [b, lp, h]
     acum = jnp.cumsum((dtp * A.astype(cdtype)).reshape(b, nchunks, q, h), axis=2).reshape(b, lp, h)
+    seg = None
+    if seq_idx is not None:
+        seg = _segment_ids(seq_idx).astype(jnp.int32)
+        seg = seg if pad == 0 else jnp.pad(seg, [(0, 0), (0, pad)], mode="edge")  # padding joins the last segment
+    x, B, C, z = pad_l(x), pad_l(B), pad_l(C), None if z is None else pad_l(z)
+    if isinstance(config, MosaicSSDConfig):
+        y, final_state = ssd_forward_mgpu(x, dtp, acum, B, C, D, z, initial_state, seg, y_dtype=y_dtype,
+                                          config=config, interpret=pu.interpret_mode())
+    else:
+        y, final_state = _forward_triton(x, dtp, acum, B, C, D, z, initial_state, seg, y_dtype=y_dtype,
+                                         config=config)
+    return (y if pad == 0 else y[:, :l]), final_state
+
+
+def _forward_triton(x, dtp, acum, B, C, D, z, initial_state, seg, *, y_dtype, config):
+    b, lp, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    cdtype = jnp.promote_types(x.dtype, jnp.float32)
+    q = config.block_q
+    nchunks = lp // q
     dtp, acum = jnp.swapaxes(dtp, 1, 2), jnp.swapaxes(acum, 1, 2)  # [b, h, lp]
 
     seq_spec = lambda *block: pl.BlockSpec(block, lambda hi, bi: (bi, 0, hi, 0))  # noqa: E731
@@ -166,25 +201,23 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, dt_softpl
         grp_spec,  # B
         grp_spec,  # C
     ]
-    args = [pad_l(x), dtp, acum, pad_l(B), pad_l(C)]
+    args = [x, dtp, acum, B, C]
     if D is not None:
         in_specs.append(pl.BlockSpec((None,), lambda hi, bi: (hi,)))
         args.append(D)
     if z is not None:
         in_specs.append(seq_spec(None, lp, None, p))
-        args.append(pad_l(z))
+        args.append(z)
     if initial_state is not None:
         in_specs.append(pl.BlockSpec((None, None, p, n), lambda hi, bi: (bi, hi, 0, 0)))
         args.append(initial_state)
-    if seq_idx is not None:
-        seg = _segment_ids(seq_idx).astype(jnp.int32)
-        seg = seg if pad == 0 else jnp.pad(seg, [(0, 0), (0, pad)], mode="edge")  # padding joins the last segment
+    if seg is not None:
         in_specs.append(pl.BlockSpec((None, lp), lambda hi, bi: (bi, 0)))
         args.append(seg)
 
     kernel = functools.partial(
         _kernel, q=q, nchunks=nchunks, has_D=D is not None, has_z=z is not None,
-        has_init=initial_state is not None, has_seg=seq_idx is not None, cdtype=cdtype,
+        has_init=initial_state is not None, has_seg=seg is not None, cdtype=cdtype,
     )
     y, final_state = pl.pallas_call(
         kernel,
@@ -196,7 +229,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, dt_softpl
         interpret=pu.interpret_mode(),
         name="ssd_fused_fwd",
     )(*args)
-    return (y if pad == 0 else y[:, :l]), final_state
+    return y, final_state
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
@@ -264,7 +297,12 @@ def ssd_pallas(
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     cdtype = jnp.promote_types(x.dtype, jnp.float32)
     y_dtype = jnp.dtype(cdtype if y_dtype is None else y_dtype)
-    config = default_config(x.shape[1]) if config is None else config
+    config = default_config(x.shape[1], x.shape[3], B.shape[3], x.dtype) if config is None else config
+    if isinstance(config, MosaicSSDConfig) and not mgpu_supported(x.shape[3], B.shape[3], x.dtype):
+        raise ValueError(
+            f"the Mosaic GPU SSD form (MosaicSSDConfig) takes bf16 / f16 x with head_dim and state size multiples "
+            f"of 64 (<= 128 and <= 256); got x {x.dtype}, head_dim {x.shape[3]}, state size {B.shape[3]}"
+        )
     if backward == "pallas":
         backward = default_backward_config(x.shape[1]) if backward_config is None else backward_config
     static = (bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), y_dtype, config, int(chunk_size),
