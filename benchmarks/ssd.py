@@ -21,7 +21,6 @@ when absent.
 import argparse
 import functools
 import json
-import math
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easymamba.kernels import SSDBlockConfig, ssd_chunked, ssd_pallas
+from easymamba.kernels.ssd_pallas_gpu import MosaicSSDConfig, default_config
 from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas, causal_conv1d_update_pallas
 from easymamba.kernels.conv1d_reference import causal_conv1d_ref
 from easymamba.kernels.ssd_reference import selective_state_update_ref
@@ -112,7 +112,7 @@ def to_torch(torch, a):
     return torch.from_numpy(a).cuda()
 
 
-def run_ssd(rows, bandwidth, flops, quick, mosaic=False, peers=True):
+def run_ssd(rows, bandwidth, flops, quick, peers=True):
     torch = mamba2_ssd = ssd_forward = None
     try:
         assert peers, "--no-peers"
@@ -145,27 +145,33 @@ def run_ssd(rows, bandwidth, flops, quick, mosaic=False, peers=True):
             try:
                 ms = bench_jax(fn, *main)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
-                print(f"  pallas {cfg}: failed ({type(e).__name__}: {str(e)[:200]})")
+                print(f"  triton form {cfg}: failed ({type(e).__name__}: {str(e)[:200]})")
                 continue
-            row[f"pallas q{cfg.block_q} w{cfg.num_warps} s{cfg.num_stages}"] = ms
+            row[f"triton q{cfg.block_q} w{cfg.num_warps} s{cfg.num_stages}"] = ms
             if best is None or ms < best[0]:
                 best = (ms, cfg)
         if best:
-            row["pallas"], row["pallas_config"] = best[0], str(best[1])
-        if mosaic:  # the same kernel through jax's default GPU lowering (Mosaic GPU on jax >= 0.9)
-            os.environ["EASYMAMBA_PALLAS_GPU_BACKEND"] = "mosaic"
+            row["triton"], row["triton_config"] = best[0], str(best[1])
+        # the Mosaic GPU form (Hopper), its default and the two knobs off; then what ssd_pallas picks by default
+        for label, cfg in [("mosaic", MosaicSSDConfig()),
+                           ("mosaic exact-exp", MosaicSSDConfig(approx_math=False)),
+                           ("mosaic no-overlap", MosaicSSDConfig(overlap=False))][:1 if quick else 3]:
             try:
-                fn = jax.jit(functools.partial(ssd_pallas, chunk_size=256, y_dtype=jnp.bfloat16, **common))
-                row["pallas_mosaic"] = bench_jax(fn, *main)
-                ref = jax.jit(functools.partial(ssd_pallas, chunk_size=256, y_dtype=jnp.bfloat16,
-                                                config=best[1], **common))
-                os.environ.pop("EASYMAMBA_PALLAS_GPU_BACKEND")
-                ya, yb = fn(*main)[0], ref(*main)[0]
-                row["mosaic_vs_triton_rel"] = float(jnp.abs(ya.astype(jnp.float32) - yb.astype(jnp.float32)).max()
-                                                    / jnp.abs(yb.astype(jnp.float32)).max())
+                fn = jax.jit(functools.partial(ssd_pallas, chunk_size=256, y_dtype=jnp.bfloat16, config=cfg, **common))
+                row[label] = bench_jax(fn, *main)
+                if label == "mosaic" and best:
+                    ref = jax.jit(functools.partial(ssd_pallas, chunk_size=256, y_dtype=jnp.bfloat16,
+                                                    config=best[1], **common))
+                    ya, yb = (a[0].astype(jnp.float32) for a in (fn(*main), ref(*main)))
+                    row["mosaic_vs_triton_rel"] = float(jnp.linalg.norm(ya - yb) / jnp.linalg.norm(yb))
             except Exception as e:  # noqa: BLE001
-                print(f"  pallas (mosaic lowering): failed ({type(e).__name__}: {str(e)[:300]})")
-            os.environ.pop("EASYMAMBA_PALLAS_GPU_BACKEND", None)
+                print(f"  {label}: failed ({type(e).__name__}: {str(e)[:300]})")
+        fn = jax.jit(functools.partial(ssd_pallas, chunk_size=256, y_dtype=jnp.bfloat16, **common))
+        row["pallas"] = bench_jax(fn, *main)
+        cfg = default_config(args["x"].shape[1], p, n, args["x"].dtype)
+        row["pallas_config"] = type(cfg).__name__
+        if row.get("triton"):
+            row["pallas/triton"] = row["pallas"] / row["triton"]
 
         xla = jax.jit(lambda x, dt, A, B, C: jax.tree.map(
             lambda a: a, ssd_chunked(x, dt, A, B, C, chunk_size=256, **common)))
@@ -417,7 +423,6 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="one kernel config per shape")
     parser.add_argument("--parts", default="ssd,decode,conv")
-    parser.add_argument("--mosaic", action="store_true", help="also time the kernel through Mosaic GPU lowering")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--lengths", default=None,
                         help="comma-separated sequence lengths: run the SSD length sweep instead of --parts")
@@ -449,7 +454,7 @@ def main():
     rows = []
     parts = opts.parts.split(",")
     if "ssd" in parts:
-        run_ssd(rows, bandwidth, flops, opts.quick, mosaic=opts.mosaic, peers=not opts.no_peers)
+        run_ssd(rows, bandwidth, flops, opts.quick, peers=not opts.no_peers)
     if "decode" in parts:
         run_decode(rows, bandwidth)
     if "conv" in parts:
@@ -463,8 +468,12 @@ def main():
         for peer in ("mamba_ssm", "jla", "xla"):
             if r.get("pallas") and r.get(peer):
                 r[f"pallas/{peer}"] = r["pallas"] / r[peer]
-    table(ssd_rows, ["floor", "pallas", "xla", "mamba_ssm", "jla", "mamba2_jax", "pallas/mamba_ssm", "pallas/jla",
-                     "pallas/xla", "pallas_mosaic", "mosaic_vs_triton_rel", "pallas_config"])
+    for r in ssd_rows:
+        if r.get("pallas"):
+            r["pallas/floor"] = r["pallas"] / r["floor"]
+    table(ssd_rows, ["floor", "pallas", "triton", "mosaic", "mosaic exact-exp", "mosaic no-overlap", "xla",
+                     "mamba_ssm", "jla", "mamba2_jax", "pallas/floor", "pallas/mamba_ssm", "pallas/jla",
+                     "pallas/triton", "pallas/xla", "mosaic_vs_triton_rel", "pallas_config", "triton_config"])
     print()
     table([r for r in rows if r not in ssd_rows], ["floor", "copy", "pallas", "xla", "mamba_ssm"])
 
