@@ -6,8 +6,8 @@ The GPU kernels in this package (`ssd_pallas_gpu.py`, `conv1d_pallas.py`, `state
 
 * on an NVIDIA GPU they are compiled through the Triton backend, named explicitly with
   `pltriton.CompilerParams` because jax >= 0.9 lowers a bare `pallas_call` through Mosaic GPU instead. jax 0.11
-  deprecates the Triton backend but still ships it; the Mosaic GPU form of these kernels is not written yet
-  (see docs/kernels.md);
+  deprecates the Triton backend but still ships it. The SSD forward also has a Mosaic GPU form
+  (`ssd_pallas_mgpu.py`, Hopper, the default there); the others do not yet (see docs/kernels.md);
 * everywhere else (CPU CI) they run in Pallas' interpret mode, which executes the same kernel body with jnp;
 * they are not TPU kernels (Mosaic TPU has no gathers from refs). On a TPU backend impl="pallas" runs their
   Mosaic TPU forms instead (`ssd_pallas_tpu.py`, `conv1d_pallas_tpu.py`, `state_update_pallas_tpu.py`: TPU
