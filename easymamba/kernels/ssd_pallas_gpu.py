@@ -61,15 +61,16 @@ class SSDBlockConfig:
     num_stages: int = 2
 
 
-def default_config(l: int, p: int | None = None, n: int | None = None, dtype=None):
-    """The kernel form and tiles `ssd_pallas` uses when given no config.
+def default_config(l: int, p: int, n: int, dtype):
+    """The kernel form and tiles `ssd_pallas` uses when given no config, for length l, head dim p, state size n
+    and operand dtype `dtype`.
 
     On a Hopper GPU (sm_90), compiled, for bf16 / f16 operands the Mosaic GPU form takes (`mgpu_supported`):
-    `MosaicSSDConfig()`, measured 0.77-0.93x the Triton form's time at the four benchmark shapes
+    `MosaicSSDConfig()`, measured 0.80-0.97x the Triton form's time at the four benchmark shapes
     (docs/benchmarks.md). Everywhere else the Triton form, measured on an H100: q 64 and 4 warps; 2 pipeline
     stages up to l 4096, 3 above (at l 8192 two stages cost 1.1-1.5x, at l 2048 three stages cost 1.1x).
     """
-    if p is not None and n is not None and dtype is not None and mosaic_gpu_here() and mgpu_supported(p, n, dtype):
+    if mosaic_gpu_here() and mgpu_supported(p, n, dtype):
         return MosaicSSDConfig()
     return SSDBlockConfig(block_q=64, num_warps=4, num_stages=2 if l <= 4096 else 3)
 
@@ -285,8 +286,9 @@ def ssd_pallas(
 
     y comes back in `y_dtype` (default: the compute dtype promote(x, float32), as the references do; pass
     x.dtype to halve the output bytes as mamba_ssm does); final_state in the compute dtype. `chunk_size` only
-    sets the chunking of the backward (the reference's); the kernel's own chunk is `config.block_q`
-    (`default_config(l)` when None).
+    sets the chunking of the backward (the reference's); the kernel's own chunk is `config.block_q`. The config's
+    type picks the form: `SSDBlockConfig` the Triton form, `MosaicSSDConfig` the Mosaic GPU form (Hopper, bf16 /
+    f16); None takes `default_config`, which picks the Mosaic form where it compiles.
 
     Gradients: `backward="pallas"` (default) runs the backward kernels of `ssd_pallas_gpu_bwd` with
     `backward_config` (`default_backward_config(l)` when None), falling back to the reference VJP for shapes the

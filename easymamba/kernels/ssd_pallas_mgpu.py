@@ -19,7 +19,7 @@ walk, x / B / C / z / dt read once, y and the final state written once), differe
 * per-token scalars (processed dt and the chunk-local cumsum of dt A, plus the segment masks when `seq_idx` is
   given) are computed by XLA, as in the Triton form, and packed [b, h, chunk, rows, q] so one TMA brings them.
 
-y is rounded to `y_dtype` in shared memory and stored by TMA, double-buffered. Only bf16 / f16 x, B, C (the
+y is rounded to `y_dtype` in shared memory and stored by TMA (one buffer). Only bf16 / f16 x, B, C (the
 matmul operand dtype) take this form; p and n must be multiples of 64 (wgmma tiles), at most 128 and 256.
 """
 
@@ -110,7 +110,6 @@ def _body(*refs, q, nchunks, r, nslots, overlap, has_D, has_z, has_init, has_seg
     def cols(v, shape):
         return lax.broadcast_in_dim(v, shape, [1])
 
-    x_dt, y_dt = x_g.dtype, y_g.dtype
     ninputs = 5 if has_z else 4
 
     # Three scopes one after another, so the float32 state buffer of the first and last reuses the loop's
@@ -158,6 +157,7 @@ def _body(*refs, q, nchunks, r, nslots, overlap, has_D, has_z, has_init, has_seg
             for bar in bars[:ninputs]:
                 plgpu.barrier_wait(bar.at[slot])
             xs, bts, cs, vs = x_s.at[slot], bt_s.at[slot], c_s.at[slot], v_s.at[slot]
+            y_out = y_g.at[bi, pl.ds(c * q, q), hi]
 
             acum_r = cast(vs[_ACUM], row)
             acum_c = cast(vs[_ACUM], col)
@@ -214,7 +214,7 @@ def _body(*refs, q, nchunks, r, nslots, overlap, has_D, has_z, has_init, has_seg
             xs[...] = (xf * rows(to_end, (q, p))).astype(mm)  # x is read: its slot takes xw
             plgpu.commit_smem()
             if not overlap:
-                plgpu.copy_smem_to_gmem(y_s, y_g.at[bi, pl.ds(c * q, q), hi])
+                plgpu.copy_smem_to_gmem(y_s, y_out)
 
             def update(acc):
                 plgpu.wgmma(acc, bts, xs)  # Bᵀ xw: [n, q] @ [q, p]
@@ -227,7 +227,7 @@ def _body(*refs, q, nchunks, r, nslots, overlap, has_D, has_z, has_init, has_seg
             sb_s[...] = state.astype(mm)
             plgpu.commit_smem()  # also: every read of this slot is done before it is refilled
             if overlap:
-                plgpu.copy_smem_to_gmem(y_s, y_g.at[bi, pl.ds(c * q, q), hi])
+                plgpu.copy_smem_to_gmem(y_s, y_out)
             return state
 
         return lax.fori_loop(jnp.int32(0), jnp.int32(nchunks), step, state)
@@ -236,14 +236,14 @@ def _body(*refs, q, nchunks, r, nslots, overlap, has_D, has_z, has_init, has_seg
         state = pl.run_scoped(lambda st_s: load_state(st_s, init_bar), _smem((n, p), jnp.float32))
         state = pl.run_scoped(
             functools.partial(walk, state, bars),
-            _smem((nslots, q, p), x_dt),  # x (then xw)
-            _smem((nslots, n, q), x_dt),  # Bᵀ
-            _smem((nslots, q, n), x_dt),  # C
+            _smem((nslots, q, p), mm),  # x (then xw)
+            _smem((nslots, n, q), mm),  # Bᵀ
+            _smem((nslots, q, n), mm),  # C
             plgpu.SMEM((nslots, v_g.shape[-2], q), jnp.float32),  # packed scalars
-            _smem((nslots, q, p), x_dt) if has_z else None,  # z
-            _smem((q, p), y_dt),  # y
-            _smem((n, p), x_dt),  # Sᵀ in the operand dtype
-            _smem((q, q), x_dt) if interpret else None,  # W, interpreter only (compiled, it stays in registers)
+            _smem((nslots, q, p), mm) if has_z else None,  # z
+            _smem((q, p), y_g.dtype),  # y
+            _smem((n, p), mm),  # Sᵀ in the operand dtype
+            _smem((q, q), mm) if interpret else None,  # W, interpreter only (compiled, it stays in registers)
         )
         pl.run_scoped(lambda st_s: store_state(st_s, state), _smem((n, p), jnp.float32))
 
@@ -285,8 +285,8 @@ def ssd_forward_mgpu(x, dtp, acum, B, C, D, z, initial_state, seg, *, y_dtype, c
     if initial_state is not None:
         args.append(jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2))
     body = functools.partial(
-        _body, q=q, nchunks=nchunks, r=h // g, nslots=nslots, overlap=config.overlap, has_D=D is not None, has_z=z is not None,
-        has_init=initial_state is not None, has_seg=seg is not None, interpret=interpret,
+        _body, q=q, nchunks=nchunks, r=h // g, nslots=nslots, overlap=config.overlap, has_D=D is not None,
+        has_z=z is not None, has_init=initial_state is not None, has_seg=seg is not None, interpret=interpret,
     )
     kernel = plgpu.kernel(
         body,
