@@ -17,14 +17,17 @@ from easymamba.config import Mamba2Config, MambaConfig
 from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.hf import from_pretrained, load_state_dict, save_pretrained, state_dict
 from easymamba.interp import compute_effective_attention, run_with_cache
-from easymamba.mamba1 import MambaBlock, MambaForCausalLM, MambaMixer, MambaModel
-from easymamba.mixer import Mamba2Mixer
-from easymamba.model import (
+from easymamba.models import (
     Mamba2Block,
     Mamba2CausalLMOutput,
     Mamba2ForCausalLM,
+    Mamba2Mixer,
     Mamba2Model,
     Mamba2Output,
+    MambaBlock,
+    MambaForCausalLM,
+    MambaMixer,
+    MambaModel,
     causal_lm_loss,
 )
 from easymamba.norms import GatedRMSNorm, RMSNorm

@@ -31,8 +31,8 @@ Stopping: a row stops when it emits any EOS id (which it still consumes); after 
 exits when every row has stopped. Unlike transformers, `eos_token_id=None` means "never stop early": the
 model config's EOS id is not implied.
 
-Models: anything with `backbone`, `lm_head`, `init_cache` and the cache-driven call of `Mamba2ForCausalLM`,
-so the Mamba-1 `MambaForCausalLM` works too. Official counterpart: `transformers.GenerationMixin.generate`
+Models: any family's causal LM (`easymamba.models.CausalLM`: `backbone` for the prefill, `logits` for the head,
+`init_cache`, and `step` for each decode step), Mamba-2 and Mamba-1 alike. Official counterpart: `transformers.GenerationMixin.generate`
 (greedy and multinomial sampling, 5.23).
 """
 
@@ -300,24 +300,14 @@ def _merge(graphdef, state):
     return nnx.merge(nnx_graphdef, jax.tree.unflatten(treedef, state))
 
 
-def _last_logits(model, hidden: jax.Array) -> jax.Array:
-    """`Mamba2ForCausalLM`'s output head on `hidden [b, d]` -> `[b, v]` float32. The prefill applies it to the
-    last position only: XLA does not push the slice through the full `[b, l, v]` product on its own."""
-    if model.lm_head is None:
-        emb = model.backbone.embeddings
-        logits = emb.attend(hidden.astype(emb.weight.dtype))
-    else:
-        logits = model.lm_head(hidden.astype(model.lm_head.kernel.dtype))
-    return logits.astype(jnp.float32)
-
-
 def _prefill(graphdef, state, input_ids, attention_mask, cache):
     """The prompt through the model -> (logits of its last position [b, v] float32, cache)."""
     model = _merge(graphdef, state)
     if cache is None:
         cache = model.init_cache(input_ids.shape[0])
     out = model.backbone(input_ids, attention_mask=attention_mask, cache=cache)
-    return _last_logits(model, out.last_hidden_state[:, -1]), out.cache
+    # the head on the last position only: XLA does not push the slice through the full [b, l, v] product itself
+    return model.logits(out.last_hidden_state[:, -1]), out.cache
 
 
 def _start_carry(settings: _Settings, next_logits, cache, input_ids, attention_mask,
@@ -353,16 +343,14 @@ def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
 
     model = _merge(graphdef, state)
     if settings.eos_token_ids:  # a row stopped before this step keeps its state: pads must not enter it
-        out = model(token[:, None], cache=carry.cache, active_rows=live,  # held in place (the fused kernel's own)
-                    update_seq=update_seq, decode_weights=decode_weights)
-        cache = out.cache
+        next_logits, cache = model.step(token, carry.cache, active_rows=live,  # held in place (the fused kernel's own)
+                                        update_seq=update_seq, decode_weights=decode_weights)
         if update_seq:  # seqlen_offset, the batch's count, stays once every row had stopped (as in `_advance`)
             cache = jax.tree.map(lambda old, new: jnp.where(jnp.all(carry.done), old, new) if new.ndim == 0 else new,
-                                 carry.cache, out.cache)
+                                 carry.cache, cache)
     else:
-        out = model(token[:, None], cache=carry.cache, update_seq=update_seq, decode_weights=decode_weights)
-        cache = out.cache
-    return carry.replace(step=carry.step + 1, tokens=token, next_logits=out.logits[:, 0], generated=generated,
+        next_logits, cache = model.step(token, carry.cache, update_seq=update_seq, decode_weights=decode_weights)
+    return carry.replace(step=carry.step + 1, tokens=token, next_logits=next_logits, generated=generated,
                          num_generated=carry.num_generated + live.astype(jnp.int32), done=done, cache=cache,
                          seen=seen, logits=out_logits)
 

@@ -3,8 +3,8 @@
 Two families, one code path: `FAMILIES` maps HF's `model_type` to a `ModelFamily` record naming the config
 class, the causal-LM class, its key table and its config-versus-tensor checks:
 
-    "mamba2"   Mamba2Config  Mamba2ForCausalLM   mamba2_key_table   (easymamba.model)
-    "mamba"    MambaConfig   MambaForCausalLM    mamba1_key_table   (easymamba.mamba1)
+    "mamba2"   Mamba2Config  Mamba2ForCausalLM   mamba2_key_table   (easymamba/models/mamba2.py)
+    "mamba"    MambaConfig   MambaForCausalLM    mamba1_key_table   (easymamba/models/mamba1.py)
 
 `config.json` decides the family (`easymamba.config.config_from_hf`: `model_type`, or for the original
 state-spaces layout `ssm_cfg.layer`); everything after that (checks, streaming, sharding, saving) is the same
@@ -63,7 +63,6 @@ Choices:
   `lm_head.weight`, as transformers writes them. Parameters are fetched to the host one at a time.
 """
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -79,8 +78,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from easymamba.config import Mamba2Config, MambaConfig, config_from_hf
-from easymamba.mamba1 import MambaForCausalLM, mamba1_key_table
-from easymamba.model import Mamba2ForCausalLM
+from easymamba.models import FAMILIES, KeySpec, Mamba2ForCausalLM, MambaForCausalLM, ModelFamily, family_of
+from easymamba.models.mamba2 import mamba2_key_table
 from easymamba.sharding import ShardingRules, attach, param_rules
 from easymamba.safetensors_io import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -103,54 +102,6 @@ FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 ShardingHook = Callable[[tuple], "PartitionSpec | None"]
 # progress(done, total, tensor name), called after each tensor is read or written.
 ProgressHook = Callable[[int, int, str], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class KeySpec:
-    hf_name: str        # e.g. "backbone.layers.3.mixer.norm.weight"
-    path: tuple         # attribute path in the flax model, ints index nnx.List; () for a packed tensor
-    kind: str           # "linear" | "conv" | "copy"
-    # A tensor HF packs: (module path, length) of each part along the packed axis, in HF's order. The packed
-    # axis is HF's first (out features, channels), i.e. the flax kernel's last axis for "linear".
-    parts: tuple[tuple[tuple, int], ...] = ()
-
-    @property
-    def targets(self) -> tuple[tuple, ...]:
-        """The module paths of the parameters this HF tensor fills (one, or one per part)."""
-        return tuple(path for path, _ in self.parts) if self.parts else (self.path,)
-
-
-def _packed(hf_name: str, kind: str, at: tuple, leaf: str, sizes: dict[str, int]) -> KeySpec:
-    return KeySpec(hf_name, (), kind, tuple((at + (name, leaf), size) for name, size in sizes.items()))
-
-
-def mamba2_key_table(config: Mamba2Config) -> list[KeySpec]:
-    """Every tensor a `Mamba2ForCausalLM` with this config has, in HF's naming and order."""
-    e, h, gn = config.intermediate_size, config.num_heads, config.n_groups * config.state_size
-    in_parts = {"z": e, "x": e, "B": gn, "C": gn, "dt": h}
-    conv_parts = {"x": e, "B": gn, "C": gn}
-    table = [KeySpec("backbone.embeddings.weight", ("backbone", "embeddings", "weight"), "copy")]
-    for i in range(config.num_hidden_layers):
-        hf = f"backbone.layers.{i}."
-        at = ("backbone", "layers", i)
-        table.append(KeySpec(hf + "norm.weight", at + ("norm", "weight"), "copy"))
-        mixer = at + ("mixer",)
-        table.append(_packed(hf + "mixer.in_proj.weight", "linear", mixer + ("in_proj",), "kernel", in_parts))
-        if config.use_bias:
-            table.append(_packed(hf + "mixer.in_proj.bias", "copy", mixer + ("in_proj",), "bias", in_parts))
-        table.append(_packed(hf + "mixer.conv1d.weight", "conv", mixer + ("conv1d",), "weight", conv_parts))
-        if config.use_conv_bias:
-            table.append(_packed(hf + "mixer.conv1d.bias", "copy", mixer + ("conv1d",), "bias", conv_parts))
-        for name in ("dt_bias", "A_log", "D"):
-            table.append(KeySpec(hf + f"mixer.{name}", mixer + (name,), "copy"))
-        table.append(KeySpec(hf + "mixer.norm.weight", mixer + ("norm", "weight"), "copy"))
-        table.append(KeySpec(hf + "mixer.out_proj.weight", mixer + ("out_proj", "kernel"), "linear"))
-        if config.use_bias:
-            table.append(KeySpec(hf + "mixer.out_proj.bias", mixer + ("out_proj", "bias"), "copy"))
-    table.append(KeySpec("backbone.norm_f.weight", ("backbone", "norm_f", "weight"), "copy"))
-    if not config.tie_word_embeddings:
-        table.append(KeySpec("lm_head.weight", ("lm_head", "kernel"), "linear"))
-    return table
 
 
 def to_flax_layout(kind: str, array: np.ndarray) -> np.ndarray:
@@ -374,49 +325,6 @@ def _open_weights(directory: pathlib.Path):
 
 # ---- checking a checkpoint against a config -------------------------------------------------------------
 
-def _mamba2_mixer_facts(config: Mamba2Config, shape_of) -> list[tuple[str, object, str, object]]:
-    """(field, the config's value, tensor, the value its shape implies) for each Mamba-2 mixer size the
-    layer-0 tensors contradict."""
-    out = []
-    mixer = "backbone.layers.0.mixer."
-    a_log = shape_of(mixer + "A_log")                                   # [h]
-    if a_log is not None and len(a_log) == 1 and a_log[0] != config.num_heads:
-        out.append(("num_heads", config.num_heads, mixer + "A_log", a_log[0]))
-    norm = shape_of(mixer + "norm.weight")                              # [e]
-    if norm is not None and len(norm) == 1 and norm[0] != config.intermediate_size:
-        out.append(("expand * hidden_size", config.intermediate_size, mixer + "norm.weight", norm[0]))
-    conv = shape_of(mixer + "conv1d.weight")                            # [e + 2gn, 1, k]
-    if conv is not None and len(conv) == 3:
-        if conv[2] != config.conv_kernel:
-            out.append(("conv_kernel", config.conv_kernel, mixer + "conv1d.weight", conv[2]))
-        gn = config.n_groups * config.state_size
-        if norm is not None and len(norm) == 1 and conv[0] != norm[0] + 2 * gn:
-            out.append(("n_groups * state_size", gn, mixer + "conv1d.weight", f"({conv[0]} - {norm[0]}) / 2"))
-    return out
-
-
-def _mamba1_mixer_facts(config: MambaConfig, shape_of) -> list[tuple[str, object, str, object]]:
-    """As `_mamba2_mixer_facts`, for a Mamba-1 mixer: A_log [e, n], conv1d [e, 1, k], x_proj [r + 2n, e]."""
-    out = []
-    mixer = "backbone.layers.0.mixer."
-    a_log = shape_of(mixer + "A_log")
-    if a_log is not None and len(a_log) == 2:
-        if a_log[0] != config.intermediate_size:
-            out.append(("expand * hidden_size", config.intermediate_size, mixer + "A_log", a_log[0]))
-        if a_log[1] != config.state_size:
-            out.append(("state_size", config.state_size, mixer + "A_log", a_log[1]))
-    conv = shape_of(mixer + "conv1d.weight")
-    if conv is not None and len(conv) == 3 and conv[2] != config.conv_kernel:
-        out.append(("conv_kernel", config.conv_kernel, mixer + "conv1d.weight", conv[2]))
-    x_proj = shape_of(mixer + "x_proj.weight")
-    if x_proj is not None and len(x_proj) == 2 and a_log is not None and len(a_log) == 2:
-        rank = x_proj[0] - 2 * a_log[1]
-        if rank != config.resolved_time_step_rank:
-            out.append(("time_step_rank", config.resolved_time_step_rank, mixer + "x_proj.weight",
-                        f"{x_proj[0]} - 2 * state_size = {rank}"))
-    return out
-
-
 def _config_contradictions(family: "ModelFamily", config, src, names: dict[str, str],
                            config_name: str) -> list[str]:
     """Sentences naming each config field that the tensor shapes contradict (empty when they agree): the
@@ -528,59 +436,13 @@ def _check_tied_head(src, names: dict[str, str], config_name: str) -> None:
 
 # ---- model families -------------------------------------------------------------------------------------
 
-def _as_key_specs(table) -> list[KeySpec]:
-    """A key table whose entries are `KeySpec`s or `(hf_name, path, kind)` triples, as `KeySpec`s."""
-    return [entry if isinstance(entry, KeySpec) else KeySpec(*entry) for entry in table]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelFamily:
-    """What the checkpoint code needs to know about one model family; everything else is shared.
-
-    model_type    HF's `config.json` `model_type` ("mamba2", "mamba"); also the config class's `model_type`
-    config_class  the frozen config dataclass (`from_hf`, `to_json_string`)
-    model_class   the causal LM built from it (`logical_axes` for sharding, `init_cache` for decoding)
-    key_table     config -> every HF tensor as a `KeySpec`, in HF's `state_dict()` order
-    mixer_facts   (config, shape_of) -> (field, config value, tensor, implied value) for each mixer size that
-                  the layer-0 tensors contradict (the embedding, layer count, biases and head are shared)
-    """
-
-    model_type: str
-    config_class: type
-    model_class: type
-    key_table: Callable[[object], list[KeySpec]]
-    mixer_facts: Callable
-
-
-FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
-    ModelFamily("mamba2", Mamba2Config, Mamba2ForCausalLM, mamba2_key_table, _mamba2_mixer_facts),
-    ModelFamily("mamba", MambaConfig, MambaForCausalLM, lambda config: _as_key_specs(mamba1_key_table(config)),
-                _mamba1_mixer_facts),
-)}
-
-
-def family_of(obj) -> ModelFamily:
-    """The `ModelFamily` of a config, a model (by its `.config`), or a config or causal-LM class."""
-    # A class by its nearest family base (MambaForCausalLM subclasses Mamba2ForCausalLM); anything else by its
-    # config's class.
-    bases = obj.__mro__ if isinstance(obj, type) else type(getattr(obj, "config", obj)).__mro__
-    for base in bases:
-        for family in FAMILIES.values():
-            if base in (family.model_class, family.config_class):
-                return family
-    known = ", ".join(f"{f.model_class.__name__} ({f.config_class.__name__}, model_type {f.model_type!r})"
-                      for f in FAMILIES.values())
-    name = obj.__name__ if isinstance(obj, type) else type(obj).__name__
-    raise TypeError(f"{name} is not a model or config of a family easymamba reads and writes; known: {known}")
-
-
 # ---- building a model from a source --------------------------------------------------------------------
 
 def abstract_model(config: "Mamba2Config | MambaConfig", *, dtype=jnp.float32, param_dtype=jnp.float32,
                    kernel_impl="auto"):
     """The config's causal LM (`Mamba2ForCausalLM` or `MambaForCausalLM`) with `jax.ShapeDtypeStruct`
     parameters: shapes and dtypes, no memory."""
-    model_class = family_of(config).model_class
+    model_class = family_of(config).causal_lm
     return nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                               kernel_impl=kernel_impl))
 

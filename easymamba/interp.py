@@ -9,7 +9,7 @@ Hook names (letters as in `easymamba.typing`; `i` a layer index; r is Mamba-1's 
     layers.i.hook_resid_post        (b, l, d)           block output (the residual stream after layer i)
     layers.i.mixer.hook_out_proj    (b, l, d)           mixer output
 
-Mamba-2 (`Mamba2Mixer`, easymamba/mixer.py):
+Mamba-2 (`Mamba2Mixer`, easymamba/models/mamba2_mixer.py):
 
     layers.i.mixer.hook_in_proj     (b, l, 2e+2gn+h)    in_proj output [z | xBC | dt]
     layers.i.mixer.hook_conv        (b, l, c)           conv + SiLU output [x | B | C], padding masked
@@ -17,7 +17,7 @@ Mamba-2 (`Mamba2Mixer`, easymamba/mixer.py):
     layers.i.mixer.hook_ssm_out     (b, l, h, p)        SSD output incl. the D skip, before the gated norm
     layers.i.mixer.hook_inner_norm  (b, l, e)           gated RMS norm output
 
-Mamba-1 (`MambaMixer`, easymamba/mamba1.py):
+Mamba-1 (`MambaMixer`, easymamba/models/mamba1_mixer.py):
 
     layers.i.mixer.hook_in_proj     (b, l, 2e)          in_proj output [x | z]
     layers.i.mixer.hook_conv        (b, l, e)           conv + SiLU output x, padding masked
@@ -26,9 +26,8 @@ Mamba-1 (`MambaMixer`, easymamba/mamba1.py):
     layers.i.mixer.hook_ssm_out     (b, l, e)           selective-scan output incl. the D skip, before the gate
     layers.i.mixer.hook_gated       (b, l, e)           hook_ssm_out * silu(z), the input of out_proj
 
-The hook points are `sow_hook` calls in the modules (`easymamba/mixer.py`, `easymamba/model.py`,
-`easymamba/mamba1.py`); each is a no-op unless `run_with_cache` asked for that name, so a plain forward traces to
-the same program as one without hooks, and an unrequested activation is never stored.
+The hook points are `sow_hook` calls in the modules (`easymamba/models/`); each is a no-op unless
+`run_with_cache` asked for that name, so a plain forward traces to the same program as one without hooks, and an unrequested activation is never stored.
 
 Effective attention: the SSM is a linear map from its input x to its output y, y_i = sum_j M[i, j] x_j + D x_i
 (the sequence run from a zero state: no cache), one (l, l) lower-triangular matrix per decay channel.
@@ -51,22 +50,19 @@ y_i = sum_j M[i, j] dt_j x_j + D x_i. The exponents are stable segment sums (`ke
 product of exponentials.
 """
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from easymamba.config import Mamba2Config, MambaConfig
 from easymamba.kernels import segsum
 from easymamba.layers import check_token_ids
-from easymamba.mamba1 import MambaMixer
-from easymamba.mixer import HookValue, Mamba2Mixer
-from easymamba.model import _check_attention_mask
+from easymamba.models import FAMILIES
+from easymamba.models.common import HookValue, check_attention_mask
+from easymamba.models.family import EffectiveAttention, Operands
 
 __all__ = ["run_with_cache", "compute_effective_attention", "hook_names", "DEFAULT_MAX_ELEMENTS"]
 
@@ -137,7 +133,7 @@ def run_with_cache(model, input_ids, *, names: Iterable[str] | Callable[[str], b
     selected = tuple(_select(available, names))
     check_token_ids(input_ids, model.config.vocab_size)             # eagerly, while the ids are readable
     if attention_mask is not None and getattr(input_ids, "ndim", None) == 2:
-        attention_mask = _check_attention_mask(attention_mask, *input_ids.shape)
+        attention_mask = check_attention_mask(attention_mask, *input_ids.shape)
     graphdef, state = nnx.split(model)
     logits, acts = _run_hooked(graphdef, state, input_ids, attention_mask, selected=selected)
     return logits, {name: acts[name] for name in selected}      # jit hands dicts back key-sorted
@@ -165,61 +161,18 @@ def _run_hooked(graphdef, state, input_ids, attention_mask, *, selected: tuple[s
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _Operands(NamedTuple):
-    """One layer's SSM operands as the effective attention reads them, in the compute dtype. `h` here counts the
-    channels of the decay: Mamba-2's heads, Mamba-1's inner channels (e of them, one group)."""
-    dt: jax.Array                                                     # (b, l, h) step sizes
-    A: jax.Array                                                      # (h,) per channel, or (h, n) per state too
-    B: jax.Array                                                      # (b, l, g, n); channel c reads group c // (h/g)
-    C: jax.Array                                                      # (b, l, g, n)
-
-
-def _mamba2_operands(cfg: Mamba2Config, conv, dt, A) -> _Operands:
-    """hook_conv (b, l, c) = [x | B | C], hook_dt (b, l, h), A (h,)."""
-    b, l, _ = conv.shape
-    e, g, n = cfg.intermediate_size, cfg.n_groups, cfg.state_size
-    dtype = jnp.promote_types(conv.dtype, jnp.float32)
-    B = conv[..., e:e + g * n].astype(dtype).reshape(b, l, g, n)    # (b, l, g, n)
-    C = conv[..., e + g * n:].astype(dtype).reshape(b, l, g, n)     # (b, l, g, n)
-    return _Operands(dt.astype(dtype), A.astype(dtype), B, C)
-
-
-def _mamba1_operands(cfg: MambaConfig, x_proj, dt, A) -> _Operands:
-    """hook_x_proj (b, l, r + 2n) = [dt_low_rank | B | C], hook_dt (b, l, e), A (e, n)."""
-    r, n = cfg.resolved_time_step_rank, cfg.state_size
-    dtype = jnp.promote_types(x_proj.dtype, jnp.float32)            # the selective scan's compute dtype
-    B = x_proj[..., None, r:r + n].astype(dtype)                    # (b, l, 1, n)
-    C = x_proj[..., None, r + n:].astype(dtype)                     # (b, l, 1, n)
-    return _Operands(dt.astype(dtype), A.astype(dtype), B, C)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Family:
-    """What the effective attention reads from one mixer class: the mixer hooks its operands come from (in the
-    order `operands` takes them, after the config and before A = -exp(A_log)), and the name of M's channel axis."""
-    hooks: tuple[str, ...]
-    channel_axis: str
-    num_channels: Callable[[object], int]
-    operands: Callable[..., _Operands]
-
-
-# The one place where the model family matters: everything after `operands` is the same math for both.
-_FAMILIES = (
-    (Mamba2Mixer, _Family(("hook_conv", "hook_dt"), "heads (h)", lambda cfg: cfg.num_heads, _mamba2_operands)),
-    (MambaMixer, _Family(("hook_x_proj", "hook_dt"), "inner channels (e)", lambda cfg: cfg.intermediate_size,
-                         _mamba1_operands)),
-)
-
-
-def _family(backbone) -> _Family:
+def _family(backbone) -> EffectiveAttention:
+    """What the effective attention reads from this model's SSM mixers: the family record's answer (the one place
+    where the family matters; everything after `operands` is the same math for every family)."""
     mixer = backbone.layers[0].mixer
-    for cls, family in _FAMILIES:
-        if isinstance(mixer, cls):
-            return family
-    raise TypeError(f"effective attention knows Mamba2Mixer and MambaMixer layers, not {type(mixer).__name__}")
+    for family in FAMILIES.values():
+        if isinstance(mixer, family.effective_attention.mixer):
+            return family.effective_attention
+    known = ", ".join(f.effective_attention.mixer.__name__ for f in FAMILIES.values())
+    raise TypeError(f"effective attention knows {known} layers, not {type(mixer).__name__}")
 
 
-def _effective_attention(op: _Operands, channels: jax.Array, *, include_dt_scaling: bool,
+def _effective_attention(op: Operands, channels: jax.Array, *, include_dt_scaling: bool,
                          block: int | None) -> jax.Array:
     """One layer's matrices for the decay channels `channels` (s,) int: M (b, s, l, l), zero above the diagonal.
 

@@ -43,7 +43,7 @@ from flax import nnx
 
 from easymamba.config import Mamba2Config, config_from_hf
 from easymamba.hf import FAMILIES, ShardingHook, abstract_model, param_sharding
-from easymamba.model import Mamba2ForCausalLM
+from easymamba.models import Mamba2ForCausalLM
 from easymamba.safetensors_io import CheckpointError
 
 FORMAT = "easymamba.orbax"

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from easymamba.model import IGNORE_INDEX, causal_lm_loss_sum
+from easymamba.models import IGNORE_INDEX, causal_lm_loss_sum
 
 Batch = Mapping[str, jax.Array]  # "input_ids" (b, l) int; optional "labels" (b, l) with -100, "attention_mask" (b, l)
 # loss_fn(model, batch, rng) -> (sum of per-label losses, number of labels summed): the step minimises their ratio.

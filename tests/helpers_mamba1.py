@@ -1,7 +1,7 @@
 """Mamba-1 test helpers: random Hugging Face `MambaForCausalLM`s and our converted copies.
 
-`load_hf_state_dict` reads HF tensors through `easymamba.mamba1.mamba1_key_table`, the table the library's
-loader will use for Mamba-1; it lives here until `easymamba.hf` takes that table.
+`load_hf_state_dict` reads HF tensors through `easymamba.models.mamba1_key_table`, the table the library's
+loader uses for Mamba-1.
 """
 
 import math
@@ -16,7 +16,7 @@ from helpers import randomize_
 
 from easymamba.config import MambaConfig
 from easymamba.hf import to_flax_layout
-from easymamba.mamba1 import MambaForCausalLM, mamba1_key_table
+from easymamba.models import MambaForCausalLM, mamba1_key_table
 
 
 def tiny_hf_mamba_config(**overrides) -> transformers.MambaConfig:
@@ -49,14 +49,14 @@ def load_hf_state_dict(model: MambaForCausalLM, state_dict) -> None:
     """Copy HF-named tensors into `model` by the key table; a tied model's `lm_head.weight` must equal the
     embedding. Every table entry must be present with its HF shape, and nothing else may be left over."""
     table = mamba1_key_table(model.config)
-    names = {name for name, _, _ in table}
+    names = {spec.hf_name for spec in table}
     extra = set(state_dict) - names
     if model.config.tie_word_embeddings and "lm_head.weight" in extra:
         np.testing.assert_array_equal(state_dict["lm_head.weight"].numpy(),
                                       state_dict["backbone.embeddings.weight"].numpy())
         extra.discard("lm_head.weight")
     assert not extra, f"tensors the key table does not know: {sorted(extra)}"
-    for name, path, kind in table:
+    for name, path, kind in ((spec.hf_name, spec.path, spec.kind) for spec in table):
         obj = model
         for step in path:
             obj = obj[step] if isinstance(step, int) else getattr(obj, step)

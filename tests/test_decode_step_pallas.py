@@ -284,7 +284,7 @@ def test_model_decode_steps_through_the_fused_kernel_interpret(monkeypatch):
 
     config = em.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=4, head_dim=8,
                              state_size=8, n_groups=2, expand=1, conv_kernel=4, chunk_size=4)
-    from easymamba import mixer
+    from easymamba.models import mamba2_mixer as mixer
 
     calls = []
     monkeypatch.setattr(mixer, "mamba2_decode_step", lambda *a, **k: calls.append(1) or mamba2_decode_step(*a, **k))
@@ -370,7 +370,7 @@ def test_generate_through_the_fused_kernel_with_prepared_weights_interpret(monke
     from flax import nnx
 
     import easymamba as em
-    from easymamba import mixer
+    from easymamba.models import mamba2_mixer as mixer
 
     config = em.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=8,
                              state_size=8, n_groups=2, expand=1, conv_kernel=4, chunk_size=4)

@@ -18,8 +18,8 @@ import transformers.models.mamba2.modeling_mamba2 as hf_mamba2
 from flax import nnx
 
 import easymamba as em
-import easymamba.mixer
-import easymamba.model
+import easymamba.models.causal_lm
+import easymamba.models.mamba2_mixer
 from easymamba import interp
 from helpers import jitted, random_hf_model, random_ids, rel_err, to_easymamba
 
@@ -258,8 +258,8 @@ def test_hooks_off_leave_the_compiled_forward_unchanged(pair, ids, monkeypatch):
     with_hooks = [_lowered_forward(model, **({"ids": ids} | c)) for c in calls]
     graphdef, state = nnx.split(model)
     no_names = interp._run_hooked.lower(graphdef, state, ids, None, selected=()).as_text()
-    monkeypatch.setattr(easymamba.mixer, "sow_hook", lambda *args, **kwargs: None)
-    monkeypatch.setattr(easymamba.model, "sow_hook", lambda *args, **kwargs: None)
+    monkeypatch.setattr(easymamba.models.mamba2_mixer, "sow_hook", lambda *args, **kwargs: None)
+    monkeypatch.setattr(easymamba.models.causal_lm, "sow_hook", lambda *args, **kwargs: None)
     without = [_lowered_forward(model, **({"ids": ids} | c)) for c in calls]
     for a, b in zip(with_hooks, without):
         assert a == b

@@ -22,8 +22,8 @@ from helpers import jitted, random_ids, rel_err
 from helpers_mamba1 import random_hf_mamba, to_easymamba_mamba1
 
 import easymamba as em
-import easymamba.mamba1
-import easymamba.model
+import easymamba.models.causal_lm
+import easymamba.models.mamba1_mixer
 from easymamba import interp
 
 TOL = 1e-5
@@ -303,8 +303,8 @@ def test_hooks_off_leave_the_compiled_forward_unchanged(pair, batch, monkeypatch
     with_hooks = [_lowered_forward(model, **({"ids": ids} | c)) for c in calls]
     graphdef, state = nnx.split(model)
     no_names = interp._run_hooked.lower(graphdef, state, ids, None, selected=()).as_text()
-    monkeypatch.setattr(easymamba.mamba1, "sow_hook", lambda *args, **kwargs: None)
-    monkeypatch.setattr(easymamba.model, "sow_hook", lambda *args, **kwargs: None)
+    monkeypatch.setattr(easymamba.models.mamba1_mixer, "sow_hook", lambda *args, **kwargs: None)
+    monkeypatch.setattr(easymamba.models.causal_lm, "sow_hook", lambda *args, **kwargs: None)
     without = [_lowered_forward(model, **({"ids": ids} | c)) for c in calls]
     for a, b in zip(with_hooks, without):
         assert a == b

@@ -29,7 +29,7 @@ from easymamba.caching import (
     PartitionAxis,
 )
 from easymamba.config import Mamba2Config
-from easymamba.model import Mamba2ForCausalLM
+from easymamba.models import Mamba2ForCausalLM
 
 TOL = 1e-5
 LENGTH = 12

@@ -17,7 +17,7 @@ from helpers_mamba1 import random_hf_mamba, to_easymamba_mamba1
 
 from easymamba.config import Mamba2Config, MambaConfig
 from easymamba.hf import to_hf_layout
-from easymamba.mamba1 import MambaForCausalLM, MambaMixer, mamba1_key_table
+from easymamba.models import MambaForCausalLM, MambaMixer, mamba1_key_table
 
 TOL = 1e-5
 
@@ -111,9 +111,9 @@ def test_key_table_is_hf_state_dict():
         table = mamba1_key_table(config)
         hf_sd = hf_model.state_dict()
         expected = [k for k in hf_sd if not (config.tie_word_embeddings and k == "lm_head.weight")]
-        assert [name for name, _, _ in table] == expected
+        assert [spec.hf_name for spec in table] == expected
         assert MambaForCausalLM.key_table(config) == table
-        for name, path, kind in table:
+        for name, path, kind in ((spec.hf_name, spec.path, spec.kind) for spec in table):
             obj = model
             for step in path:
                 obj = obj[step] if isinstance(step, int) else getattr(obj, step)

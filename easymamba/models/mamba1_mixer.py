@@ -1,9 +1,9 @@
-"""Mamba-1: mixer, block, backbone and causal language model, exact against Hugging Face `MambaForCausalLM`.
+"""The Mamba-1 mixer (HF `MambaMixer`): in_proj -> causal depthwise conv + SiLU -> x_proj -> selective scan -> gate.
 
 Paper: "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (Gu & Dao, 2023), Figure 3 and
 Algorithm 2. Official implementation: `mamba_ssm/modules/mamba_simple.py` (`Mamba.forward` / `Mamba.step`);
-Hugging Face `transformers.models.mamba.modeling_mamba` (5.23), whose numbers and parameter names these
-modules reproduce. Letters as in `easymamba.typing`; r is `time_step_rank`.
+Hugging Face `transformers.models.mamba.modeling_mamba`, whose numbers and parameter names this module
+reproduces. Letters as in `easymamba.typing`; r is `time_step_rank`.
 
     hidden (b, l, d) --in_proj--> [ x (e) | z (e) ]
     x --conv1d (depthwise, causal), silu--> x                          (b, l, e)
@@ -11,29 +11,9 @@ modules reproduce. Letters as in `easymamba.typing`; r is `time_step_rank`.
     y = S6(x, dt + dt_proj.bias -> softplus, A = -exp(A_log) [e, n], B, C) + D x     (b, l, e) float32
     out = out_proj(y * silu(z))                                          (b, l, d)
 
-    MambaForCausalLM
-      backbone: MambaModel
-        embeddings: Embedding [v, d]
-        layers[i]: MambaBlock
-          norm: RMSNorm [d]
-          mixer: MambaMixer (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj)
-        norm_f: RMSNorm [d]
-      lm_head: Linear [d, v]   (absent when tie_word_embeddings: the embedding matrix is reused)
-
 The mixer is a pure function of (hidden, conv_state, ssm_state): with no state it runs a whole sequence; with
-a state, one token is a decode step (conv window roll + one state update) and several tokens continue the
-sequence from the state (chunked prefill; transformers 5.23 drops the SSM state there, we do not). The block,
-backbone and head, the outputs and the loss are those of the Mamba-2 model in `easymamba.model`.
-
-Hook points (`sow_hook`, free unless `easymamba.interp.run_with_cache` asks for them): `hook_embed`, per layer
-`hook_resid_post` and the mixer's `hook_in_proj`, `hook_conv`, `hook_x_proj`, `hook_dt`, `hook_ssm_out`,
-`hook_gated`, `hook_out_proj` (shapes in `MambaMixer`'s docstring).
-
-Family interface: `MambaModel` and `MambaForCausalLM` are the Mamba-2 backbone and causal LM with Mamba-1's
-config, block and cache classes (`CONFIG`, `BLOCK`, `CACHE`, `CACHE_METADATA`, `MODEL`), so the forward, the
-cache handling, `init_cache` and the output head are one code path. `.key_table` and `.logical_axes` let the
-loaders (`easymamba.hf.FAMILIES`) and the sharding code (`easymamba.sharding.MAMBA1_PARAM_AXES`) treat both
-families alike. A sharded model's mixers and backbone carry `mesh_rules`, as Mamba-2's do.
+a state, one token is a decode step (`step`: conv window roll + one state update) and several tokens continue
+the sequence from the state (chunked prefill; transformers drops the SSM state there, we do not).
 """
 
 import math
@@ -43,7 +23,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba import kernels
-from easymamba.caching.mamba1 import MambaCache, MambaCacheMetaData
 from easymamba.config import MambaConfig
 from easymamba.kernels.dispatch import resolve_impl
 from easymamba.kernels.selective_scan_reference import (
@@ -52,11 +31,10 @@ from easymamba.kernels.selective_scan_reference import (
     selective_state_update_mamba1,
 )
 from easymamba.layers import DepthwiseConv1d, kaiming_uniform_init, normal_init
-from easymamba.mixer import check_active_rows, hold_rows, init_dt_bias, sow_hook
-from easymamba.model import Mamba2Block, Mamba2ForCausalLM, Mamba2Model
-from easymamba.sharding import MeshRules, constrain, mamba1_logical_axes
+from easymamba.models.common import check_active_rows, hold_rows, init_dt_bias, sow_hook
+from easymamba.sharding import MeshRules, constrain
 
-__all__ = ["MambaMixer", "MambaBlock", "MambaModel", "MambaForCausalLM", "mamba1_key_table"]
+__all__ = ["MambaMixer"]
 
 
 # Jitted once, so that eager calls reuse the compiled scan instead of retracing it; inside an outer jit they inline.
@@ -128,23 +106,45 @@ class MambaMixer(nnx.Module):
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
-                 conv_state: jax.Array | None = None, ssm_state: jax.Array | None = None,
-                 active_rows: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                 conv_state: jax.Array | None = None,
+                 ssm_state: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """hidden (b, l, d) -> (out (b, l, d), (conv_state (b, e, k), ssm_state (b, e, n) float32)).
 
-        `attention_mask` (b, l) of 0/1 zeroes padded positions where HF 5.23 does: the mixer input before
+        `attention_mask` (b, l) of 0/1 zeroes padded positions where HF does: the mixer input before
         in_proj and the conv output after SiLU (so a left-padded row's state stays zero through its pads).
-        `conv_state` / `ssm_state` continue a sequence; pass both or neither.
-        `active_rows` (b,) bool, with states: rows where False return their states as given (`hold_rows`).
+        `conv_state` / `ssm_state` continue a sequence; pass both or neither. One token with states is a
+        decode step (`step`).
         """
-        cfg = self.config
-        b, l, _ = hidden.shape
-        e, n, r = cfg.intermediate_size, cfg.state_size, cfg.resolved_time_step_rank
         if (conv_state is None) != (ssm_state is None):
             raise ValueError("MambaMixer needs both conv_state and ssm_state to continue a sequence, or neither")
+        if hidden.shape[1] == 1 and conv_state is not None:
+            return self.step(hidden, conv_state, ssm_state, attention_mask=attention_mask)
+        return self._forward(hidden, attention_mask, conv_state, ssm_state, decode=False)
+
+    def step(self, hidden: jax.Array, conv_state: jax.Array, ssm_state: jax.Array, *,
+             attention_mask: jax.Array | None = None, active_rows: jax.Array | None = None,
+             decode_weights: None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One token: hidden (b, 1, d) and the states -> (out (b, 1, d), (conv_state, ssm_state)), as mamba_ssm's
+        `Mamba.step`. `attention_mask` (b, >= 1): its last column masks this token. `active_rows` (b,) bool: rows
+        where False return their states as given (`hold_rows`). `decode_weights`: always None (`decode_weights()`:
+        a Mamba-1 step has no weights to prepare).
+        """
+        b, l, _ = hidden.shape
+        if l != 1 or conv_state is None or ssm_state is None:
+            raise ValueError(f"MambaMixer.step takes one token (b, 1, d) and both states; got hidden {hidden.shape}")
         check_active_rows(active_rows, b, conv_state)
-        old_states = conv_state, ssm_state
-        decode = l == 1 and conv_state is not None
+        out, states = self._forward(hidden, attention_mask, conv_state, ssm_state, decode=True)
+        return out, hold_rows(active_rows, (conv_state, ssm_state), states)
+
+    def decode_weights(self) -> None:
+        """None: the Mamba-1 decode step uses its weights as stored."""
+        return None
+
+    def _forward(self, hidden, attention_mask, conv_state, ssm_state, decode: bool):
+        """The op-by-op mixer: a sequence (prefill or continuation), or one token (`decode`)."""
+        cfg = self.config
+        b, l, _ = hidden.shape
+        n, r = cfg.state_size, cfg.resolved_time_step_rank
         mask = None if attention_mask is None else attention_mask[:, -l:, None].astype(hidden.dtype)  # (b, l, 1)
 
         if mask is not None:
@@ -191,7 +191,7 @@ class MambaMixer(nnx.Module):
         sow_hook(self, "hook_gated", y)
         out = self.out_proj(y.astype(self.dtype))                          # (b, l, d)
         sow_hook(self, "hook_out_proj", out)
-        return out, hold_rows(active_rows, old_states, (conv_state, ssm_state))
+        return out, (conv_state, ssm_state)
 
 
 def _step_size(dt, dt_bias, x_dtype) -> jax.Array:
@@ -199,70 +199,3 @@ def _step_size(dt, dt_bias, x_dtype) -> jax.Array:
     (`_process_delta` in kernels/selective_scan_reference.py); only evaluated for `hook_dt`."""
     dtype = jnp.promote_types(x_dtype, jnp.float32)
     return jax.nn.softplus(dt.astype(dtype) + dt_bias.astype(dtype))
-
-
-class MambaBlock(Mamba2Block):
-    """Pre-norm residual block: `h + mixer(norm(h))`, the residual kept in float32 if `residual_in_fp32`.
-    The Mamba-2 block with `MambaMixer`; its hook point `hook_resid_post` (b, l, d) is the block output."""
-
-    MIXER = MambaMixer
-
-
-class MambaModel(Mamba2Model):
-    """Embeddings, `num_hidden_layers` Mamba-1 blocks and the final norm (HF `MambaModel`): the Mamba-2 backbone
-    with Mamba-1's config, block and cache (`MambaCache`: conv state `[b, e, k]`, SSM state `[b, e, n]`; a
-    sharded model's cache puts rows over `batch` and e over `heads`). Returns `Mamba2Output`.
-
-    Hook point: `hook_embed` (b, l, d), the embeddings (or `inputs_embeds`) entering layer 0.
-    """
-
-    CONFIG = MambaConfig
-    BLOCK = MambaBlock
-    CACHE = MambaCache
-    CACHE_METADATA = MambaCacheMetaData
-    logical_axes = staticmethod(mamba1_logical_axes)  # the sharding table (easymamba.sharding)
-
-
-class MambaForCausalLM(Mamba2ForCausalLM):
-    """Mamba-1 language model (HF `MambaForCausalLM`): backbone + tied (the default) or untied output head.
-
-    Called like `Mamba2ForCausalLM` and returns the same `Mamba2CausalLMOutput` (logits float32, loss with
-    HF's shift and -100 ignore index, the new `MambaCache`, hidden states on request).
-    """
-
-    MODEL = MambaModel
-    logical_axes = staticmethod(mamba1_logical_axes)  # the sharding table (easymamba.sharding)
-
-    @staticmethod
-    def key_table(config: MambaConfig) -> list[tuple[str, tuple, str]]:
-        """`mamba1_key_table(config)`: every HF tensor name, module path and layout kind."""
-        return mamba1_key_table(config)
-
-
-def mamba1_key_table(config: MambaConfig) -> list[tuple[str, tuple, str]]:
-    """Every tensor a `MambaForCausalLM` with this config has, as `(hf_name, module_path, kind)`, in the order of
-    HF's `state_dict()`. `kind`: "linear" (torch [out, in] <-> flax kernel [in, out]), "conv" (torch [e, 1, k] <->
-    flax [e, k]) or "copy". A tied model has no `lm_head.weight` (HF's state dict repeats the embedding there)."""
-    table = [("backbone.embeddings.weight", ("backbone", "embeddings", "weight"), "copy")]
-    for i in range(config.num_hidden_layers):
-        hf, at = f"backbone.layers.{i}.", ("backbone", "layers", i)
-        mixer, m = hf + "mixer.", at + ("mixer",)
-        table.append((hf + "norm.weight", at + ("norm", "weight"), "copy"))
-        table.append((mixer + "A_log", m + ("A_log",), "copy"))
-        table.append((mixer + "D", m + ("D",), "copy"))
-        table.append((mixer + "conv1d.weight", m + ("conv1d", "weight"), "conv"))
-        if config.use_conv_bias:
-            table.append((mixer + "conv1d.bias", m + ("conv1d", "bias"), "copy"))
-        table.append((mixer + "in_proj.weight", m + ("in_proj", "kernel"), "linear"))
-        if config.use_bias:
-            table.append((mixer + "in_proj.bias", m + ("in_proj", "bias"), "copy"))
-        table.append((mixer + "x_proj.weight", m + ("x_proj", "kernel"), "linear"))
-        table.append((mixer + "dt_proj.weight", m + ("dt_proj", "kernel"), "linear"))
-        table.append((mixer + "dt_proj.bias", m + ("dt_proj", "bias"), "copy"))
-        table.append((mixer + "out_proj.weight", m + ("out_proj", "kernel"), "linear"))
-        if config.use_bias:
-            table.append((mixer + "out_proj.bias", m + ("out_proj", "bias"), "copy"))
-    table.append(("backbone.norm_f.weight", ("backbone", "norm_f", "weight"), "copy"))
-    if not config.tie_word_embeddings:
-        table.append(("lm_head.weight", ("lm_head", "kernel"), "linear"))
-    return table

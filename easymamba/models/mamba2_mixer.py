@@ -10,7 +10,7 @@ Official implementation: `mamba_ssm/modules/mamba2.py` (`Mamba2.forward` / `Mamb
 
 in_proj and conv1d hold those parts as separate parameters (`in_proj.{z,x,B,C,dt}`, `conv1d.{x,B,C}`), so a mesh
 can shard heads and groups independently; Hugging Face's packed tensors are split and re-joined by
-`easymamba.hf` (docs/sharding.md). On a mesh (`mesh_rules`, set by `easymamba.sharding`) the mixer constrains its
+`easymamba.checkpoints` (docs/sharding.md). On a mesh (`mesh_rules`, set by `easymamba.sharding`) the mixer constrains its
 activations to the rules and passes the layout to the kernels, which run Pallas per shard.
 
 With a cache the mixer continues from `conv_state` (the last k pre-conv inputs) and `ssm_state`
@@ -27,57 +27,11 @@ from flax import nnx
 
 from easymamba import kernels
 from easymamba.config import Mamba2Config
-from easymamba.kernels.decode_step_pallas import check_row_mask, decode_step_impl, mamba2_decode_step
+from easymamba.kernels.decode_step_pallas import decode_step_impl, mamba2_decode_step
 from easymamba.layers import SplitConv1d, SplitLinear, few_row_kernel, kaiming_uniform_init, linear
+from easymamba.models.common import check_active_rows, hold_rows, init_dt_bias, sow_hook
 from easymamba.norms import GatedRMSNorm
 from easymamba.sharding import MeshRules, constrain
-
-
-def _inverse_softplus(y: jax.Array) -> jax.Array:
-    return y + jnp.log(-jnp.expm1(-y))
-
-
-class HookValue(nnx.Intermediate):
-    """An activation recorded at a `hook_*` point; `easymamba.interp.run_with_cache` is what asks for them."""
-
-
-def sow_hook(module: nnx.Module, name: str, value) -> None:
-    """Record `value` (an array, or a zero-argument function returning one) as `name` on `module`, but only
-    when `run_with_cache` requested that hook (it marks `module.__hooks__` on the copy of the model it runs).
-    Otherwise nothing happens and nothing is traced: the forward without hooks is op for op the
-    forward before hooks existed. A function is called only when requested, so a hook that needs extra math
-    (`hook_dt`) costs nothing unless asked for.
-    """
-    if name in getattr(module, "__hooks__", ()):
-        module.sow(HookValue, name, value() if callable(value) else value,
-                   reduce_fn=lambda _, new: new, init_fn=lambda: None)
-
-
-def init_dt_bias(key, num_heads: int, config: Mamba2Config, dtype) -> jax.Array:
-    """HF/mamba_ssm: dt log-uniform in [time_step_min, time_step_max], floored, stored as softplus^-1(dt)."""
-    lo, hi = math.log(config.time_step_min), math.log(config.time_step_max)
-    dt = jnp.exp(jax.random.uniform(key, (num_heads,), jnp.float32) * (hi - lo) + lo)
-    dt = jnp.maximum(dt, config.time_step_floor)
-    return _inverse_softplus(dt).astype(dtype)
-
-
-def check_active_rows(active_rows, b: int, conv_state) -> None:
-    """A mixer's `active_rows`: (b,) bool, and only with states to hold."""
-    if active_rows is None:
-        return
-    if conv_state is None:
-        raise ValueError("active_rows holds rows of a cache: pass it with conv_state and ssm_state")
-    check_row_mask(active_rows, b, "active_rows")
-
-
-def hold_rows(active_rows, old_states, new_states):
-    """The new states, except the rows where `active_rows` is False, which keep the old ones (a finished row of a
-    batch that generation keeps stepping). One `where` per state: in the op-by-op decode step XLA fuses it into
-    the state update's own pass; the fused decode kernel holds the rows itself instead."""
-    if active_rows is None:
-        return new_states
-    return tuple(jnp.where(active_rows.reshape((-1,) + (1,) * (new.ndim - 1)), new, old.astype(new.dtype))
-                 for old, new in zip(old_states, new_states))
 
 
 class Mamba2Mixer(nnx.Module):
@@ -103,7 +57,7 @@ class Mamba2Mixer(nnx.Module):
         gn = config.n_groups * config.state_size
         # HF packs in_proj as [z | x | B | C | dt] and conv1d as [x | B | C]; the parts are kept apart so each can
         # be sharded on its own axis (heads, groups), which no even split of the packed axis does.
-        # easymamba.hf splits and re-packs them at the checkpoint boundary (docs/sharding.md).
+        # easymamba.checkpoints splits and re-packs them at the checkpoint boundary (docs/sharding.md).
         self.in_proj = SplitLinear(
             d, {"z": e, "x": e, "B": gn, "C": gn, "dt": h}, use_bias=config.use_bias, dtype=dtype,
             param_dtype=param_dtype,
@@ -125,33 +79,49 @@ class Mamba2Mixer(nnx.Module):
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
-                 conv_state: jax.Array | None = None, ssm_state: jax.Array | None = None,
-                 active_rows: jax.Array | None = None,
-                 decode_weights: dict | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                 conv_state: jax.Array | None = None,
+                 ssm_state: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """hidden (b, l, d) -> (out (b, l, d), (conv_state (b, c, k), ssm_state (b, h, p, n) float32)).
 
         `attention_mask` (b, l) of 0/1 zeroes padded positions where HF does: the mixer input before
         in_proj and the conv output after SiLU (so left-padded rows keep a zero state through the pads).
-        `conv_state` / `ssm_state` continue a sequence; pass both or neither.
-        `active_rows` (b,) bool, with states: rows where False return their states as given (`hold_rows`).
-        `decode_weights`: this mixer's `decode_weights()`, made once before a decode loop (used by the fused
-        decode step; ignored elsewhere).
+        `conv_state` / `ssm_state` continue a sequence (chunked prefill); pass both or neither. One token with
+        states is a decode step (`step`).
         """
+        if (conv_state is None) != (ssm_state is None):
+            raise ValueError("Mamba2Mixer needs both conv_state and ssm_state to continue a sequence, or neither")
+        if hidden.shape[1] == 1 and conv_state is not None:
+            return self.step(hidden, conv_state, ssm_state, attention_mask=attention_mask)
+        return self._forward(hidden, attention_mask, conv_state, ssm_state, decode=False)
+
+    def step(self, hidden: jax.Array, conv_state: jax.Array, ssm_state: jax.Array, *,
+             attention_mask: jax.Array | None = None, active_rows: jax.Array | None = None,
+             decode_weights: dict | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One token: hidden (b, 1, d) and the states -> (out (b, 1, d), (conv_state, ssm_state)), as mamba_ssm's
+        `Mamba2.step`. Unsharded, unhooked and unmasked, on a GPU, this is the fused decode-step kernel.
+
+        `attention_mask` (b, >= 1): its last column masks this token. `active_rows` (b,) bool: rows where False
+        return their states as given (`hold_rows`). `decode_weights`: this mixer's `decode_weights()`, made once
+        before a decode loop (used by the fused decode step; ignored elsewhere).
+        """
+        b, l, _ = hidden.shape
+        if l != 1 or conv_state is None or ssm_state is None:
+            raise ValueError(f"Mamba2Mixer.step takes one token (b, 1, d) and both states; got hidden {hidden.shape}")
+        check_active_rows(active_rows, b, conv_state)
+        if attention_mask is None and self._fused_decode():
+            return self._fused_decode_step(hidden, conv_state, ssm_state, active_rows, decode_weights)
+        out, states = self._forward(hidden, attention_mask, conv_state, ssm_state, decode=True)
+        return out, hold_rows(active_rows, (conv_state, ssm_state), states)
+
+    def _forward(self, hidden, attention_mask, conv_state, ssm_state, decode: bool):
+        """The op-by-op mixer: a sequence (prefill or continuation), or one token (`decode`)."""
         cfg = self.config
         b, l, _ = hidden.shape
         e, h, p, g, n = cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.n_groups, cfg.state_size
-        if (conv_state is None) != (ssm_state is None):
-            raise ValueError("Mamba2Mixer needs both conv_state and ssm_state to continue a sequence, or neither")
-        check_active_rows(active_rows, b, conv_state)
-        old_states = conv_state, ssm_state
-        decode = l == 1 and conv_state is not None
         mask = None if attention_mask is None else attention_mask[:, -l:, None].astype(hidden.dtype)  # (b, l, 1)
-
         if mask is not None:
             hidden = hidden * mask
         rules = self.mesh_rules
-        if decode and mask is None and self._fused_decode():
-            return self._fused_decode_step(hidden, conv_state, ssm_state, active_rows, decode_weights)
         if rules is None:
             z, x, B, C, dt, conv_state = self._project_and_conv_packed(hidden, mask, conv_state, decode)
         else:
@@ -177,7 +147,7 @@ class Mamba2Mixer(nnx.Module):
         sow_hook(self, "hook_inner_norm", y)
         out = self.out_proj(y.astype(self.dtype))                          # (b, l, d)
         sow_hook(self, "hook_out_proj", out)
-        return out, hold_rows(active_rows, old_states, (conv_state, ssm_state))
+        return out, (conv_state, ssm_state)
 
     def _fused_decode(self) -> bool:
         """Whether a one-token step (no mask) takes the fused decode-step kernel: unsharded, unhooked, and the

@@ -1,0 +1,57 @@
+"""The models: shared blocks, backbone and causal LM (`causal_lm.py`), one file per mixer kind and one per family.
+
+`FAMILIES` below is the one list of the families easymamba builds, loads and saves; everything that depends on
+the family (loaders, sharding, the cache, the effective attention) reads the family's record
+(`family.ModelFamily`) through `family_of`. A new family is its own files plus one entry here
+(docs/architecture.md).
+"""
+
+from easymamba.models import mamba1, mamba2
+from easymamba.models.causal_lm import (
+    IGNORE_INDEX,
+    Backbone,
+    CausalLM,
+    Mamba2CausalLMOutput,
+    Mamba2Output,
+    ResidualBlock,
+    causal_lm_loss,
+    causal_lm_loss_sum,
+)
+from easymamba.models.family import KeySpec, ModelFamily
+from easymamba.models.mamba1 import MambaBlock, MambaForCausalLM, MambaModel, mamba1_key_table
+from easymamba.models.mamba1_mixer import MambaMixer
+from easymamba.models.mamba2 import Mamba2Block, Mamba2ForCausalLM, Mamba2Model, mamba2_key_table
+from easymamba.models.mamba2_mixer import Mamba2Mixer
+
+# The families easymamba knows, by HF `model_type`.
+FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
+    mamba2.FAMILY,
+    mamba1.FAMILY,
+)}
+
+
+def family_of(obj) -> ModelFamily:
+    """The `ModelFamily` of a config, a model (its `.config`), a config or causal-LM class, or a `model_type`."""
+    if isinstance(obj, str):
+        if obj in FAMILIES:
+            return FAMILIES[obj]
+        raise ValueError(f"model_type {obj!r} is not a family easymamba builds; known: {sorted(FAMILIES)}")
+    family = getattr(obj, "family", None)  # a causal LM or backbone, or its class
+    if isinstance(family, ModelFamily):
+        return family
+    config_class = obj if isinstance(obj, type) else type(getattr(obj, "config", obj))
+    for family in FAMILIES.values():
+        if config_class is family.config_class:
+            return family
+    known = ", ".join(f"{f.causal_lm.__name__} ({f.config_class.__name__}, model_type {f.model_type!r})"
+                      for f in FAMILIES.values())
+    name = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+    raise TypeError(f"{name} is not a model or config of a family easymamba reads and writes; known: {known}")
+
+
+__all__ = [
+    "FAMILIES", "family_of", "ModelFamily", "KeySpec", "IGNORE_INDEX", "Backbone", "CausalLM", "ResidualBlock",
+    "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
+    "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
+    "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",
+]

@@ -1,0 +1,376 @@
+"""The family-neutral parts of every model: the residual block, the backbone, the causal LM and its loss.
+
+A model is a list of blocks, each a kind (a Mamba-2 mixer, a Mamba-1 mixer, and what the hybrids add) chosen by
+the family's record (`easymamba.models.family.ModelFamily.blocks`). Official counterparts:
+`mamba_ssm/models/mixer_seq_simple.py` (`MixerModel`, `MambaLMHeadModel`), `mamba_ssm/modules/block.py`, and HF's
+`Mamba2Model` / `Mamba2ForCausalLM`, whose module names these keep:
+
+    <Family>ForCausalLM (CausalLM)
+      backbone: <Family>Model (Backbone)
+        embeddings: Embedding [v, d]
+        layers[i]: a block kind (ResidualBlock: norm [d], mixer)
+        norm_f: RMSNorm [d]
+      lm_head: Linear [d, v]   (absent when tie_word_embeddings: the embedding matrix is reused)
+
+Two entry points, as mamba_ssm's `forward` and `step`:
+- `__call__` keeps HF's signature (input_ids, attention_mask, cache, labels, inputs_embeds,
+  output_hidden_states): a whole sequence, or with a cache a chunked prefill that continues from its state. A
+  one-token call with a cache delegates to `step`.
+- `step(tokens [b], cache)` is one decode step: it owns the fused decode kernel, the rows the decode loop
+  holds (`active_rows`), the weights it prepares once (`decode_weights()`), and the cache counters.
+"""
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from easymamba.layers import Embedding, is_concrete, normal_init
+from easymamba.models.common import check_attention_mask, sow_hook
+from easymamba.norms import RMSNorm
+from easymamba.sharding import MeshRules, constrain, constrain_spec
+
+__all__ = ["ResidualBlock", "Backbone", "CausalLM", "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss",
+           "causal_lm_loss_sum", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+@struct.dataclass
+class Mamba2Output:
+    last_hidden_state: jax.Array                     # (b, l, d)
+    cache: object | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+@struct.dataclass
+class Mamba2CausalLMOutput:
+    logits: jax.Array                                # (b, l, v) float32
+    loss: jax.Array | None = None                    # scalar float32
+    cache: object | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+class ResidualBlock(nnx.Module):
+    """Pre-norm residual block around one mixer: `h + mixer(norm(h))`, the residual kept in float32 if
+    `residual_in_fp32`. A block kind names its mixer class (`MIXER`); the mixer's state lives in the layer's
+    cache view, which this block reads and returns renewed.
+
+    A mixer kind offers `__call__(hidden, attention_mask=, conv_state=, ssm_state=) -> (out, states)`,
+    `step(hidden (b, 1, d), conv_state, ssm_state, attention_mask=, active_rows=, decode_weights=)` and
+    `decode_weights()`.
+
+    Hook point: `hook_resid_post` (b, l, d), the block output (see `easymamba.interp.run_with_cache`).
+    """
+
+    HOOKS = ("hook_resid_post",)
+    MIXER: ClassVar[type]
+
+    def __init__(self, config, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_impl: str = "auto"):
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
+        self.mixer = self.MIXER(config, layer_idx=layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                kernel_impl=kernel_impl)
+        self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
+
+    # Rematerialise this block in the backward pass (`jax.checkpoint` through `nnx.remat`): its activations are
+    # recomputed from its input instead of being kept. Off by default; `easymamba.train.make_train_step(remat=True)`
+    # turns it on for the copy of the model it differentiates.
+    remat: bool = False
+
+    def __call__(self, hidden: jax.Array, *, attention_mask=None, view=None):
+        """hidden (b, l, d), the layer's cache view or None -> (hidden (b, l, d), the renewed view or None)."""
+        if self.remat:
+            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, view)
+        return self._forward(hidden, attention_mask, view)
+
+    def _forward(self, hidden, attention_mask, view):
+        residual, normed = self._pre(hidden)
+        out, states = self.mixer(normed, attention_mask=attention_mask, **self._states_in(view))
+        return self._post(residual, out), self._view_out(view, states)
+
+    def step(self, hidden: jax.Array, view, *, attention_mask=None, active_rows=None, decode_weights=None):
+        """One token: hidden (b, 1, d), the layer's view -> (hidden (b, 1, d), the renewed view)."""
+        residual, normed = self._pre(hidden)
+        states = self._states_in(view)
+        out, states = self.mixer.step(normed, states["conv_state"], states["ssm_state"],
+                                      attention_mask=attention_mask, active_rows=active_rows,
+                                      decode_weights=decode_weights)
+        return self._post(residual, out), self._view_out(view, states)
+
+    def _pre(self, hidden):
+        residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
+        return residual, self.norm(hidden.astype(self.norm.weight.dtype))
+
+    def _post(self, residual, out):
+        hidden = residual + out
+        sow_hook(self, "hook_resid_post", hidden)
+        return hidden
+
+    def _states_in(self, view) -> dict:
+        """The view's states, pinned to the cache's layout on the way in (a while_loop carry must keep it)."""
+        if view is None:
+            return {"conv_state": None, "ssm_state": None}
+        conv_spec, ssm_spec, _ = view.partition_specs
+        return {"conv_state": constrain_spec(view.conv_states, self.mesh_rules, conv_spec),
+                "ssm_state": constrain_spec(view.ssm_states, self.mesh_rules, ssm_spec)}
+
+    def _view_out(self, view, states):
+        """The view with the mixer's new states, in the cache's dtypes and layout."""
+        if view is None:
+            return None
+        conv_state, ssm_state = states
+        conv_spec, ssm_spec, _ = view.partition_specs
+        return view.replace(
+            conv_states=constrain_spec(conv_state.astype(view.conv_states.dtype), self.mesh_rules, conv_spec),
+            ssm_states=constrain_spec(ssm_state.astype(view.ssm_states.dtype), self.mesh_rules, ssm_spec))
+
+
+class Backbone(nnx.Module):
+    """Embeddings, the family's blocks and the final norm (HF `Mamba2Model`, `MambaModel`). A family's backbone
+    (`Mamba2Model`, ...) is this class with the family's record as `family`.
+
+    Hook point: `hook_embed` (b, l, d), the embeddings (or `inputs_embeds`) entering layer 0.
+    """
+
+    HOOKS = ("hook_embed",)
+    family: ClassVar  # the ModelFamily, set by the family's record
+
+    def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_impl: str = "auto"):
+        family = self.family
+        if not isinstance(config, family.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {family.config_class.__name__}, got "
+                            f"{type(config).__name__}")
+        self.config = config
+        self.dtype = dtype
+        self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
+        self.embeddings = Embedding(config.vocab_size, config.hidden_size, init_std=config.initializer_range,
+                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([
+            block(config, layer_idx=i, rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_impl=kernel_impl)
+            for i, block in enumerate(family.blocks(config))
+        ])
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
+
+    @classmethod
+    def logical_axes(cls, config):
+        """The family's sharding table (`easymamba.sharding`)."""
+        return cls.family.logical_axes(config)
+
+    def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None, mesh=None):
+        """A zero cache for this model: conv state in `dtype` (default the model dtype), SSM state float32.
+
+        A sharded model (`easymamba.sharding`) defaults `partition_axis` to its rules' and `mesh` to its mesh, so
+        the cache is created sharded as the forward keeps it.
+        """
+        rules = self.mesh_rules
+        if rules is not None:
+            partition_axis = rules.partition_axis() if partition_axis is None else partition_axis
+            mesh = rules.mesh if mesh is None else mesh
+        kwargs = {} if partition_axis is None else {"partition_axis": partition_axis}
+        meta = self.family.cache_metadata.from_config(self.config, batch_size, **kwargs)
+        return self.family.cache_class.init_cache(self.config.num_hidden_layers, meta,
+                                                  dtype=self.dtype if dtype is None else dtype, mesh=mesh,
+                                                  ssm_dtype=ssm_dtype)
+
+    def _check_cache(self, cache, batch_size: int) -> None:
+        cache_class = self.family.cache_class
+        if not isinstance(cache, cache_class):
+            raise ValueError(f"cache must be a {cache_class.__name__} (model.init_cache({batch_size})) for this "
+                             f"{type(self).__name__}; got {type(cache).__name__}")
+        cache.check_compatible(self.config, batch_size)
+        empty = [i for i, v in enumerate(cache.views) if v is None]
+        if empty:
+            raise ValueError(f"cache layer(s) {empty[:8]} hold no state (an init_empty cache?); build one with "
+                             f"model.init_cache({batch_size})")
+
+    def __call__(self, input_ids=None, *, attention_mask=None, cache=None, inputs_embeds=None,
+                 output_hidden_states: bool = False) -> Mamba2Output:
+        """A sequence (b, l), or with `cache` its continuation from the cache's state (chunked prefill; one token
+        is a decode step). `output_hidden_states` follows the pinned transformers for the family (its record's
+        `hidden_states_with_embeddings`)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (b, l) and inputs_embeds (b, l, d)")
+        if input_ids is not None and input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {input_ids.shape}")
+        d = self.config.hidden_size
+        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != d):
+            raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {d}), got {inputs_embeds.shape}")
+        b, l = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if attention_mask is not None:
+            attention_mask = check_attention_mask(attention_mask, b, l)
+        if cache is not None:  # before any work: a wrong cache is refused by name, not by a shape error later
+            self._check_cache(cache, b)
+        rules = self.mesh_rules
+        if rules is not None:
+            rules.check_batch(b)
+        hidden = self.embeddings(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)  # (b,l,d)
+        hidden = constrain(hidden, rules, "batch", None, "embed")
+        sow_hook(self, "hook_embed", hidden)
+
+        outputs = [hidden] if output_hidden_states else None
+        views = []
+        for i, layer in enumerate(self.layers):
+            hidden, view = layer(hidden, attention_mask=attention_mask, view=None if cache is None else cache.views[i])
+            hidden = constrain(hidden, rules, "batch", None, "embed")
+            views.append(view)
+            if outputs is not None:
+                outputs.append(hidden)
+        hidden = self.norm_f(hidden)
+        all_hidden = None
+        if outputs is not None:  # the entries the pinned transformers returns for this family, in its order
+            kept = outputs[:-1] if self.family.hidden_states_with_embeddings else outputs[1:]
+            all_hidden = (*kept, hidden)
+        new_cache = None if cache is None else type(cache)(views=tuple(views)).update_seq(l)
+        return Mamba2Output(hidden, new_cache, all_hidden)
+
+    def step(self, tokens: jax.Array, cache, *, attention_mask=None, active_rows=None, decode_weights=None,
+             update_seq: bool = True):
+        """One decode step: tokens (b,) int -> (hidden (b, d) after norm_f, the new cache).
+
+        `attention_mask` (b, >= 1): its last column masks this token, as in `__call__`.
+        `active_rows` (b,) bool: rows where False keep their cache states as they were (their outputs are
+        computed and mean nothing): how generation steps a batch whose rows finish apart.
+        `decode_weights`: `self.decode_weights()`, made once before a decode loop and passed to every step.
+        `update_seq=False` returns the cache's counters (`positions`, `seqlen_offset`) as given, for a decode loop
+        that advances them once at its end (`cache.advance`): per step they cost a small kernel per layer on GPU
+        (docs/benchmarks.md), and no layer reads them.
+        """
+        if tokens.ndim != 1:
+            raise ValueError(f"step takes one token per row, tokens of shape (batch,); got {tokens.shape}")
+        b = tokens.shape[0]
+        if attention_mask is not None:
+            attention_mask = check_attention_mask(attention_mask, b, 1)
+        self._check_cache(cache, b)
+        if decode_weights is not None and len(decode_weights) != len(self.layers):
+            raise ValueError(f"decode_weights has {len(decode_weights)} entries for {len(self.layers)} layers: "
+                             "pass what this model's decode_weights() returns")
+        rules = self.mesh_rules
+        if rules is not None:
+            rules.check_batch(b)
+        hidden = constrain(self.embeddings(tokens[:, None]), rules, "batch", None, "embed")     # (b, 1, d)
+        sow_hook(self, "hook_embed", hidden)
+        views = []
+        for i, layer in enumerate(self.layers):
+            hidden, view = layer.step(hidden, cache.views[i], attention_mask=attention_mask, active_rows=active_rows,
+                                      decode_weights=None if decode_weights is None else decode_weights[i])
+            hidden = constrain(hidden, rules, "batch", None, "embed")
+            views.append(view)
+        new_cache = type(cache)(views=tuple(views))
+        if update_seq:
+            new_cache = new_cache.update_seq(1, active_rows)
+        return self.norm_f(hidden)[:, 0], new_cache
+
+    def decode_weights(self) -> tuple | None:
+        """Per layer, weights of the decode step prepared once for a decode loop (each mixer's
+        `decode_weights()`), or None when no layer has any. Compute them outside the loop (under the same jit)
+        and pass them to each step as `decode_weights=`: XLA does not hoist them out of the loop by itself. They
+        cost one more copy of in_proj's and out_proj's weights while they live."""
+        weights = tuple(layer.mixer.decode_weights() for layer in self.layers)
+        return None if all(w is None for w in weights) else weights
+
+
+class CausalLM(nnx.Module):
+    """A family's language model: backbone + tied or untied output head (HF `Mamba2ForCausalLM`, ...). A family's
+    causal LM (`Mamba2ForCausalLM`, ...) is this class with the family's record as `family`."""
+
+    family: ClassVar  # the ModelFamily, set by the family's record
+
+    def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_impl: str = "auto"):
+        self.config = config
+        self.dtype = dtype
+        self.kernel_impl = kernel_impl
+        self.backbone = self.family.backbone(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                             kernel_impl=kernel_impl)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            std = config.initializer_range
+            self.lm_head = nnx.Linear(
+                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs)
+
+    @classmethod
+    def logical_axes(cls, config):
+        """The family's sharding table (`easymamba.sharding`)."""
+        return cls.family.logical_axes(config)
+
+    @classmethod
+    def key_table(cls, config):
+        """The family's checkpoint key table: every HF tensor as a `KeySpec`, in HF's `state_dict()` order."""
+        return cls.family.key_table(config)
+
+    def decode_weights(self) -> tuple | None:
+        """The backbone's `decode_weights()` (see `Backbone.decode_weights`)."""
+        return self.backbone.decode_weights()
+
+    def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None, mesh=None):
+        """A zero cache for this model (`Backbone.init_cache`)."""
+        return self.backbone.init_cache(batch_size, dtype=dtype, ssm_dtype=ssm_dtype,
+                                        partition_axis=partition_axis, mesh=mesh)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The output head: hidden (..., d) -> logits (..., v) float32."""
+        if self.lm_head is None:
+            emb = self.backbone.embeddings
+            return emb.attend(hidden.astype(emb.weight.dtype)).astype(jnp.float32)
+        return self.lm_head(hidden.astype(self.lm_head.kernel.dtype)).astype(jnp.float32)
+
+    def __call__(self, input_ids=None, *, attention_mask=None, cache=None, labels=None, inputs_embeds=None,
+                 output_hidden_states: bool = False) -> Mamba2CausalLMOutput:
+        if (cache is not None and input_ids is not None and getattr(input_ids, "ndim", 0) == 2
+                and input_ids.shape[1] == 1 and labels is None and not output_hidden_states):
+            logits, cache = self.step(input_ids[:, 0], cache, attention_mask=attention_mask)
+            return Mamba2CausalLMOutput(logits[:, None], None, cache)
+        out = self.backbone(input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
+                            output_hidden_states=output_hidden_states)
+        logits = constrain(self.logits(out.last_hidden_state), self.backbone.mesh_rules, "batch", None, "vocab")
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, self.config.vocab_size)
+        return Mamba2CausalLMOutput(logits, loss, out.cache, out.hidden_states)               # logits (b, l, v)
+
+    def step(self, tokens: jax.Array, cache, *, attention_mask=None, active_rows=None, decode_weights=None,
+             update_seq: bool = True) -> tuple[jax.Array, object]:
+        """One decode step: tokens (b,) int -> (logits (b, v) float32, the new cache). The options are
+        `Backbone.step`'s; the decode loop (`easymamba.generation`) is its main caller."""
+        hidden, cache = self.backbone.step(tokens, cache, attention_mask=attention_mask, active_rows=active_rows,
+                                           decode_weights=decode_weights, update_seq=update_seq)
+        return constrain(self.logits(hidden), self.backbone.mesh_rules, "batch", "vocab"), cache
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array, vocab_size: int | None = None) -> jax.Array:
+    """Mean next-token cross entropy as HF computes it: position t predicts labels[t + 1]; -100 is ignored.
+
+    logits (b, l, v), labels (b, l). With no label left to score the mean is 0/0 = NaN, as in HF.
+    """
+    total, count = causal_lm_loss_sum(logits, labels, vocab_size)
+    return total / count
+
+
+def causal_lm_loss_sum(logits: jax.Array, labels: jax.Array,
+                       vocab_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(summed next-token cross entropy, number of scored labels): `causal_lm_loss` before its division.
+
+    Sums add across micro-batches, so gradient accumulation (`easymamba.train`) can divide once by the
+    total count and give the update of the whole batch, however the -100s fall.
+    """
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must have shape {logits.shape[:2]} (batch, seq_len), got {labels.shape}")
+    v = logits.shape[-1] if vocab_size is None else vocab_size
+    if is_concrete(labels):
+        lab = np.asarray(labels)
+        bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= v))
+        if bad.any():
+            raise ValueError(f"label {int(lab[tuple(np.argwhere(bad)[0])])} is outside the vocabulary [0, {v}) "
+                             f"and is not the ignore index {IGNORE_INDEX}")
+    targets = labels[:, 1:]                                                 # (b, l-1)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # (b, l-1, v)
+    valid = targets != IGNORE_INDEX
+    picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid)

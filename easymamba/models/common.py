@@ -1,0 +1,71 @@
+"""What every block kind shares: hook points, row holding for the decode loop, input checks, the dt init."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from easymamba.kernels.decode_step_pallas import check_row_mask
+from easymamba.layers import is_concrete
+
+__all__ = ["HookValue", "sow_hook", "init_dt_bias", "check_active_rows", "hold_rows", "check_attention_mask"]
+
+
+class HookValue(nnx.Intermediate):
+    """An activation recorded at a `hook_*` point; `easymamba.interp.run_with_cache` is what asks for them."""
+
+
+def sow_hook(module: nnx.Module, name: str, value) -> None:
+    """Record `value` (an array, or a zero-argument function returning one) as `name` on `module`, but only
+    when `run_with_cache` requested that hook (it marks `module.__hooks__` on the copy of the model it runs).
+    Otherwise nothing happens and nothing is traced: the forward without hooks is op for op the
+    forward before hooks existed. A function is called only when requested, so a hook that needs extra math
+    (`hook_dt`) costs nothing unless asked for.
+    """
+    if name in getattr(module, "__hooks__", ()):
+        module.sow(HookValue, name, value() if callable(value) else value,
+                   reduce_fn=lambda _, new: new, init_fn=lambda: None)
+
+
+def _inverse_softplus(y: jax.Array) -> jax.Array:
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+def init_dt_bias(key, num_heads: int, config, dtype) -> jax.Array:
+    """HF/mamba_ssm: dt log-uniform in [time_step_min, time_step_max], floored, stored as softplus^-1(dt)."""
+    lo, hi = math.log(config.time_step_min), math.log(config.time_step_max)
+    dt = jnp.exp(jax.random.uniform(key, (num_heads,), jnp.float32) * (hi - lo) + lo)
+    dt = jnp.maximum(dt, config.time_step_floor)
+    return _inverse_softplus(dt).astype(dtype)
+
+
+def check_active_rows(active_rows, b: int, conv_state) -> None:
+    """A mixer's `active_rows`: (b,) bool, and only with states to hold."""
+    if active_rows is None:
+        return
+    if conv_state is None:
+        raise ValueError("active_rows holds rows of a cache: pass it with conv_state and ssm_state")
+    check_row_mask(active_rows, b, "active_rows")
+
+
+def hold_rows(active_rows, old_states, new_states):
+    """The new states, except the rows where `active_rows` is False, which keep the old ones (a finished row of a
+    batch that generation keeps stepping). One `where` per state: in the op-by-op decode step XLA fuses it into
+    the state update's own pass; the fused decode kernel holds the rows itself instead."""
+    if active_rows is None:
+        return new_states
+    return tuple(jnp.where(active_rows.reshape((-1,) + (1,) * (new.ndim - 1)), new, old.astype(new.dtype))
+                 for old, new in zip(old_states, new_states))
+
+
+def check_attention_mask(mask, b: int, l: int):
+    """`attention_mask` (b, >= l) of 0/1 (checked when concrete), as the model calls take it."""
+    if mask.ndim != 2 or mask.shape[0] != b or mask.shape[1] < l:
+        raise ValueError(f"attention_mask must have shape (batch={b}, seq_len>={l}), got {mask.shape}")
+    if is_concrete(mask):
+        values = np.unique(np.asarray(mask))
+        if not np.isin(values, (0, 1)).all():
+            raise ValueError(f"attention_mask must hold only 0 and 1, found values {values.tolist()[:8]}")
+    return mask
