@@ -3,7 +3,7 @@
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 benchmarks/decode_paths.py --out decode_paths.json
     PYTHONPATH=. python3 benchmarks/decode_paths.py --tiny          # CPU smoke run (kernels interpreted)
 
-Paths of the mixer's decode step (easymamba/mixer.py), on a random 130M-shaped model (d 768, 24 layers, h 24,
+Paths of the mixer's decode step (easymamba/models/mamba2_mixer.py), on a random 130M-shaped model (d 768, 24 layers, h 24,
 p 64, n 128, vocab 50288, tied head) in bf16, greedy, 16-token prompt, EOS off:
 
 * `xla`        every mixer's `kernel_impl = "xla"`: the op-by-op decode step (conv update, state update, norm

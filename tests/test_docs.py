@@ -295,7 +295,7 @@ API_NAMES = (
     "Mamba2Config", "Mamba2Config.from_hf", "Mamba2Config.to_hf", "Mamba2Config.intermediate_size",
     "Mamba2Config.conv_dim", "MambaConfig", "MambaConfig.from_hf", "MambaConfig.to_hf",
     # models
-    "Mamba2ForCausalLM", "Mamba2ForCausalLM.init_cache", "Mamba2Model", "Mamba2Block", "Mamba2Mixer", "RMSNorm",
+    "Mamba2ForCausalLM", "Mamba2ForCausalLM.init_cache", "Mamba2ForCausalLM.step", "Mamba2Model", "Mamba2Block", "Mamba2Mixer", "RMSNorm",
     "GatedRMSNorm", "MambaForCausalLM", "MambaModel", "MambaBlock", "MambaMixer",
     "Mamba2CausalLMOutput.logits", "Mamba2CausalLMOutput.cache", "Mamba2CausalLMOutput.loss",
     "Mamba2CausalLMOutput.hidden_states",
