@@ -216,6 +216,7 @@ class MambaModel(Mamba2Model):
     Hook point: `hook_embed` (b, l, d), the embeddings (or `inputs_embeds`) entering layer 0.
     """
 
+    HIDDEN_STATES_FROM_EMBEDDINGS = False  # transformers' MambaModel: every block's output, then norm_f's
     CONFIG = MambaConfig
     BLOCK = MambaBlock
     CACHE = MambaCache
@@ -228,6 +229,10 @@ class MambaForCausalLM(Mamba2ForCausalLM):
 
     Called like `Mamba2ForCausalLM` and returns the same `Mamba2CausalLMOutput` (logits float32, loss with
     HF's shift and -100 ignore index, the new `MambaCache`, hidden states on request).
+
+    `output_hidden_states=True` returns `num_hidden_layers + 1` arrays (b, l, d), as transformers 5.25's
+    `MambaForCausalLM` does, in an order unlike Mamba-2's: the outputs of blocks 0 to n-1, then the final norm
+    applied to block n-1's output (no embeddings).
     """
 
     MODEL = MambaModel

@@ -34,7 +34,7 @@ IGNORE_INDEX = -100
 class Mamba2Output:
     last_hidden_state: jax.Array                     # (b, l, d)
     cache: Mamba2Cache | None = None
-    hidden_states: tuple[jax.Array, ...] | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None  # n_layers + 1 of (b, l, d), see Mamba2Model
 
 
 @struct.dataclass
@@ -42,7 +42,7 @@ class Mamba2CausalLMOutput:
     logits: jax.Array                                # (b, l, v) float32
     loss: jax.Array | None = None                    # scalar float32
     cache: Mamba2Cache | None = None
-    hidden_states: tuple[jax.Array, ...] | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None  # n_layers + 1 of (b, l, d), see Mamba2Model
 
 
 class Mamba2Block(nnx.Module):
@@ -93,6 +93,11 @@ class Mamba2Model(nnx.Module):
     """
 
     HOOKS = ("hook_embed",)
+    # `output_hidden_states` as the pinned transformers (5.25) returns it, per family; both have
+    # num_hidden_layers + 1 entries. Mamba-2 (5.25's generic output capture): the embeddings, blocks 0..n-2's
+    # outputs, norm_f(block n-1's output); the last block's raw output is not included. Mamba-1 (its own loop,
+    # `MambaModel` sets False): blocks 0..n-1's outputs, then norm_f's.
+    HIDDEN_STATES_FROM_EMBEDDINGS: ClassVar[bool] = True
     CONFIG: ClassVar[type] = Mamba2Config
     BLOCK: ClassVar[type] = Mamba2Block
     CACHE: ClassVar[type] = Mamba2Cache
@@ -175,7 +180,8 @@ class Mamba2Model(nnx.Module):
         hidden = constrain(hidden, rules, "batch", None, "embed")
         sow_hook(self, "hook_embed", hidden)
 
-        all_hidden = [] if output_hidden_states else None
+        embedded = hidden
+        all_hidden = [] if output_hidden_states else None  # each block's output
         new_views = []
         for i, layer in enumerate(self.layers):
             view = None if cache is None else cache.views[i]
@@ -192,10 +198,11 @@ class Mamba2Model(nnx.Module):
                 new_views.append(view.replace(
                     conv_states=constrain_spec(conv_state.astype(view.conv_states.dtype), rules, conv_spec),
                     ssm_states=constrain_spec(ssm_state.astype(view.ssm_states.dtype), rules, ssm_spec)))
-            if all_hidden is not None:  # as HF 5.23: each block's output, then norm_f's (no embeddings)
+            if all_hidden is not None:
                 all_hidden.append(hidden)
         hidden = self.norm_f(hidden)
-        if all_hidden is not None:
+        if all_hidden is not None:  # the family's order (HIDDEN_STATES_FROM_EMBEDDINGS above)
+            all_hidden = ([embedded, *all_hidden[:-1]] if self.HIDDEN_STATES_FROM_EMBEDDINGS else all_hidden)
             all_hidden.append(hidden)
         new_cache = None if cache is None else self.CACHE(views=tuple(new_views))
         if new_cache is not None and update_seq:
@@ -213,7 +220,11 @@ class Mamba2Model(nnx.Module):
 
 class Mamba2ForCausalLM(nnx.Module):
     """Mamba-2 language model (HF `Mamba2ForCausalLM`): backbone + tied or untied output head.
-    `MODEL` is the backbone class (Mamba-1's `MambaForCausalLM` subclasses this with `MambaModel`)."""
+    `MODEL` is the backbone class (Mamba-1's `MambaForCausalLM` subclasses this with `MambaModel`).
+
+    `output_hidden_states=True` returns `num_hidden_layers + 1` arrays (b, l, d), as transformers 5.25's
+    `Mamba2ForCausalLM` does: the embeddings (or `inputs_embeds`), the outputs of blocks 0 to n-2, then the
+    final norm applied to block n-1's output (block n-1's own output is not in the tuple)."""
 
     MODEL: ClassVar[type] = Mamba2Model
     logical_axes = staticmethod(mamba2_logical_axes)  # the sharding table (easymamba.sharding)
