@@ -402,7 +402,7 @@ def _mamba1_mixer_facts(config: MambaConfig, shape_of) -> list[tuple[str, object
     a_log = shape_of(mixer + "A_log")
     if a_log is not None and len(a_log) == 2:
         if a_log[0] != config.intermediate_size:
-            out.append(("expand * hidden_size", config.intermediate_size, mixer + "A_log", a_log[0]))
+            out.append(("intermediate_size", config.intermediate_size, mixer + "A_log", a_log[0]))
         if a_log[1] != config.state_size:
             out.append(("state_size", config.state_size, mixer + "A_log", a_log[1]))
     conv = shape_of(mixer + "conv1d.weight")
