@@ -3,7 +3,7 @@
 `Mamba2Config` is described below; `MambaConfig` (Mamba-1, HF `transformers.MambaConfig`) is described in its
 own docstring further down. Both share the JSON, infinity and harmless-key handling of this file.
 
-Field names and defaults are those of Hugging Face `transformers.Mamba2Config` (5.23,
+Field names and defaults are those of Hugging Face `transformers.Mamba2Config` (5.25,
 `transformers/models/mamba2/configuration_mamba2.py`); the defaults are Mamba-Codestral-7B's shapes.
 Letters are those of `easymamba/typing.py`.
 
@@ -167,7 +167,7 @@ class _ConfigIO:
         return dataclasses.replace(self, **changes)
 
     def to_json_string(self) -> str:
-        """`to_hf()` as JSON, infinity written as `{"__float__": "Infinity"}` like transformers 5.23."""
+        """`to_hf()` as JSON, infinity written as `{"__float__": "Infinity"}` like transformers 5.25."""
         return json.dumps(_encode_special_floats(self.to_hf()), indent=2, sort_keys=True) + "\n"
 
     def save(self, path: "str | os.PathLike") -> pathlib.Path:

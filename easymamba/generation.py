@@ -33,7 +33,7 @@ model config's EOS id is not implied.
 
 Models: anything with `backbone`, `lm_head`, `init_cache` and the cache-driven call of `Mamba2ForCausalLM`,
 so the Mamba-1 `MambaForCausalLM` works too. Official counterpart: `transformers.GenerationMixin.generate`
-(greedy and multinomial sampling, 5.23).
+(greedy and multinomial sampling, 5.25).
 """
 
 import collections
