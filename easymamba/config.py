@@ -3,7 +3,7 @@
 `Mamba2Config` is described below; `MambaConfig` (Mamba-1, HF `transformers.MambaConfig`) is described in its
 own docstring further down. Both share the JSON, infinity and harmless-key handling of this file.
 
-Field names and defaults are those of Hugging Face `transformers.Mamba2Config` (5.23,
+Field names and defaults are those of Hugging Face `transformers.Mamba2Config` (5.25,
 `transformers/models/mamba2/configuration_mamba2.py`); the defaults are Mamba-Codestral-7B's shapes.
 Letters are those of `easymamba/typing.py`.
 
@@ -167,7 +167,7 @@ class _ConfigIO:
         return dataclasses.replace(self, **changes)
 
     def to_json_string(self) -> str:
-        """`to_hf()` as JSON, infinity written as `{"__float__": "Infinity"}` like transformers 5.23."""
+        """`to_hf()` as JSON, infinity written as `{"__float__": "Infinity"}` like transformers 5.25."""
         return json.dumps(_encode_special_floats(self.to_hf()), indent=2, sort_keys=True) + "\n"
 
     def save(self, path: "str | os.PathLike") -> pathlib.Path:
@@ -397,8 +397,10 @@ def _padded_vocab(top: dict[str, Any]) -> int:
 def _hf_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments from the HF layout."""
     fields = {f.name for f in dataclasses.fields(Mamba2Config)}
+    # A stored intermediate_size is ignored, as transformers does: its Mamba2Mixer always takes expand * hidden_size
+    # (5.25 builds a model from a config that stores any other value), so the key cannot change the model.
     _refuse_unknown("the config", [k for k in cfg if k not in fields and k not in _HF_HARMLESS_KEYS
-                                   and k not in ("attn_layer_idx", "attn_cfg", "layer_types")])
+                                   and k not in ("attn_layer_idx", "attn_cfg", "layer_types", "intermediate_size")])
     if cfg.get("attn_layer_idx"):
         raise ValueError(f"attn_layer_idx ({cfg['attn_layer_idx']!r}) must be empty: hybrid attention layers "
                          "are not part of this Mamba-2 model")
@@ -458,7 +460,8 @@ def _mamba_ssm_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
 
 # ==== Mamba-1 ====================================================================================
 
-_MAMBA1_SIZE_FIELDS = ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand", "conv_kernel")
+_MAMBA1_SIZE_FIELDS = ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand", "conv_kernel",
+                       "intermediate_size")  # last: a bad hidden_size or expand is named before it
 _MAMBA1_BOOL_FIELDS = ("use_bias", "use_conv_bias", "residual_in_fp32", "rescale_prenorm_residual", "use_cache",
                        "use_mambapy", "use_associative_scan", "tie_word_embeddings")
 _MAMBA1_FLOAT_FIELDS = ("layer_norm_epsilon", "initializer_range", "time_step_scale", "time_step_min",
@@ -475,18 +478,19 @@ _SSM1_CFG_OTHER = frozenset({"layer", "use_fast_path", "layer_idx", "device", "d
 # Original-layout keys that HF Mamba-1 checkpoints (state-spaces/mamba-*-hf) also carry next to the HF fields.
 # transformers ignores them; we read them only to check that they describe the same model.
 _MAMBA1_HF_LEGACY = {"d_model": "hidden_size", "n_layer": "num_hidden_layers", "d_inner": "intermediate_size"}
-_MAMBA1_HF_EXTRA = frozenset({"intermediate_size", "layer_types", "ssm_cfg", "rms_norm", "pad_vocab_size_multiple",
-                              *_MAMBA1_HF_LEGACY})
+_MAMBA1_HF_EXTRA = frozenset({"layer_types", "ssm_cfg", "rms_norm", "pad_vocab_size_multiple", *_MAMBA1_HF_LEGACY})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MambaConfig(_ConfigIO):
-    """Hyperparameters of a Mamba-1 language model (HF `transformers.MambaConfig` 5.23: names and defaults,
+    """Hyperparameters of a Mamba-1 language model (HF `transformers.MambaConfig` 5.25: names and defaults,
     the defaults being state-spaces/mamba-130m's widths with 32 layers).
 
-    Sizes: `vocab_size` v, `hidden_size` d, `num_hidden_layers`, `expand` (e = expand * d, the mixer's inner
-    width, `intermediate_size`), `state_size` n (the SSM state is [e, n]: one row of A per inner channel),
-    `conv_kernel` k, `time_step_rank` r (the width of dt's low-rank projection, "auto" = ceil(d / 16)).
+    Sizes: `vocab_size` v, `hidden_size` d, `num_hidden_layers`, `intermediate_size` e (the mixer's inner width;
+    None, the default, means expand * d and is resolved at construction; a stored value wins over `expand`, as
+    transformers' `MambaModel` builds its mixer from it), `state_size` n (the SSM state is [e, n]: one row of A
+    per inner channel), `conv_kernel` k, `time_step_rank` r (the width of dt's low-rank projection, "auto" =
+    ceil(d / 16)).
     Initialisation only: `initializer_range`, `time_step_scale`, `time_step_init_scheme` ("random" or
     "constant" dt_proj weights), `time_step_min/max/floor` (dt_proj.bias), `rescale_prenorm_residual`.
     torch-implementation switches kept for round trips, with no effect here: `use_mambapy`,
@@ -526,19 +530,25 @@ class MambaConfig(_ConfigIO):
     use_mambapy: bool = False
     use_associative_scan: bool = True
     tie_word_embeddings: bool = True
+    intermediate_size: int | None = None  # e; None: expand * hidden_size (see the class docstring)
 
     def __post_init__(self):
+        if self.intermediate_size is None and _is_int(self.expand) and _is_int(self.hidden_size):
+            object.__setattr__(self, "intermediate_size", self.expand * self.hidden_size)  # frozen
         _check_types(self, _MAMBA1_SIZE_FIELDS, _MAMBA1_BOOL_FIELDS, _MAMBA1_FLOAT_FIELDS)
         _check_time_steps_and_act(self, "Mamba-1", "the gate silu(z)")
         _require(self.time_step_init_scheme in _DT_INIT_SCHEMES,
                  f"time_step_init_scheme ({self.time_step_init_scheme!r}) must be one of {_DT_INIT_SCHEMES}")
 
-    # ---- derived sizes -------------------------------------------------------------------------
+    def replace(self, **changes: Any) -> "MambaConfig":
+        """A new config with `changes` applied, validated like any other. An `intermediate_size` equal to
+        expand * hidden_size counts as derived and follows new `hidden_size` / `expand`; one that differs is
+        kept unless `changes` names it."""
+        if "intermediate_size" not in changes and self.intermediate_size == self.expand * self.hidden_size:
+            changes["intermediate_size"] = None
+        return super().replace(**changes)
 
-    @property
-    def intermediate_size(self) -> int:
-        """e = expand * hidden_size: the mixer's inner width, also its conv channels and SSM rows."""
-        return int(self.expand * self.hidden_size)
+    # ---- derived sizes -------------------------------------------------------------------------
 
     @property
     def resolved_time_step_rank(self) -> int:
@@ -569,14 +579,13 @@ class MambaConfig(_ConfigIO):
         return cls(**_mamba1_hf_kwargs(cfg))
 
     def to_hf(self) -> dict[str, Any]:
-        """The HF `config.json` content as transformers 5.23 writes it (time_step_rank resolved, and the derived
-        intermediate_size included)."""
+        """The HF `config.json` content as transformers 5.25 writes it (time_step_rank and intermediate_size
+        resolved)."""
         out: dict[str, Any] = {"architectures": ["MambaForCausalLM"], "model_type": "mamba"}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v
         out["time_step_rank"] = self.resolved_time_step_rank
-        out["intermediate_size"] = self.intermediate_size
         return out
 
 
@@ -621,10 +630,11 @@ def _mamba1_hf_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     resolved = {name: kwargs.get(name, getattr(defaults, name)) for name in ("hidden_size", "num_hidden_layers",
                                                                              "expand")}
     hidden, expand = resolved["hidden_size"], resolved["expand"]
-    resolved["intermediate_size"] = expand * hidden if _is_int(hidden) and _is_int(expand) else None
-    if "intermediate_size" in cfg and cfg["intermediate_size"] != resolved["intermediate_size"]:
-        raise ValueError(f"intermediate_size ({cfg['intermediate_size']!r}) must equal expand * hidden_size "
-                         f"({resolved['intermediate_size']!r}): the mixer's inner width is derived, not free")
+    # transformers' rule: a stored intermediate_size wins over expand * hidden_size (its MambaModel builds
+    # in_proj, conv1d, A_log, ... from the stored value; HF's own Mamba-1 tests store 32 with d 32, expand 2).
+    stored = kwargs.get("intermediate_size")
+    derived = expand * hidden if _is_int(hidden) and _is_int(expand) else None
+    resolved["intermediate_size"] = derived if stored is None else stored
     for legacy, field in _MAMBA1_HF_LEGACY.items():
         if legacy in cfg and cfg[legacy] != resolved[field]:
             raise ValueError(f"{legacy} ({cfg[legacy]!r}) must equal {field} ({resolved[field]!r}): the config "

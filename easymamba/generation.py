@@ -32,8 +32,8 @@ exits when every row has stopped. Unlike transformers, `eos_token_id=None` means
 model config's EOS id is not implied.
 
 Models: any family's causal LM (`easymamba.models.CausalLM`: `backbone` for the prefill, `logits` for the head,
-`init_cache`, and `step` for each decode step), Mamba-2 and Mamba-1 alike. Official counterpart: `transformers.GenerationMixin.generate`
-(greedy and multinomial sampling, 5.23).
+`init_cache`, and `step` for each decode step), Mamba-2 and Mamba-1 alike. Official counterpart:
+`transformers.GenerationMixin.generate` (greedy and multinomial sampling, 5.25).
 """
 
 import collections

@@ -1,6 +1,6 @@
 """Logit processors and the next-token choice: pure `jnp` functions of `logits [b, v]`, safe under jit and vmap.
 
-Each processor reproduces the transformers 5.23 class of the same name (`generation/logits_process.py`) and
+Each processor reproduces the transformers 5.25 class of the same name (`generation/logits_process.py`) and
 masks with `-inf` where it does; `tests/test_sampling.py` checks each against it. `process_logits` applies
 them in the order `GenerationMixin._get_logits_processor` builds its list:
 

@@ -219,10 +219,21 @@ def test_harmless_hf_keys_accepted():
 
 
 @pytest.mark.parametrize("key, value", [("d_mlp", 128), ("use_mambapy", True), ("ssm_layer", "Mamba2"),
-                                        ("quantization_config", {"bits": 4}), ("intermediate_size", 128)])
+                                        ("quantization_config", {"bits": 4})])
 def test_unknown_hf_key_refused(key, value):
     with pytest.raises(ValueError, match=rf"'{key}'.*may differ"):
         Mamba2Config.from_hf({**Mamba2Config(**SMALL).to_hf(), key: value})
+
+
+@pytest.mark.parametrize("value", [128, 999])
+def test_stored_intermediate_size_ignored_as_transformers_does(value):
+    """transformers' Mamba2Mixer takes expand * hidden_size whatever config.json stores (5.25 builds such a
+    model), so the key cannot change the model: read and dropped, not refused."""
+    stored = {**Mamba2Config(**SMALL).to_hf(), "intermediate_size": value}
+    hf = transformers.Mamba2Model(transformers.Mamba2Config(**{k: v for k, v in stored.items()
+                                                               if k not in ("architectures", "model_type")}))
+    assert hf.layers[0].mixer.intermediate_size == Mamba2Config(**SMALL).intermediate_size
+    assert Mamba2Config.from_hf(stored) == Mamba2Config(**SMALL)
 
 
 def test_unknown_keys_all_named():

@@ -97,7 +97,7 @@ def test_original_ssm_cfg_mapping():
         ({"d_model": 512}, r"d_model \(512\) must equal hidden_size \(768\): .*two different models"),
         ({"n_layer": 12}, r"n_layer \(12\) must equal num_hidden_layers \(24\)"),
         ({"d_inner": 3072}, r"d_inner \(3072\) must equal intermediate_size \(1536\)"),
-        ({"intermediate_size": 3072}, r"intermediate_size \(3072\) must equal expand \* hidden_size \(1536\)"),
+        ({"intermediate_size": 3072}, r"d_inner \(1536\) must equal intermediate_size \(3072\)"),
         ({"rms_norm": False}, r"rms_norm \(False\) must be True: .*no LayerNorm variant"),
         ({"ssm_cfg": {"d_state": 32}}, r"ssm_cfg.d_state \(32\) must equal state_size \(16\)"),
         ({"ssm_cfg": {"dt_rank": 40}}, r"ssm_cfg.dt_rank \(40\) must equal time_step_rank \(48\)"),
@@ -115,6 +115,27 @@ def test_original_ssm_cfg_mapping():
 def test_hf_layout_refusals(changes, message):
     with pytest.raises(ValueError, match=message):
         MambaConfig.from_hf({**MAMBA_130M_HF, **changes})
+
+
+def test_stored_intermediate_size_wins_over_expand():
+    """transformers' rule: MambaModel builds its mixer from a stored intermediate_size (HF's own Mamba-1 test
+    config stores 32 with hidden_size 32, expand 2), and writes it back."""
+    hf = transformers.MambaConfig(hidden_size=32, intermediate_size=32, expand=2, state_size=16,
+                                  num_hidden_layers=2, vocab_size=99)
+    assert hf.intermediate_size == 32
+    ours = MambaConfig.from_hf(hf.to_dict())
+    assert ours.intermediate_size == 32 and ours.expand == 2
+    assert ours.to_hf()["intermediate_size"] == 32
+    assert MambaConfig.from_hf(json.loads(ours.to_json_string())) == ours
+    # The hub's legacy d_inner rides along; it must agree with the stored value, not with expand * hidden_size.
+    c = MambaConfig.from_hf({**MAMBA_130M_HF, "intermediate_size": 3072, "d_inner": 3072})
+    assert (c.intermediate_size, c.expand, c.hidden_size) == (3072, 2, 768)
+    # A differing stored value survives replace; a derived one follows the new sizes.
+    assert ours.replace(hidden_size=48).intermediate_size == 32
+    assert MambaConfig(**SMALL).replace(expand=3).intermediate_size == 96
+    assert MambaConfig(**SMALL) == MambaConfig(**SMALL, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"intermediate_size \(0\) must be positive"):
+        MambaConfig(**SMALL, intermediate_size=0)
 
 
 def test_hf_layout_harmless_keys_and_ssm_cfg_that_agrees():

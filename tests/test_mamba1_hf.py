@@ -83,6 +83,34 @@ def test_transformers_checkpoint_loads_and_ours_loads_in_transformers(hf_case, t
     assert em.MambaConfig.from_hf(back.config.to_dict()) == model.config
 
 
+def test_hf_test_config_with_stored_intermediate_size(tmp_path):
+    """transformers' own Mamba-1 test config stores intermediate_size 32 beside hidden_size 32, expand 2, and
+    transformers builds the mixer from the stored value (in_proj [64, 32]): we load that checkpoint, match its
+    logits (cached decode included), and write one transformers reads back with the same width."""
+    hf_model = random_hf_mamba(seed=21, vocab_size=99, hidden_size=32, intermediate_size=32, expand=2,
+                               state_size=16, num_hidden_layers=2)
+    assert tuple(hf_model.backbone.layers[0].mixer.in_proj.weight.shape) == (64, 32)
+    hf_model.save_pretrained(tmp_path / "hf")
+    model = em.from_pretrained(tmp_path / "hf")
+    assert isinstance(model, em.MambaForCausalLM)
+    assert (model.config.intermediate_size, model.config.expand, model.config.hidden_size) == (32, 2, 32)
+    want = hf_logits(hf_model, IDS)
+    assert rel_err(our_logits(model), want) <= TOL
+
+    # prefill then one cached step: the cache is sized by the stored width too
+    cache = model.init_cache(IDS.shape[0])
+    step = model(IDS[:, :-1], cache=cache)
+    step = model(IDS[:, -1:], cache=step.cache)
+    assert rel_err(np.asarray(step.logits[:, 0]), want[:, -1]) <= TOL
+
+    out = em.save_pretrained(model, tmp_path / "ours")
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 32
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert tuple(back.backbone.layers[0].mixer.in_proj.weight.shape) == (64, 32)
+    assert rel_err(hf_logits(back, IDS), want) <= 1e-6
+    assert em.MambaConfig.from_hf(back.config.to_dict()) == model.config
+
+
 def test_state_spaces_layout_safetensors(tmp_path):
     """The original mamba_ssm layout: `d_model` / `n_layer` / `ssm_cfg` without `layer` (mamba_ssm's Mamba1),
     the vocabulary padded to `pad_vocab_size_multiple`, `backbone.embedding.weight` and a tied `lm_head.weight`

@@ -3,7 +3,7 @@
 Paper: "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (Gu & Dao, 2023), Algorithm 2.
 Official implementation: state-spaces/mamba, `selective_scan_ref` in `mamba_ssm/ops/selective_scan_interface.py`
 and `selective_state_update_ref` at the end of `mamba_ssm/ops/triton/selective_state_update.py`; Hugging Face's
-`mamba_selective_scan` / `mamba_selective_state_update` (transformers 5.23) compute the same numbers.
+`mamba_selective_scan` / `mamba_selective_state_update` (transformers 5.25) compute the same numbers.
 
 Letters as in `easymamba.typing`: every inner channel e has its own row A[e, :] of n decay rates and its own
 state h[e, :] (Mamba-1 has no heads; B and C are shared by all channels):

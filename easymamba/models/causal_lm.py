@@ -42,7 +42,7 @@ IGNORE_INDEX = -100
 class Mamba2Output:
     last_hidden_state: jax.Array                     # (b, l, d)
     cache: object | None = None
-    hidden_states: tuple[jax.Array, ...] | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None  # n_layers + 1 of (b, l, d), in the family's order
 
 
 @struct.dataclass
@@ -50,7 +50,7 @@ class Mamba2CausalLMOutput:
     logits: jax.Array                                # (b, l, v) float32
     loss: jax.Array | None = None                    # scalar float32
     cache: object | None = None
-    hidden_states: tuple[jax.Array, ...] | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None  # n_layers + 1 of (b, l, d), in the family's order
 
 
 class ResidualBlock(nnx.Module):

@@ -47,6 +47,10 @@ class MambaForCausalLM(CausalLM):
 
     Called like `Mamba2ForCausalLM` and returns the same `Mamba2CausalLMOutput` (logits float32, loss with
     HF's shift and -100 ignore index, the new `MambaCache`, hidden states on request).
+
+    `output_hidden_states=True` returns `num_hidden_layers + 1` arrays (b, l, d), as transformers 5.25's
+    `MambaForCausalLM` does, in an order unlike Mamba-2's: the outputs of blocks 0 to n-1, then the final norm
+    applied to block n-1's output (no embeddings).
     """
 
 
@@ -87,7 +91,7 @@ def mamba1_mixer_facts(config: MambaConfig, shape_of) -> list[tuple[str, object,
     a_log = shape_of(mixer + "A_log")
     if a_log is not None and len(a_log) == 2:
         if a_log[0] != config.intermediate_size:
-            out.append(("expand * hidden_size", config.intermediate_size, mixer + "A_log", a_log[0]))
+            out.append(("intermediate_size", config.intermediate_size, mixer + "A_log", a_log[0]))
         if a_log[1] != config.state_size:
             out.append(("state_size", config.state_size, mixer + "A_log", a_log[1]))
     conv = shape_of(mixer + "conv1d.weight")

@@ -2,7 +2,7 @@
 
 Paper: "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (Gu & Dao, 2023), Figure 3 and
 Algorithm 2. Official implementation: `mamba_ssm/modules/mamba_simple.py` (`Mamba.forward` / `Mamba.step`);
-Hugging Face `transformers.models.mamba.modeling_mamba`, whose numbers and parameter names this module
+Hugging Face `transformers.models.mamba.modeling_mamba` (5.25), whose numbers and parameter names this module
 reproduces. Letters as in `easymamba.typing`; r is `time_step_rank`.
 
     hidden (b, l, d) --in_proj--> [ x (e) | z (e) ]

@@ -45,6 +45,10 @@ class Mamba2ForCausalLM(CausalLM):
 
     `model(input_ids, attention_mask=, cache=, labels=, inputs_embeds=, output_hidden_states=)` as HF;
     `model.step(tokens, cache)` is one decode step (`easymamba.models.causal_lm.CausalLM`).
+
+    `output_hidden_states=True` returns `num_hidden_layers + 1` arrays (b, l, d), as transformers 5.25's
+    generic output capture does: the embeddings, blocks 0..n-2's outputs, then norm_f(block n-1's output); the
+    last block's raw output is not included.
     """
 
 

@@ -1,7 +1,7 @@
 """The Mamba-2 mixer: in_proj -> causal depthwise conv + SiLU -> SSD -> gated grouped RMS norm -> out_proj.
 
 Official implementation: `mamba_ssm/modules/mamba2.py` (`Mamba2.forward` / `Mamba2.step`); Hugging Face
-`transformers.models.mamba2.modeling_mamba2.Mamba2Mixer` (5.23), whose numbers this module reproduces.
+`transformers.models.mamba2.modeling_mamba2.Mamba2Mixer` (5.25), whose numbers this module reproduces.
 
     hidden (b, l, d) --in_proj--> [ z (e) | xBC (c = e + 2gn) | dt (h) ]
     xBC --conv1d, silu--> [ x (e) = (h, p) | B (g, n) | C (g, n) ]
