@@ -1,7 +1,7 @@
 """Mamba-1 test helpers: random Hugging Face `MambaForCausalLM`s and our converted copies.
 
 `load_hf_state_dict` reads HF tensors through `easymamba.mamba1.mamba1_key_table`, the table the library's
-loader will use for Mamba-1; it lives here until `easymamba.hf` takes that table.
+loader will use for Mamba-1; it lives here until `easymamba.checkpoints` takes that table.
 """
 
 import math
@@ -15,7 +15,7 @@ from flax import nnx
 from helpers import randomize_
 
 from easymamba.config import MambaConfig
-from easymamba.hf import to_flax_layout
+from easymamba.checkpoints.layout import to_flax_layout
 from easymamba.mamba1 import MambaForCausalLM, mamba1_key_table
 
 
