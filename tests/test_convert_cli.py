@@ -19,7 +19,7 @@ from helpers import hf_logits, random_hf_model, random_ids, rel_err
 def read_all(directory) -> dict[str, tuple[str, tuple, bytes]]:
     """name -> (dtype, shape, raw bytes) for every tensor of an HF directory, via our reader."""
     with SafetensorsSource(directory) as ckpt:
-        return {n: (ckpt.info(n).dtype, ckpt.info(n).shape, ckpt.get(n).tobytes()) for n in ckpt.names()}
+        return {n: (ckpt.info(n).dtype, ckpt.info(n).shape, ckpt.read(n).tobytes()) for n in ckpt.names()}
 
 
 @pytest.mark.parametrize("dtype,overrides,shard", [

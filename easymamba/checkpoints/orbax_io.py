@@ -65,11 +65,12 @@ def _key(path: tuple) -> str:
 
 @contextlib.contextmanager
 def _manager(directory: pathlib.Path, *, write: bool = False):
-    """The `CheckpointManager` of `directory`: read-only unless `write` (which creates the directory and
-    removes the temporary directories of saves that died)."""
+    """The `CheckpointManager` of `directory`; with `write` it creates the directory and removes the temporary
+    directories of saves that died. (Readers do not set the manager's `read_only`: it only logs warnings,
+    and a reader never calls save or delete.)"""
     ocp = _ocp()
     options = ocp.CheckpointManagerOptions(step_prefix=None, enable_async_checkpointing=False, create=write,
-                                           cleanup_tmp_directories=write, read_only=not write)
+                                           cleanup_tmp_directories=write)
     manager = ocp.CheckpointManager(directory, options=options)
     try:
         yield manager
