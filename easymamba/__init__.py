@@ -13,9 +13,19 @@ from easymamba.caching import (
     MambaCacheView,
     PartitionAxis,
 )
+from easymamba.checkpoints import (
+    CheckpointError,
+    from_pretrained,
+    load_checkpoint,
+    load_state_dict,
+    load_train_state,
+    save_checkpoint,
+    save_pretrained,
+    save_train_state,
+    state_dict,
+)
 from easymamba.config import Mamba2Config, MambaConfig
 from easymamba.generation import GenerationConfig, generate, stream_generate
-from easymamba.hf import from_pretrained, load_state_dict, save_pretrained, state_dict
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
     Mamba2Block,
@@ -31,9 +41,6 @@ from easymamba.models import (
     causal_lm_loss,
 )
 from easymamba.norms import GatedRMSNorm, RMSNorm
-from easymamba.orbax_checkpoint import load_checkpoint, save_checkpoint
-from easymamba.orbax_checkpoint import load_train_state, save_train_state
-from easymamba.safetensors_io import CheckpointError
 from easymamba.sharding import ShardingRules, init_sharded, make_mesh, shard_batch, shard_model
 from easymamba.train import TokenBatcher, TrainState, make_eval_step, make_optimizer, make_train_step
 

@@ -91,10 +91,10 @@ def _generate(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from easymamba import hf
+    from easymamba.checkpoints import from_pretrained
     from easymamba.generation import generate, stream_generate
 
-    model = hf.from_pretrained(model_dir)
+    model = from_pretrained(model_dir)
     vocab = model.config.vocab_size
     if args.ids is not None:
         try:
@@ -160,12 +160,13 @@ def _convert(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from easymamba import hf, orbax_checkpoint
+    from easymamba import checkpoints
+    from easymamba.checkpoints.hf_reader import CONFIG_NAME
 
     src, dst = pathlib.Path(args.src), pathlib.Path(args.dst)
-    if orbax_checkpoint.is_checkpoint(src):
+    if checkpoints.is_checkpoint(src):
         kind = "orbax"
-    elif (src / hf.CONFIG_NAME).is_file():
+    elif (src / CONFIG_NAME).is_file():
         kind = "hf"
     else:
         raise _ConvertError(f"{src} is neither an HF checkpoint directory (config.json + weights) nor an "
@@ -174,7 +175,7 @@ def _convert(args) -> int:
     if dst.exists() and dst.resolve() == src.resolve():
         raise _ConvertError(f"SRC and DST are the same directory ({src}); write to a new one")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        same_kind = orbax_checkpoint.is_checkpoint(dst) if to == "orbax" else (dst / hf.CONFIG_NAME).is_file()
+        same_kind = checkpoints.is_checkpoint(dst) if to == "orbax" else (dst / CONFIG_NAME).is_file()
         if not same_kind:
             raise _ConvertError(f"{dst} exists and is not an empty directory or an {to} checkpoint; refusing to "
                                 "write into it")
@@ -183,7 +184,7 @@ def _convert(args) -> int:
 
         param_dtype = jnp.dtype(args.dtype)
     else:
-        param_dtype = hf.checkpoint_dtype(src) if kind == "hf" else None  # orbax: each as saved
+        param_dtype = checkpoints.checkpoint_dtype(src) if kind == "hf" else None  # orbax: each as saved
 
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -194,17 +195,18 @@ def _convert(args) -> int:
 
         if kind == "hf":
             console.print(f"reading HF checkpoint {src}")
-            model = hf.from_pretrained(src, param_dtype=param_dtype, progress=tracker("reading tensors"))
+            model = checkpoints.from_pretrained(src, param_dtype=param_dtype, progress=tracker("reading tensors"))
         else:
             console.print(f"reading orbax checkpoint {src}")
-            model = orbax_checkpoint.load_checkpoint(src, param_dtype=param_dtype)
+            model = checkpoints.load_checkpoint(src, param_dtype=param_dtype)
         if to == "hf":
             console.print(f"writing HF checkpoint {dst}")
-            hf.save_pretrained(model, dst, max_shard_size=args.max_shard_size, progress=tracker("writing tensors"))
+            checkpoints.save_pretrained(model, dst, max_shard_size=args.max_shard_size,
+                                        progress=tracker("writing tensors"))
             where = dst
         else:
             console.print(f"writing orbax checkpoint {dst}")
-            where = orbax_checkpoint.save_checkpoint(model, dst)
+            where = checkpoints.save_checkpoint(model, dst)
     console.print(f"converted {src} ({kind}) -> {where} ({to})")
     return 0
 
@@ -212,7 +214,7 @@ def _convert(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "generate":
-        from easymamba.safetensors_io import CheckpointError
+        from easymamba.checkpoints import CheckpointError
 
         try:
             return _generate(args)
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
             print(f"easymamba generate: error: {exc}", file=sys.stderr)
             return 1
     if args.command == "convert":
-        from easymamba.safetensors_io import CheckpointError
+        from easymamba.checkpoints import CheckpointError
 
         try:
             return _convert(args)

@@ -1,9 +1,9 @@
 """Small parameter-holding layers shared by Mamba-2 and Mamba-1: token embedding, depthwise conv, init helpers.
 
 Parameter names mirror Hugging Face's (`embeddings.weight`, `conv1d.weight`, `conv1d.bias`) so the
-checkpoint key table in `easymamba.hf` is a plain rename plus a reshape. `SplitLinear` and `SplitConv1d` keep
+checkpoint key table in `easymamba.checkpoints` is a plain rename plus a reshape. `SplitLinear` and `SplitConv1d` keep
 a tensor that HF packs (Mamba-2's `in_proj [z|x|B|C|dt]`, `conv1d [x|B|C]`) as one parameter per logical
-part, so each part can be sharded on its own axis (docs/sharding.md); `easymamba.hf` splits and re-packs them
+part, so each part can be sharded on its own axis (docs/sharding.md); `easymamba.checkpoints` splits and re-packs them
 at the checkpoint boundary.
 """
 

@@ -91,7 +91,7 @@ def mamba2_logical_axes(config) -> tuple[tuple, dict[str, int]]:
     return MAMBA2_PARAM_AXES, units
 
 
-# Mamba-1 (easymamba.mamba1): `heads` is the inner channel axis e, `groups` does not occur (B and C are [n], shared
+# Mamba-1 (easymamba/models/mamba1.py): `heads` is the inner channel axis e, `groups` does not occur (B and C are [n], shared
 # by every channel, so they are replicated activations, not parameters).
 MAMBA1_PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str | None, ...]], ...] = (
     (("embeddings", "weight"), ("vocab", "embed")),                     # [v, d]

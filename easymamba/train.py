@@ -8,7 +8,7 @@ step, and a reproducible token-stream batcher.
         state, metrics = train_step(state, batches(step))   # metrics: loss, tokens, grad_norm
 
 Works for `Mamba2ForCausalLM` and `MambaForCausalLM` alike (the loss path is shared). Checkpoint the whole
-state with `easymamba.orbax_checkpoint.save_train_state` / `load_train_state`; resuming gives a bit-identical
+state with `easymamba.checkpoints.save_train_state` / `load_train_state`; resuming gives a bit-identical
 continuation (the batcher's batches depend only on its seed and the step).
 
 Choices:

@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
         TimeRemainingColumn
 
     import easymamba as em
-    from easymamba import orbax_checkpoint, train
+    from easymamba import checkpoints, train
 
     console = Console()
     model = em.from_pretrained(args.model)
@@ -113,12 +113,12 @@ def main(argv=None) -> dict:
     ckpt_dir, settings_file = args.out / "checkpoints", args.out / "run.json"
     history = {"train": [], "eval": []}
     settings = run_settings(args)
-    if args.resume and orbax_checkpoint.train_state_step(ckpt_dir) is not None:
+    if args.resume and checkpoints.train_state_step(ckpt_dir) is not None:
         saved = json.loads(settings_file.read_text())
         changed = {k: (saved["settings"].get(k), v) for k, v in settings.items() if saved["settings"].get(k) != v}
         if changed:
             raise SystemExit(f"--resume with settings that differ from the saved run's (saved, now): {changed}")
-        state = orbax_checkpoint.load_train_state(ckpt_dir, state)
+        state = checkpoints.load_train_state(ckpt_dir, state)
         history = saved["history"]
         history["train"] = [h for h in history["train"] if h["step"] <= int(state.step)]
         history["eval"] = [h for h in history["eval"] if h["step"] <= int(state.step)]
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
         console.print(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
 
     def save(state):
-        orbax_checkpoint.save_train_state(state, ckpt_dir)
+        checkpoints.save_train_state(state, ckpt_dir)
         settings_file.write_text(json.dumps({"settings": settings, "history": history}, indent=1))
 
     if not history["eval"]:

@@ -15,7 +15,7 @@ from flax import nnx
 from helpers import randomize_
 
 from easymamba.config import MambaConfig
-from easymamba.hf import to_flax_layout
+from easymamba.checkpoints.layout import to_flax_layout
 from easymamba.models import MambaForCausalLM, mamba1_key_table
 
 

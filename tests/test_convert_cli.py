@@ -10,16 +10,16 @@ import torch
 import transformers
 
 import easymamba as em
-from easymamba import orbax_checkpoint
+from easymamba.checkpoints import orbax_io as orbax_checkpoint
+from easymamba.checkpoints.sources import SafetensorsSource
 from easymamba.cli import main
-from easymamba.safetensors_io import SafetensorsCheckpoint
 from helpers import hf_logits, random_hf_model, random_ids, rel_err
 
 
 def read_all(directory) -> dict[str, tuple[str, tuple, bytes]]:
     """name -> (dtype, shape, raw bytes) for every tensor of an HF directory, via our reader."""
-    with SafetensorsCheckpoint(directory) as ckpt:
-        return {n: (ckpt.info(n).dtype, ckpt.info(n).shape, ckpt.get(n).tobytes()) for n in ckpt.names()}
+    with SafetensorsSource(directory) as ckpt:
+        return {n: (ckpt.info(n).dtype, ckpt.info(n).shape, ckpt.read(n).tobytes()) for n in ckpt.names()}
 
 
 @pytest.mark.parametrize("dtype,overrides,shard", [

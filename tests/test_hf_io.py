@@ -26,7 +26,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import easymamba as em
-from easymamba import safetensors_io
+from easymamba.checkpoints import safetensors_writer
+from easymamba.checkpoints.sources import SafetensorsFile
 from helpers import hf_logits, random_hf_model, random_ids, rel_err
 
 TOL = 1e-5
@@ -389,20 +390,20 @@ def test_load_state_dict_checks_everything_before_writing():
 def test_safetensors_io_round_trip_and_sizes(tmp_path):
     arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1.5, -2], ml_dtypes.bfloat16),
               "empty": np.zeros((0, 4), np.float16), "scalar": np.array(7, np.int64)}
-    entries = [safetensors_io.TensorToWrite(k, v.shape, v.dtype, lambda v=v: v) for k, v in arrays.items()]
-    safetensors_io.write_file(tmp_path / "x.safetensors", entries, metadata={"format": "pt"})
-    with safetensors_io.SafetensorsFile(tmp_path / "x.safetensors") as f:
+    entries = [safetensors_writer.TensorToWrite(k, v.shape, v.dtype, lambda v=v: v) for k, v in arrays.items()]
+    safetensors_writer.write_file(tmp_path / "x.safetensors", entries, metadata={"format": "pt"})
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
         assert f.metadata == {"format": "pt"} and list(f) == list(arrays)
         for k, v in arrays.items():
             got = f.get(k)
             assert got.dtype == v.dtype and got.shape == v.shape and got.tobytes() == v.tobytes()
-    assert safetensors_io.parse_size("5GB") == 5 * 10**9
-    assert safetensors_io.parse_size("10MB") == 10**7
-    assert safetensors_io.parse_size("2MiB") == 2 * 2**20
-    assert safetensors_io.parse_size(4096) == 4096
+    assert safetensors_writer.parse_size("5GB") == 5 * 10**9
+    assert safetensors_writer.parse_size("10MB") == 10**7
+    assert safetensors_writer.parse_size("2MiB") == 2 * 2**20
+    assert safetensors_writer.parse_size(4096) == 4096
     with pytest.raises(ValueError, match="max_shard_size"):
-        safetensors_io.parse_size("5 parsecs")
-    sizes = [len(s) for s in safetensors_io.plan_shards(
-        [safetensors_io.TensorToWrite(str(i), (n,), np.dtype(np.float32), lambda: None) for i, n in
+        safetensors_writer.parse_size("5 parsecs")
+    sizes = [len(s) for s in safetensors_writer.plan_shards(
+        [safetensors_writer.TensorToWrite(str(i), (n,), np.dtype(np.float32), lambda: None) for i, n in
          enumerate([10, 10, 30, 5])], 80)]
     assert sizes == [2, 1, 1]  # 40 + 40 fills 80 exactly; the 120-byte tensor still gets a shard of its own

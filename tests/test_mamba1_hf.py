@@ -1,4 +1,4 @@
-"""Mamba-1 checkpoints through the shared loader (`easymamba.hf`, picked by `model_type`): round trips through
+"""Mamba-1 checkpoints through the shared loader (`easymamba.checkpoints`, picked by `model_type`): round trips through
 transformers both ways, tied and untied, one file and sharded; the state-spaces layout; `easymamba convert`;
 and the errors a wrong checkpoint gets.
 
@@ -23,9 +23,9 @@ from helpers_mamba1 import random_hf_mamba
 from test_convert_cli import read_all
 
 import easymamba as em
-from easymamba import orbax_checkpoint
+from easymamba.checkpoints import orbax_io as orbax_checkpoint
 from easymamba.cli import main
-from easymamba.hf import family_of
+from easymamba.models import family_of
 
 TOL = 1e-5
 IDS = random_ids(np.random.default_rng(0), 2, 11, 96)

@@ -16,7 +16,7 @@ from helpers import hf_logits, jitted, random_ids, rel_err
 from helpers_mamba1 import random_hf_mamba, to_easymamba_mamba1
 
 from easymamba.config import Mamba2Config, MambaConfig
-from easymamba.hf import to_hf_layout
+from easymamba.checkpoints.layout import to_hf_layout
 from easymamba.models import MambaForCausalLM, MambaMixer, mamba1_key_table
 
 TOL = 1e-5

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import easymamba as em
-from easymamba import orbax_checkpoint
+from easymamba.checkpoints import orbax_io as orbax_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = em.Mamba2Config(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, state_size=8,
@@ -164,3 +164,17 @@ def test_errors(tmp_path):
     with pytest.raises(em.CheckpointError, match=r"parameter backbone\.norm_f\.weight in .*1: expected shape \(32,\) "
                                                  r"for its config, found \(31,\)"):
         em.load_checkpoint(tmp_path / "ckpt")
+
+
+def test_version_folder_written_without_the_manager_loads(tmp_path):
+    """A checkpoint as easymamba wrote it before `CheckpointManager` kept the steps (one
+    `Checkpointer(CompositeCheckpointHandler)` per numbered folder) still loads, and a new save continues it."""
+    model = random_model(seed=11)
+    params = {".".join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer.save((tmp_path / "ckpt" / "1").absolute(), args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(orbax_checkpoint._model_meta(model, params))))
+    checkpointer.close()
+    assert_same_params(em.load_checkpoint(tmp_path / "ckpt"), model)
+    assert em.save_checkpoint(random_model(seed=12), tmp_path / "ckpt").name == "2"
+    assert [p.name for p in orbax_checkpoint.versions(tmp_path / "ckpt")] == ["2"]

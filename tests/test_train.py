@@ -16,7 +16,8 @@ from flax import nnx
 from helpers import rel_err
 
 import easymamba as em
-from easymamba import orbax_checkpoint, train
+from easymamba import train
+from easymamba.checkpoints import orbax_io as orbax_checkpoint
 
 # The copy task: [BOS] x1..xM [SEP] x1..xM; only the copied half is scored. The xi are uniform over 14 symbols,
 # so a model that does not carry them through its state cannot beat ln(14) = 2.64 nats on the scored labels.

@@ -6,6 +6,9 @@ the family (loaders, sharding, the cache, the effective attention) reads the fam
 (docs/architecture.md).
 """
 
+import jax.numpy as jnp
+from flax import nnx
+
 from easymamba.models import mamba1, mamba2
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
@@ -49,8 +52,16 @@ def family_of(obj) -> ModelFamily:
     raise TypeError(f"{name} is not a model or config of a family easymamba reads and writes; known: {known}")
 
 
+def abstract_model(config, *, dtype=jnp.float32, param_dtype=jnp.float32, kernel_impl="auto"):
+    """The config's causal LM with `jax.ShapeDtypeStruct` parameters: shapes and dtypes, no memory (what the
+    loaders fill)."""
+    causal_lm = family_of(config).causal_lm
+    return nnx.eval_shape(lambda: causal_lm(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                            kernel_impl=kernel_impl))
+
+
 __all__ = [
-    "FAMILIES", "family_of", "ModelFamily", "KeySpec", "IGNORE_INDEX", "Backbone", "CausalLM", "ResidualBlock",
+    "FAMILIES", "family_of", "abstract_model", "ModelFamily", "KeySpec", "IGNORE_INDEX", "Backbone", "CausalLM", "ResidualBlock",
     "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
     "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",

@@ -102,8 +102,3 @@ class ModelFamily:
         # The classes find their record here: the record is written after them, in the family's own file.
         self.causal_lm.family = self
         self.backbone.family = self
-
-    @property
-    def model_class(self) -> type:
-        """The causal LM class (the name the checkpoint code used)."""
-        return self.causal_lm

@@ -1,21 +1,25 @@
-"""Native checkpoints with orbax: fast save and restore of (sharded) parameters, atomic.
+"""Native checkpoints with orbax: fast save and restore of (sharded) parameters and training states, atomic.
 
-Layout of a checkpoint directory `D`:
+Layout of a checkpoint directory `D`, kept by `orbax.checkpoint.CheckpointManager` (steps named by their
+number, no prefix):
 
-    D/<n>/              one version, written by orbax (`CompositeCheckpointHandler`), n = 1, 2, ...
+    D/<n>/              one version, a step of the manager, n = 1, 2, ...
         params/         every parameter, keyed by its module path ("backbone.layers.0.mixer.in_proj.kernel")
         meta/           JSON: format tag, the HF config, compute dtype, each parameter's shape and dtype
         opt_state/      (a training state only) the optax state's arrays, by position; meta lists their paths
         train/          (a training state only) step and the PRNG key's raw data
     D/<n>.orbax-checkpoint-tmp-<t>/   a save in progress (or one that died); never read
 
-Atomicity. Orbax writes a version into a temporary directory and renames it to `D/<n>` only once every byte
-is written, and a rename is atomic. `save_checkpoint` writes version n+1 next to n and deletes n only after
-n+1 is complete; `load_checkpoint` reads the highest complete version. So a save that raises or is killed at
-any point leaves the previous checkpoint loadable (and `D/<n+1>` absent or complete, never partial). Orbax's
-own `force=True` overwrite is not used: it deletes the old checkpoint before writing the new one. Leftover
-temporary directories are removed by the next save. Two processes saving into one `D` at once is not
-supported.
+This is the layout the earlier hand-managed version folders had (`Checkpointer(CompositeCheckpointHandler)`
+per folder), so checkpoints written before the manager took over load unchanged (FORMAT_VERSION stays 1).
+
+Atomicity. The manager writes a step into a temporary directory and renames it to `D/<n>` only once every byte
+is written, and a rename is atomic. A save writes step n+1 next to n and deletes n (`manager.delete`) only
+after n+1 is committed; loads read the manager's latest step. So a save that raises or is killed at any point
+leaves the previous checkpoint loadable (and `D/<n+1>` absent or complete, never partial). Old steps are not
+left to `max_to_keep`, which would delete them inside `save`, out of sight of this order. Leftover temporary
+directories are removed when the next save opens the manager (`cleanup_tmp_directories`). Saves are
+synchronous. Two processes saving into one `D` at once is not supported.
 
 Restore builds the model abstractly (`nnx.eval_shape`) and lets orbax read each array straight into its
 destination: `NamedSharding(mesh, shardings(path) or P())` with a mesh (same hook as `from_pretrained`),
@@ -30,26 +34,23 @@ whose arrays give each restored array its dtype and sharding. Their parameters a
 orbax is imported on first use, so `import easymamba` stays light.
 """
 
+import contextlib
 import json
 import os
 import pathlib
-import re
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from easymamba.config import Mamba2Config, config_from_hf
-from easymamba.hf import FAMILIES, ShardingHook, abstract_model, param_sharding
-from easymamba.models import Mamba2ForCausalLM
-from easymamba.safetensors_io import CheckpointError
+from easymamba.checkpoints.errors import CheckpointError
+from easymamba.models import FAMILIES, abstract_model
+from easymamba.checkpoints.hf_reader import ShardingHook, param_sharding
+from easymamba.config import config_from_hf
 
 FORMAT = "easymamba.orbax"
 FORMAT_VERSION = 1
-_VERSION_RE = re.compile(r"^\d+$")
-_TMP_RE = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
 
 def _ocp():
@@ -62,44 +63,61 @@ def _key(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+@contextlib.contextmanager
+def _manager(directory: pathlib.Path, *, write: bool = False):
+    """The `CheckpointManager` of `directory`; with `write` it creates the directory and removes the temporary
+    directories of saves that died. (Readers do not set the manager's `read_only`: it only logs warnings,
+    and a reader never calls save or delete.)"""
+    ocp = _ocp()
+    options = ocp.CheckpointManagerOptions(step_prefix=None, enable_async_checkpointing=False, create=write,
+                                           cleanup_tmp_directories=write)
+    manager = ocp.CheckpointManager(directory, options=options)
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
 def versions(directory: "str | os.PathLike") -> list[pathlib.Path]:
-    """The complete versions in `directory`, oldest first (empty when it is not a checkpoint)."""
-    directory = pathlib.Path(directory)
+    """The complete versions (the manager's steps) in `directory`, oldest first (empty when it is not a
+    checkpoint)."""
+    directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(p.name))
+    with _manager(directory) as manager:
+        return [directory / str(step) for step in sorted(manager.all_steps())]
 
 
 def is_checkpoint(directory: "str | os.PathLike") -> bool:
     return bool(versions(directory))
 
 
-def _remove_old(directory: pathlib.Path, keep: pathlib.Path) -> None:
-    for p in directory.iterdir():
-        if p != keep and p.is_dir() and (_VERSION_RE.match(p.name) or _TMP_RE.match(p.name)):
-            shutil.rmtree(p, ignore_errors=True)
+def _remove_old(manager, keep: int) -> None:
+    """Delete every step but `keep`, once `keep` is committed."""
+    for step in manager.all_steps():
+        if step != keep:
+            manager.delete(step)
 
 
 def _save_version(directory: "str | os.PathLike", items: dict) -> pathlib.Path:
-    """Write `items` ({name: orbax save args}) as the next version of `directory`, then drop the older ones."""
+    """Write `items` ({name: orbax save args}) as the next step of `directory`, then drop the older ones."""
     ocp = _ocp()
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} is a file, not a checkpoint directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    for p in directory.iterdir():  # debris of saves that died; nothing reads them
-        if p.is_dir() and _TMP_RE.match(p.name):
-            shutil.rmtree(p, ignore_errors=True)
-    existing = versions(directory)
-    target = directory / str(int(existing[-1].name) + 1 if existing else 1)
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    try:
-        checkpointer.save(target, args=ocp.args.Composite(**items))
-    finally:
-        checkpointer.close()
-    _remove_old(directory, keep=target)
-    return target
+    with _manager(directory, write=True) as manager:
+        step = (manager.latest_step() or 0) + 1
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+        manager.wait_until_finished()
+        _remove_old(manager, keep=step)
+    return directory / str(step)
+
+
+def _restore(version: pathlib.Path, items: dict) -> dict:
+    """Restore `items` ({name: orbax restore args}) of step `version` (a path `D/<n>`)."""
+    ocp = _ocp()
+    with _manager(version.parent) as manager:
+        return manager.restore(int(version.name), args=ocp.args.Composite(**items))
 
 
 def _model_meta(model, params: dict) -> dict:
@@ -111,7 +129,7 @@ def _model_meta(model, params: dict) -> dict:
     }
 
 
-def save_checkpoint(model: Mamba2ForCausalLM, directory: "str | os.PathLike") -> pathlib.Path:
+def save_checkpoint(model, directory: "str | os.PathLike") -> pathlib.Path:
     """Save `model` (config, dtypes, every parameter, sharded or not) into `directory`, atomically.
 
     The new version replaces the previous one only once it is complete; returns its path.
@@ -124,16 +142,13 @@ def save_checkpoint(model: Mamba2ForCausalLM, directory: "str | os.PathLike") ->
 
 def _read_meta(version: pathlib.Path, *, any_model: bool = False) -> dict:
     ocp = _ocp()
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
-        meta = checkpointer.restore(version, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = _restore(version, {"meta": ocp.args.JsonRestore()})["meta"]
     except Exception as exc:
         raise CheckpointError(f"{version} is not a readable easymamba orbax checkpoint: {exc}") from None
-    finally:
-        checkpointer.close()
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{version}/meta does not describe an easymamba checkpoint (format {FORMAT!r})")
-    models = [family.model_class.__name__ for family in FAMILIES.values()]  # Mamba-2 and Mamba-1 (easymamba.hf)
+    models = [family.causal_lm.__name__ for family in FAMILIES.values()]  # every family (easymamba.models)
     if meta.get("format_version") != FORMAT_VERSION or (meta.get("model") not in models and not any_model):
         raise CheckpointError(f"{version} holds format version {meta.get('format_version')} of model "
                               f"{meta.get('model')}; this easymamba reads version {FORMAT_VERSION} of "
@@ -141,7 +156,7 @@ def _read_meta(version: pathlib.Path, *, any_model: bool = False) -> dict:
     return meta
 
 
-def checkpoint_config(directory: "str | os.PathLike") -> Mamba2Config:
+def checkpoint_config(directory: "str | os.PathLike"):
     """The config saved in the latest version of checkpoint `directory`."""
     return config_from_hf(_read_meta(_latest(directory))["config"])
 
@@ -155,7 +170,7 @@ def _latest(directory: "str | os.PathLike") -> pathlib.Path:
 
 
 def load_checkpoint(directory: "str | os.PathLike", *, dtype=None, param_dtype=None, mesh=None,
-                    shardings: ShardingHook | None = None, kernel_impl: str = "auto") -> Mamba2ForCausalLM:
+                    shardings: ShardingHook | None = None, kernel_impl: str = "auto"):
     """The model saved by `save_checkpoint` in `directory` (its latest complete version).
 
     dtype: compute dtype (default: as saved). param_dtype: cast every parameter to it (default: each as
@@ -187,13 +202,10 @@ def load_checkpoint(directory: "str | os.PathLike", *, dtype=None, param_dtype=N
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         want = jnp.dtype(saved[key]["dtype"]) if param_dtype is None else jnp.dtype(param_dtype)
         targets[key] = jax.ShapeDtypeStruct(shape, want, sharding=sharding)
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
-        restored = checkpointer.restore(version, args=ocp.args.Composite(params=ocp.args.StandardRestore(targets)))
+        restored = _restore(version, {"params": ocp.args.StandardRestore(targets)})
     except Exception as exc:
         raise CheckpointError(f"cannot restore the parameters of {version}: {exc}") from None
-    finally:
-        checkpointer.close()
     for key, (path, var) in variables.items():
         var.set_value(restored["params"][key])
     return nnx.merge(graphdef, state)
@@ -303,13 +315,10 @@ def load_train_state(directory: "str | os.PathLike", like):
     items = {"params": ocp.args.StandardRestore(param_targets), "train": ocp.args.StandardRestore(train_targets)}
     if opt_targets:
         items["opt_state"] = ocp.args.StandardRestore(opt_targets)
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
-        restored = checkpointer.restore(version, args=ocp.args.Composite(**items))
+        restored = _restore(version, items)
     except Exception as exc:
         raise CheckpointError(f"cannot restore the training state of {version}: {exc}") from None
-    finally:
-        checkpointer.close()
     params = nnx.from_flat_state([(path, var.replace(restored["params"][_key(path)])) for path, var in flat])
     opt_state = jax.tree.unflatten(opt_def, [restored["opt_state"][f"{i:05d}"] for i in range(len(opt_leaves))])
     return like.replace(step=restored["train"]["step"], params=params, opt_state=opt_state,
