@@ -666,18 +666,15 @@ def _mamba1_hf_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def config_from_hf(cfg: "Mapping[str, Any] | str | os.PathLike") -> "Mamba2Config | MambaConfig":
-    """The config a `config.json` describes, of the right family: `model_type` "mamba2" or "mamba" decides; an
-    original mamba_ssm file (no model_type) is Mamba-2 when `ssm_cfg.layer` is "Mamba2" and Mamba-1 otherwise
-    (mamba_ssm's default layer). Loaders call this, then `type(config)` names the family."""
+def hf_config_dict(cfg: "Mapping[str, Any] | str | os.PathLike") -> tuple[str, dict[str, Any]]:
+    """(model_type, the config dict) of a `config.json` (dict, file or directory). `model_type` is the file's own;
+    an original mamba_ssm file (no model_type) is "mamba2" when `ssm_cfg.layer` is "Mamba2" and "mamba"
+    otherwise (mamba_ssm's default layer); an HF file without one is "mamba2" when it has Mamba-2's fields.
+    `easymamba.models.config_from_hf` reads the config with the class its family names."""
     cfg = _load_config_dict(cfg)
     model_type = cfg.get("model_type")
     if model_type is None and "d_model" in cfg and isinstance(cfg.get("ssm_cfg", {}), dict):
         model_type = "mamba2" if cfg.get("ssm_cfg", {}).get("layer", "Mamba1") == "Mamba2" else "mamba"
     if model_type is None:  # HF layout without model_type: Mamba-2's fields tell it apart
         model_type = "mamba2" if "num_heads" in cfg or "n_groups" in cfg else "mamba"
-    if model_type == "mamba":
-        return MambaConfig.from_hf(cfg)
-    if model_type == "mamba2":
-        return Mamba2Config.from_hf(cfg)
-    raise ValueError(f"model_type ({model_type!r}) must be 'mamba2' (Mamba2Config) or 'mamba' (MambaConfig)")
+    return model_type, cfg

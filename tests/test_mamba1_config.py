@@ -222,7 +222,7 @@ def test_from_hf_rejects_other_types():
 
 
 def test_config_from_hf_picks_the_family():
-    from easymamba.config import config_from_hf
+    from easymamba.models import config_from_hf
 
     assert type(config_from_hf(MAMBA_130M_HF)) is MambaConfig
     assert type(config_from_hf(MAMBA_130M_ORIGINAL)) is MambaConfig  # no ssm_cfg.layer: mamba_ssm's Mamba1

@@ -41,10 +41,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from easymamba.checkpoints.checks import FLOAT_CODES, check_source
 from easymamba.checkpoints.errors import CheckpointError
-from easymamba.models import FAMILIES, abstract_model, family_of
+from easymamba.models import FAMILIES, abstract_model, config_from_hf, family_of
 from easymamba.checkpoints.layout import FlaxView, split_parts
 from easymamba.checkpoints.sources import open_weights
-from easymamba.config import config_from_hf
 from easymamba.sharding import ShardingRules, attach, param_rules
 
 CONFIG_NAME = "config.json"
@@ -131,7 +130,7 @@ def build_from_source(config, src, config_name: str, *, dtype=None, param_dtype=
 
 def read_config(path: "str | os.PathLike"):
     """The config of checkpoint directory `path` (HF or state-spaces `config.json`), of its family's class:
-    `Mamba2Config` or `MambaConfig` (`easymamba.config.config_from_hf` decides)."""
+    `Mamba2Config` or `MambaConfig` (`easymamba.models.config_from_hf` decides)."""
     file = pathlib.Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}")

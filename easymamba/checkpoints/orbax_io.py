@@ -45,9 +45,8 @@ import numpy as np
 from flax import nnx
 
 from easymamba.checkpoints.errors import CheckpointError
-from easymamba.models import FAMILIES, abstract_model
+from easymamba.models import FAMILIES, abstract_model, config_from_hf
 from easymamba.checkpoints.hf_reader import ShardingHook, param_sharding
-from easymamba.config import config_from_hf
 
 FORMAT = "easymamba.orbax"
 FORMAT_VERSION = 1

@@ -9,6 +9,7 @@ the family (loaders, sharding, the cache, the effective attention) reads the fam
 import jax.numpy as jnp
 from flax import nnx
 
+from easymamba.config import hf_config_dict
 from easymamba.models import mamba1, mamba2
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
@@ -52,6 +53,17 @@ def family_of(obj) -> ModelFamily:
     raise TypeError(f"{name} is not a model or config of a family easymamba reads and writes; known: {known}")
 
 
+def config_from_hf(cfg):
+    """The config a `config.json` (dict, file or directory) describes, of its family's class: its `model_type`
+    (or, for files without one, `easymamba.config.hf_config_dict`'s reading of the layout) names the family.
+    Loaders call this, then `family_of(config)` gives the rest."""
+    model_type, cfg = hf_config_dict(cfg)
+    if model_type not in FAMILIES:
+        known = " or ".join(f"{t!r} ({f.config_class.__name__})" for t, f in FAMILIES.items())
+        raise ValueError(f"model_type ({model_type!r}) must be {known}")
+    return FAMILIES[model_type].config_class.from_hf(cfg)
+
+
 def abstract_model(config, *, dtype=jnp.float32, param_dtype=jnp.float32, kernel_impl="auto"):
     """The config's causal LM with `jax.ShapeDtypeStruct` parameters: shapes and dtypes, no memory (what the
     loaders fill)."""
@@ -61,7 +73,7 @@ def abstract_model(config, *, dtype=jnp.float32, param_dtype=jnp.float32, kernel
 
 
 __all__ = [
-    "FAMILIES", "family_of", "abstract_model", "ModelFamily", "KeySpec", "IGNORE_INDEX", "Backbone", "CausalLM", "ResidualBlock",
+    "FAMILIES", "family_of", "config_from_hf", "abstract_model", "ModelFamily", "KeySpec", "IGNORE_INDEX", "Backbone", "CausalLM", "ResidualBlock",
     "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
     "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",
