@@ -45,8 +45,10 @@ from flax import nnx
 from easymamba import kernels
 from easymamba.caching.mamba1 import MambaCache, MambaCacheMetaData
 from easymamba.config import MambaConfig
-from easymamba.kernels.dispatch import resolve_impl
-from easymamba.kernels.selective_scan_reference import (
+from easymamba.kernels import (
+    Form,
+    resolve,
+    resolve_impl,
     selective_scan_chunked,
     selective_scan_naive,
     selective_state_update_mamba1,
@@ -66,13 +68,11 @@ _state_update = jax.jit(selective_state_update_mamba1, static_argnames="delta_so
 
 
 def _scan_fn(kernel_impl: str):
-    """The selective scan for a prefill. "reference": the sequential recurrence; "xla" (and "pallas", which has
-    no selective-scan kernel yet): the chunked associative scan; "auto": the recurrence on CPU, where it measured
-    faster, the associative form on GPU/TPU, where it measured 6-36x faster (timings in
-    `easymamba.kernels.selective_scan_reference`)."""
-    if kernel_impl == "reference" or (kernel_impl == "auto" and jax.default_backend() == "cpu"):
-        return _scan_naive
-    return _scan_chunked
+    """The selective scan for a prefill, as `resolve("selective_scan", kernel_impl)` says: the sequential recurrence
+    (REFERENCE: "reference", and "auto" on CPU where it measured faster) or the chunked associative scan (XLA: "xla",
+    "pallas", which has no selective-scan kernel yet, and "auto" on GPU/TPU where it measured 6-36x faster; timings
+    in `easymamba/kernels/selective_scan/reference.py`)."""
+    return _scan_naive if resolve("selective_scan", kernel_impl).form is Form.REFERENCE else _scan_chunked
 
 
 class MambaMixer(nnx.Module):

@@ -27,7 +27,7 @@ from flax import nnx
 
 from easymamba import kernels
 from easymamba.config import Mamba2Config
-from easymamba.kernels.decode_step_pallas import check_row_mask, decode_step_impl, mamba2_decode_step
+from easymamba.kernels import check_row_mask, mamba2_decode_step
 from easymamba.layers import SplitConv1d, SplitLinear, few_row_kernel, kaiming_uniform_init, linear
 from easymamba.norms import GatedRMSNorm
 from easymamba.sharding import MeshRules, constrain
@@ -184,7 +184,8 @@ class Mamba2Mixer(nnx.Module):
         kernel is what `kernel_impl` resolves to here."""
         cfg = self.config
         return (self.mesh_rules is None and not getattr(self, "__hooks__", ())
-                and decode_step_impl(self.kernel_impl, cfg.head_dim, cfg.state_size, cfg.conv_kernel) == "pallas")
+                and kernels.resolve("decode_step", self.kernel_impl, dims=dict(
+                    p=cfg.head_dim, n=cfg.state_size, k=cfg.conv_kernel)).form.is_pallas)
 
     def decode_weights(self) -> dict | None:
         """in_proj's parts packed into one kernel, and out_proj's kernel, both laid out for few rows
