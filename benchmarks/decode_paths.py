@@ -8,7 +8,7 @@ p 64, n 128, vocab 50288, tied head) in bf16, greedy, 16-token prompt, EOS off:
 
 * `xla`        every mixer's `kernel_impl = "xla"`: the op-by-op decode step (conv update, state update, norm
                as XLA fusions; in_proj / out_proj as XLA dots).
-* `fused`      the default on an sm_80+ GPU ("auto"): the fused decode-step kernel (kernels/decode_step_pallas.py)
+* `fused`      the default on an sm_80+ GPU ("auto"): the fused decode-step kernel (kernels/decode_step/triton.py)
                between XLA's in_proj and out_proj.
 * `fused+eos`  the same with an EOS id set (one that the run never samples in practice), so the loop checks
                for early stopping (every `generation.STEPS_PER_CHECK` steps) instead of running a static count.

@@ -3,7 +3,7 @@
     JAX_PLATFORMS= PYTHONPATH=. python3 benchmarks/decode_step.py --profile --out results.json   # on a GPU
     PYTHONPATH=. python3 benchmarks/decode_step.py --tiny                                       # CPU smoke run
 
-Forms of "the layer between the two matmuls" (easymamba/kernels/decode_step_pallas.py), all fed the packed
+Forms of "the layer between the two matmuls" (easymamba/kernels/decode_step/triton.py), all fed the packed
 in_proj output [z | xBC | dt] and A_log: `xla` = the jitted `decode_step_ref` (what the mixer's decode path
 computes), `pallas` = the kernel with its default programs (the norm's last step is a small XLA fusion),
 `pallas_p64` / `_p32` / `_p16` = 64 / 32 / 16 channels of a head per program (1, 2, 4 programs a head), and
@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easymamba.kernels.decode_step_pallas import decode_step_pallas, decode_step_ref
+from easymamba.kernels.decode_step.reference import decode_step_ref
+from easymamba.kernels.decode_step.triton import decode_step_pallas
 
 SHAPE_130M = dict(d=768, layers=24, h=24, p=64, n=128, g=1, k=4, v=50288)
 SHAPE_TINY = dict(d=64, layers=2, h=4, p=16, n=16, g=1, k=4, v=512)

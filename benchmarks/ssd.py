@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from easymamba.kernels import SSDBlockConfig, ssd_chunked, ssd_pallas
-from easymamba.kernels.ssd_pallas_gpu import MosaicSSDConfig, default_config
-from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas, causal_conv1d_update_pallas
-from easymamba.kernels.conv1d_reference import causal_conv1d_ref
-from easymamba.kernels.ssd_reference import selective_state_update_ref
-from easymamba.kernels.state_update_pallas import selective_state_update_pallas
+from easymamba.kernels.conv1d.reference import causal_conv1d_ref
+from easymamba.kernels.conv1d.triton import causal_conv1d_pallas, causal_conv1d_update_pallas
+from easymamba.kernels.ssd_scan.gpu import MosaicSSDConfig, default_config
+from easymamba.kernels.state_update.reference import selective_state_update_ref
+from easymamba.kernels.state_update.triton import selective_state_update_pallas
 
 PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "third_party_peers", "site")
 

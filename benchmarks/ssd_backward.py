@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ssd import SHAPES, bench_jax, peer_mamba_ssm, ssd_inputs, to_torch  # noqa: E402
 
 from easymamba.kernels import pallas_util as pu  # noqa: E402
-from easymamba.kernels.ssd_pallas_gpu import ssd_pallas  # noqa: E402
-from easymamba.kernels.ssd_pallas_gpu_bwd import SSDBackwardConfig, default_backward_config  # noqa: E402
+from easymamba.kernels.ssd_scan.gpu import ssd_pallas  # noqa: E402
+from easymamba.kernels.ssd_scan.triton_bwd import SSDBackwardConfig, default_backward_config  # noqa: E402
 
 CONFIGS = [  # block_q, num_warps, num_stages, states_num_warps, states_num_stages, input_dtype_partials
     "default",  # default_backward_config(l): what ssd_pallas runs
@@ -178,7 +178,7 @@ def main():
         configs = configs[:1]  # the default config
 
     info = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
-                interpret=pu.interpret_mode())
+                interpret=pu.default_interpret(None))
     mcsc = torch = do_bench = None
     if not (opts.no_peers or opts.tiny):
         try:

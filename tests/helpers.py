@@ -15,9 +15,11 @@ import easymamba as em
 
 
 def rel_err(a, b) -> float:
-    """max |a - b| / max |b|: the relative error every numeric test reports."""
+    """max |a - b| / max |b|: the relative error every numeric test reports. A non-finite `a` (the result under
+    test) fails here with that said, rather than as a NaN that compares false against the tolerance."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)), "the result under test has non-finite values"
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 

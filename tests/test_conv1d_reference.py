@@ -9,17 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import rel_err
 
 from easymamba import kernels
 from easymamba.kernels import causal_conv1d_ref, causal_conv1d_update_ref
 
 conv_jit = jax.jit(causal_conv1d_ref, static_argnames=("activation",))
 update_jit = jax.jit(causal_conv1d_update_ref, static_argnames=("activation",))
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 def make_inputs(seed, *, b=2, l=11, c=6, k=4, dtype=np.float64):

@@ -1,4 +1,4 @@
-"""The fused Mamba-2 decode-step kernel (`easymamba/kernels/decode_step_pallas.py`) against its reference.
+"""The fused Mamba-2 decode-step kernel (`easymamba/kernels/decode_step/triton.py`) against its reference.
 
 Two tiers run the same checks: on CPU the kernel body in Pallas interpret mode at small odd shapes (p, n, k not
 powers of two, g = 1 and g > 1, operands packed or in parts), and under `-m gpu` the compiled kernel at the 130M
@@ -20,18 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.decode_step_pallas import decode_step_pallas, decode_step_ref, mamba2_decode_step
+from helpers import rel_err
+
+from easymamba.kernels import mamba2_decode_step
+from easymamba.kernels.decode_step.reference import decode_step_ref
+from easymamba.kernels.decode_step.triton import decode_step_pallas
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (compiled kernels)")
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.all(np.isfinite(a)), "kernel output has non-finite values"
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def inputs(rng, *, b, h, p, n, g, k, dtype, bias=True):
@@ -68,14 +65,9 @@ def as64(ops):
 
 
 def kernel_fn(*, interpret, **kw):
-    """The jitted kernel, traced in interpret mode or compiled (the mode is read at trace time)."""
-    fn = jax.jit(functools.partial(decode_step_pallas, **kw))
-
-    def run(ops):
-        with pu.force_interpret(interpret):
-            return fn(**ops)
-
-    return run
+    """The jitted kernel, in interpret mode or compiled."""
+    fn = jax.jit(functools.partial(decode_step_pallas, interpret=interpret, **kw))
+    return lambda ops: fn(**ops)
 
 
 def check(seed, *, b, h, p, n, g, k, dtype, interpret, steps=1, bias=True, y_dtype=None, block_p=None,
@@ -195,8 +187,8 @@ def test_grad_matches_reference_interpret():
         return (y ** 2).sum() + (ssm * 0.5).sum() + conv.sum()
 
     args = (ops["zxbcdt"], ops["conv_weight"], ops["ssm_state"])
-    with pu.force_interpret():
-        g_kernel = jax.jit(jax.grad(functools.partial(loss, decode_step_pallas), argnums=(0, 1, 2)))(*args)
+    kernel = functools.partial(decode_step_pallas, interpret=True)
+    g_kernel = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2)))(*args)
     g_ref = jax.grad(functools.partial(loss, decode_step_ref), argnums=(0, 1, 2))(*args)
     for a, r in zip(g_kernel, g_ref):
         assert rel_err(a, r) <= 1e-5
@@ -241,10 +233,11 @@ def test_channel_blocks_gpu():
 @gpu
 @needs_gpu
 def test_auto_picks_kernel_gpu():
-    from easymamba.kernels import decode_step_pallas as mod
+    from easymamba.kernels.resolver import PALLAS_FASTER_ON_GPU, resolve_impl
 
-    assert mod._resolve("auto", 64, 128, 4) == ("pallas" if mod.PALLAS_FASTER_ON_GPU else "xla")
-    assert mod._resolve("auto", 48, 128, 4) == "xla"
+    assert resolve_impl("auto", "decode_step", dims=dict(p=64, n=128, k=4)) == (
+        "pallas" if PALLAS_FASTER_ON_GPU["decode_step"] else "xla")
+    assert resolve_impl("auto", "decode_step", dims=dict(p=48, n=128, k=4)) == "xla"
 
 
 # -- the model's decode path ------------------------------------------------------------------------------------
@@ -264,12 +257,11 @@ def _model_decode(kernel_impl, config, steps, dtype=jnp.float32, active_rows=Non
     for layer in model.backbone.layers:
         layer.mixer.kernel_impl = kernel_impl
     graphdef, state = nnx.split(model)
-    step = jax.jit(lambda s, tok, c: nnx.merge(graphdef, s)(tok, cache=c, active_rows=active_rows))
+    step = jax.jit(lambda s, tok, c: nnx.merge(graphdef, s).step(tok, c, active_rows=active_rows))
     logits = []
     for t in range(5, 5 + steps):
-        out = step(state, ids[:, t:t + 1], cache)
-        cache = out.cache
-        logits.append(out.logits)
+        out_logits, cache = step(state, ids[:, t], cache)
+        logits.append(out_logits[:, None])
     if prefill_states is not None:
         prefill_states.append(cache.views[0].positions)
     return (jnp.stack(logits), jnp.stack([v.conv_states for v in cache.views]),
@@ -337,7 +329,7 @@ def test_model_fused_step_asks_for_k_minor_weights():
 
     def step(s, tok, c, prepared):
         m = nnx.merge(graphdef, s)
-        return m(tok, cache=c, decode_weights=m.decode_weights() if prepared else None).logits
+        return m.step(tok[:, 0], c, decode_weights=m.decode_weights() if prepared else None)[0]
 
     d, e = config.hidden_size, config.intermediate_size
     packed = 2 * e + 2 * config.n_groups * config.state_size + config.num_heads

@@ -1,7 +1,7 @@
 """How `easymamba.kernels` chooses on a TPU backend, checked on a CPU machine by faking the backend.
 
 Two fakes, for two questions:
-* `dispatch.platform` -> "tpu": only the choice believes it is on a TPU. The public ops then run the Mosaic TPU
+* `resolver.platform` -> "tpu": only the choice believes it is on a TPU. The public ops then run the Mosaic TPU
   forms, which themselves still see the CPU and run in Pallas' TPU interpreter; the results are compared with
   the XLA path (the kernels' own accuracy against float64 is tests/test_kernels_tpu_*.py's job).
 * `jax.default_backend` -> "tpu": the whole stack believes it, so `jax.export(..., platforms=("tpu",))` of a
@@ -17,18 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import rel_err
+
 import easymamba as em
 from easymamba import kernels
-from easymamba.kernels import dispatch
-from easymamba.kernels.dispatch import OPS, describe, resolve_impl
+from easymamba.kernels import resolver
+from easymamba.kernels.resolver import OPS, describe, resolve_impl
 
 TOL = 2e-5
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.all(np.isfinite(a)), "kernel output has non-finite values"
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def normal(rng, *shape):
@@ -38,7 +34,7 @@ def normal(rng, *shape):
 @pytest.fixture
 def on_tpu(monkeypatch):
     """The kernel choice sees a TPU; the kernels see the real (CPU) backend and run interpreted."""
-    monkeypatch.setattr(dispatch, "platform", lambda: "tpu")
+    monkeypatch.setattr(resolver, "platform", lambda: "tpu")
 
 
 @pytest.fixture

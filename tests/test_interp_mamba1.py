@@ -25,6 +25,7 @@ import easymamba as em
 import easymamba.models.causal_lm
 import easymamba.models.mamba1_mixer
 from easymamba import interp
+from easymamba.models.family import Operands
 
 TOL = 1e-5
 MIXER_HOOKS = ("hook_in_proj", "hook_conv", "hook_x_proj", "hook_dt", "hook_ssm_out", "hook_gated", "hook_out_proj")
@@ -204,10 +205,10 @@ def test_per_head_and_per_state_decay_paths_agree():
     (channel c reads group c // (h / g)) and a channel subset. Random operands, no model, float32."""
     rng = np.random.default_rng(3)
     b, l, h, g, n = 2, 9, 6, 3, 4
-    op = interp._Operands(dt=jnp.asarray(rng.uniform(0.01, 0.2, (b, l, h)), jnp.float32),
-                          A=jnp.asarray(-rng.uniform(1, 16, h), jnp.float32),
-                          B=jnp.asarray(rng.standard_normal((b, l, g, n)), jnp.float32),
-                          C=jnp.asarray(rng.standard_normal((b, l, g, n)), jnp.float32))
+    op = Operands(dt=jnp.asarray(rng.uniform(0.01, 0.2, (b, l, h)), jnp.float32),
+                  A=jnp.asarray(-rng.uniform(1, 16, h), jnp.float32),
+                  B=jnp.asarray(rng.standard_normal((b, l, g, n)), jnp.float32),
+                  C=jnp.asarray(rng.standard_normal((b, l, g, n)), jnp.float32))
     subset = [4, 0, 4, 5]
 
     @jax.jit                                                     # one compile instead of op-by-op dispatch

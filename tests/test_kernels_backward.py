@@ -9,7 +9,7 @@ Ground truth: `jax.vjp` of `ssd_chunked` / `causal_conv1d_ref` in float64 on the
 and cotangents, so the error measured is the kernel's own. Errors are max |a - b| / max |b| per gradient.
 Tolerances:
 * float64 inputs (x64; the SSD kernel then computes in float64): 1e-12. Same math, different summation order;
-  measured <= 1e-15. This is the check of the derivation in `ssd_pallas_gpu_bwd`'s docstring.
+  measured <= 1e-15. This is the check of the derivation in `ssd_scan/triton_bwd.py`'s docstring.
 * float32 inputs: 2e-5. IEEE float32 matmuls, ~1e-7 per operation, summed over a chunk (<= 64 terms), carried
   across chunks in the float32 state cotangent, and summed over b * l tokens for dA, dD, dt_bias, dweight;
   measured <= 7e-7 on CPU.
@@ -25,12 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import rel_err
+
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas
-from easymamba.kernels.conv1d_reference import causal_conv1d_ref
-from easymamba.kernels.ssd_pallas_gpu import SSDBlockConfig, ssd_pallas
-from easymamba.kernels.ssd_pallas_gpu_bwd import SSDBackwardConfig, ssd_backward_pallas
-from easymamba.kernels.ssd_reference import ssd_chunked
+from easymamba.kernels.conv1d.reference import causal_conv1d_ref
+from easymamba.kernels.conv1d.triton import causal_conv1d_pallas
+from easymamba.kernels.ssd_scan.gpu import SSDBlockConfig, ssd_pallas
+from easymamba.kernels.ssd_scan.reference import ssd_chunked
+from easymamba.kernels.ssd_scan.triton_bwd import SSDBackwardConfig, ssd_backward_pallas
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.gpu
@@ -39,12 +41,6 @@ needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (compiled kernels
 TOL = {"float64": 1e-12, "float32": 2e-5, "bfloat16": 2e-2}
 SSD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 CONV_NAMES = ("x", "weight", "bias", "initial_state")
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.all(np.isfinite(a)), "kernel gradient has non-finite values"
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def seq_idx_for(b, l, cuts):
@@ -111,9 +107,8 @@ def test_ssd_backward_float64_derivation():
     with jax.enable_x64(True):
         inputs, static, seq_idx, cot = ssd_case(0, b=2, l=37, h=4, p=3, g=2, n=5, dtype=jnp.float64, full=True)
         inputs[2], inputs[8] = as64(inputs[2]), as64(inputs[8])
-        fn = functools.partial(ssd_backward_pallas, config=SSDBackwardConfig(block_q=16), **static)
-        with pu.force_interpret():
-            got = jax.jit(fn)(*inputs, seq_idx, *cot)
+        fn = functools.partial(ssd_backward_pallas, config=SSDBackwardConfig(block_q=16), interpret=True, **static)
+        got = jax.jit(fn)(*inputs, seq_idx, *cot)
         want = ssd_reference_grads(inputs, static, seq_idx, cot)
         check_grads(got, want, SSD_NAMES, inputs, TOL["float64"])
 
@@ -123,14 +118,13 @@ def check_ssd_vjp(seed, *, b, l, h, p, g, n, dtype, full, y_dtype, block_q, inte
     inputs, static, seq_idx, cot = ssd_case(seed, b=b, l=l, h=h, p=p, g=g, n=n, dtype=dtype, full=full,
                                             y_dtype=y_dtype)
     fn = functools.partial(ssd_pallas, chunk_size=8, y_dtype=y_dtype, config=SSDBlockConfig(block_q=block_q),
-                           backward_config=SSDBackwardConfig(block_q=block_q), **static)
+                           backward_config=SSDBackwardConfig(block_q=block_q), interpret=interpret, **static)
 
     def grads(x, dt, A, B, C, D, z, dt_bias, init):
         primal = lambda *a: fn(*a[:5], D=a[5], z=a[6], dt_bias=a[7], initial_state=a[8], seq_idx=seq_idx)  # noqa: E731
         return jax.vjp(primal, x, dt, A, B, C, D, z, dt_bias, init)[1](cot)
 
-    with pu.force_interpret(interpret):
-        got = jax.jit(grads)(*inputs)
+    got = jax.jit(grads)(*inputs)
     check_grads(got, ssd_reference_grads(inputs, static, seq_idx, cot), SSD_NAMES, inputs,
                 TOL[jnp.dtype(dtype).name])
 
@@ -150,10 +144,10 @@ def test_ssd_backward_bfloat16_full():
 def test_ssd_backward_option_routes():
     # backward="reference" keeps jax.vjp(ssd_chunked); the default runs the two backward kernels; bad values raise
     inputs, _, _, _ = ssd_case(3, b=1, l=8, h=2, p=4, g=1, n=4, dtype=jnp.float32, full=False)
-    loss = lambda backward, x: ssd_pallas(x, *inputs[1:5], chunk_size=4, backward=backward)[0].sum()  # noqa: E731
-    with pu.force_interpret():
-        kernel = str(jax.make_jaxpr(jax.grad(functools.partial(loss, "pallas")))(inputs[0]))
-        reference = str(jax.make_jaxpr(jax.grad(functools.partial(loss, "reference")))(inputs[0]))
+    loss = lambda backward, x: ssd_pallas(x, *inputs[1:5], chunk_size=4, backward=backward,  # noqa: E731
+                                          interpret=True)[0].sum()
+    kernel = str(jax.make_jaxpr(jax.grad(functools.partial(loss, "pallas")))(inputs[0]))
+    reference = str(jax.make_jaxpr(jax.grad(functools.partial(loss, "reference")))(inputs[0]))
     assert "ssd_bwd_states" in kernel and "ssd_bwd" in kernel
     assert "ssd_bwd_states" not in reference
     with pytest.raises(ValueError, match="backward must be one of"):
@@ -206,11 +200,10 @@ def check_conv_vjp(seed, *, b, l, c, k, dtype, full, activation, interpret):
     cot = (f(b, l, c), f(b, c, k))
 
     def grads(x, w, bias, init):
-        primal = functools.partial(causal_conv1d_pallas, activation=activation, seq_idx=seq_idx)
+        primal = functools.partial(causal_conv1d_pallas, activation=activation, seq_idx=seq_idx, interpret=interpret)
         return jax.vjp(lambda *a: primal(*a[:3], initial_state=a[3]), x, w, bias, init)[1](cot)
 
-    with pu.force_interpret(interpret):
-        got = jax.jit(grads)(*inputs)
+    got = jax.jit(grads)(*inputs)
     with jax.enable_x64(True):
         ref = lambda x, w, bias, init: causal_conv1d_ref(  # noqa: E731
             x, w, bias, activation=activation, initial_state=init, seq_idx=seq_idx)

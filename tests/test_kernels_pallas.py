@@ -1,7 +1,7 @@
 """The Pallas kernels against their references: SSD forward, causal conv1d (prefill and update), decode step.
 
 Two tiers run the same checks:
-* CPU CI: every kernel in Pallas interpret mode (`force_interpret`), which executes the kernel body itself, at
+* CPU CI: every kernel in Pallas interpret mode (`interpret=True`), which executes the kernel body itself, at
   small odd shapes (p, n, l not powers of two, l not a multiple of the kernel chunk, g > 1).
 * `-m gpu`: the kernels compiled (Triton backend) on a GPU at shapes they compile for, plus a model-level check.
 
@@ -23,32 +23,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import rel_err
+
 from easymamba import kernels
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas, causal_conv1d_update_pallas
-from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
-from easymamba.kernels.dispatch import describe, resolve_impl
-from easymamba.kernels.ssd_pallas_gpu import (
+from easymamba.kernels.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from easymamba.kernels.conv1d.triton import causal_conv1d_pallas, causal_conv1d_update_pallas
+from easymamba.kernels.resolver import describe, resolve_impl
+from easymamba.kernels.ssd_scan.gpu import (
     MosaicSSDConfig,
     SSDBlockConfig,
     default_config,
     mosaic_gpu_here,
     ssd_pallas,
 )
-from easymamba.kernels.ssd_reference import selective_state_update_ref, ssd_naive
-from easymamba.kernels.state_update_pallas import selective_state_update_pallas
+from easymamba.kernels.ssd_scan.reference import ssd_naive
+from easymamba.kernels.state_update.reference import selective_state_update_ref
+from easymamba.kernels.state_update.triton import selective_state_update_pallas
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (compiled kernels)")
 
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.all(np.isfinite(a)), "kernel output has non-finite values"
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def normal(rng, shape, dtype):
@@ -75,10 +72,6 @@ def seq_idx_for(b, l, cuts):
     return jnp.asarray(ids)
 
 
-def interpreted(enabled):
-    return pu.force_interpret(True) if enabled else pu.force_interpret(False)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Decode step: selective_state_update
 # --------------------------------------------------------------------------------------------------------------
@@ -91,10 +84,9 @@ def check_state_update(seed, *, b, h, p, n, g, dtype, state_dtype, interpret):
     x, dt, B, C, z = f((b, h, p)), f((b, h)), f((b, g, n)), f((b, g, n)), f((b, h, p))
     A = -jnp.exp(normal(rng, (h,), jnp.float32))
     kw = dict(D=f((h,)), z=z, dt_bias=f((h,)), dt_softplus=True, dt_limit=(0.001, 2.0))
-    with interpreted(interpret):
-        y, s = jax.jit(functools.partial(selective_state_update_pallas, **{k: v for k, v in kw.items()
-                                                                           if not isinstance(v, jax.Array)}))(
-            state, x, dt, A, B, C, D=kw["D"], z=z, dt_bias=kw["dt_bias"])
+    y, s = jax.jit(functools.partial(selective_state_update_pallas, interpret=interpret,
+                                     **{k: v for k, v in kw.items() if not isinstance(v, jax.Array)}))(
+        state, x, dt, A, B, C, D=kw["D"], z=z, dt_bias=kw["dt_bias"])
     y_ref, s_ref = reference64(selective_state_update_ref, state, x, dt, A, B, C, **kw)
     assert y.dtype == jnp.promote_types(jnp.promote_types(dtype, state_dtype), jnp.float32)
     assert s.dtype == state_dtype
@@ -123,9 +115,8 @@ def test_state_update_grad_interpret():
     f = functools.partial(normal, rng, dtype=jnp.float32)
     args = (f((b, h, p, n)), f((b, h, p)), f((b, h)), -jnp.exp(f((h,))), f((b, g, n)), f((b, g, n)))
     loss = lambda fn, *a: (fn(*a, D=a[1][0, :, 0], dt_softplus=True)[0] ** 2).sum()  # noqa: E731
-    with pu.force_interpret():
-        grad = jax.grad(functools.partial(loss, selective_state_update_pallas), argnums=(0, 1, 2, 4))
-        g_kernel = jax.jit(grad)(*args)
+    kernel = functools.partial(selective_state_update_pallas, interpret=True)
+    g_kernel = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2, 4)))(*args)
     g_ref = jax.jit(jax.grad(functools.partial(loss, selective_state_update_ref), argnums=(0, 1, 2, 4)))(*args)
     for a, r in zip(g_kernel, g_ref):
         assert rel_err(a, r) <= 1e-6
@@ -145,8 +136,7 @@ def check_conv(seed, *, b, l, c, k, dtype, interpret, with_init, with_seq):
         kw["initial_state"] = f((b, c, k))
     if with_seq:
         kw["seq_idx"] = seq_idx_for(b, l, [max(l // 3, 1), max(2 * l // 3, 2)])
-    with interpreted(interpret):
-        y, s = jax.jit(causal_conv1d_pallas)(x, weight, bias, **kw)
+    y, s = jax.jit(functools.partial(causal_conv1d_pallas, interpret=interpret))(x, weight, bias, **kw)
     y_ref, s_ref = reference64(causal_conv1d_ref, x, weight, bias, **kw)
     assert y.dtype == dtype and s.dtype == dtype
     assert rel_err(y, y_ref) <= (2e-5 if dtype == jnp.float32 else 4e-3)  # bf16: one output rounding
@@ -175,8 +165,7 @@ def check_conv_update(seed, *, b, c, k, dtype, interpret):
     rng = np.random.default_rng(seed)
     f = functools.partial(normal, rng, dtype=dtype)
     x, state, weight, bias = f((b, c)), f((b, c, k)), f((c, k)), f((c,))
-    with interpreted(interpret):
-        y, s = jax.jit(causal_conv1d_update_pallas)(x, state, weight, bias)
+    y, s = jax.jit(functools.partial(causal_conv1d_update_pallas, interpret=interpret))(x, state, weight, bias)
     y_ref, s_ref = reference64(causal_conv1d_update_ref, x, state, weight, bias)
     assert rel_err(y, y_ref) <= (2e-5 if dtype == jnp.float32 else 4e-3)
     assert rel_err(s, s_ref) == 0
@@ -199,8 +188,8 @@ def test_conv1d_grad_interpret():
     rng = np.random.default_rng(7)
     x, w, bias, init = (normal(rng, s, jnp.float32) for s in ((2, 9, 8), (8, 4), (8,), (2, 8, 4)))
     loss = lambda fn, *a: (fn(*a, initial_state=init)[0] ** 2).sum()  # noqa: E731
-    with pu.force_interpret():
-        g_kernel = jax.jit(jax.grad(functools.partial(loss, causal_conv1d_pallas), argnums=(0, 1, 2)))(x, w, bias)
+    kernel = functools.partial(causal_conv1d_pallas, interpret=True)
+    g_kernel = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2)))(x, w, bias)
     g_ref = jax.jit(jax.grad(functools.partial(loss, causal_conv1d_ref), argnums=(0, 1, 2)))(x, w, bias)
     for a, r in zip(g_kernel, g_ref):
         assert rel_err(a, r) <= 1e-6
@@ -237,9 +226,8 @@ def check_ssd(seed, variant, *, b, l, h, p, g, n, dtype, interpret, block_q=None
     arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
     static = {k: v for k, v in kw.items() if not isinstance(v, jax.Array)}
     config = SSDBlockConfig(block_q=block_q) if config is None else config
-    fn = functools.partial(ssd_pallas, config=config, y_dtype=y_dtype, **static)
-    with interpreted(interpret):
-        y, state = jax.jit(fn)(**args, **arrays)
+    fn = functools.partial(ssd_pallas, config=config, y_dtype=y_dtype, interpret=interpret, **static)
+    y, state = jax.jit(fn)(**args, **arrays)
     y_ref, state_ref = reference64(ssd_naive, **args, **kw)
     y_dtype = jnp.float32 if y_dtype is None else y_dtype
     assert y.shape == (b, l, h, p) and y.dtype == y_dtype and state.dtype == jnp.float32
@@ -322,8 +310,8 @@ def test_ssd_grad_interpret():
     def loss(fn, x, B):
         return (fn(x, args["dt"], args["A"], B, args["C"], chunk_size=4, D=extras["D"])[0] ** 2).sum()
 
-    with pu.force_interpret():
-        g_kernel = jax.jit(jax.grad(functools.partial(loss, ssd_pallas), argnums=(0, 1)))(args["x"], args["B"])
+    kernel = functools.partial(ssd_pallas, interpret=True)
+    g_kernel = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1)))(args["x"], args["B"])
     g_ref = jax.jit(jax.grad(functools.partial(loss, kernels.ssd_chunked), argnums=(0, 1)))(args["x"], args["B"])
     for a, r in zip(g_kernel, g_ref):
         assert rel_err(a, r) <= 1e-5
@@ -365,6 +353,37 @@ def test_public_wrappers_route_to_pallas():
     y_r, _ = selective_state_update_ref(ssm, *step)
     assert rel_err(y_p, y_r) <= 2e-5
 
+
+
+class TestPublicOpsPallas:
+    """impl="pallas" through each public op with `interpret=INTERPRET` (None: the resolver's answer, compiled on a
+    GPU), against the XLA path; re-run below with INTERPRET=True, as jax's Pallas attention tests do, so a GPU
+    run covers the kernel bodies in the interpreter too. Shapes every form compiles (p, n, c powers of two).
+    float32: 2e-5, the kernels' float32 tolerance."""
+
+    INTERPRET = None
+
+    def test_ops(self):
+        args, extras = ssd_inputs(16, b=1, l=9, h=2, p=16, g=1, n=16, dtype=jnp.float32)
+        kw = dict(chunk_size=4, D=extras["D"], dt_bias=extras["dt_bias"], dt_softplus=True)
+        got = kernels.ssd(*args.values(), impl="pallas", interpret=self.INTERPRET, **kw)
+        want = kernels.ssd(*args.values(), impl="xla", **kw)
+        assert all(rel_err(g, w) <= 2e-5 for g, w in zip(got, want))
+        rng = np.random.default_rng(17)
+        x, w, state = normal(rng, (1, 5, 16), jnp.float32), normal(rng, (16, 4), jnp.float32), normal(
+            rng, (1, 16, 4), jnp.float32)
+        got = kernels.causal_conv1d(x, w, impl="pallas", interpret=self.INTERPRET)
+        assert rel_err(got[0], causal_conv1d_ref(x, w)[0]) <= 2e-5
+        got = kernels.causal_conv1d_update(x[:, 0], state, w, impl="pallas", interpret=self.INTERPRET)
+        assert rel_err(got[0], causal_conv1d_update_ref(x[:, 0], state, w)[0]) <= 2e-5
+        ssm = normal(rng, (1, 2, 16, 16), jnp.float32)
+        step = (args["x"][:, 0], args["dt"][:, 0], args["A"], args["B"][:, 0], args["C"][:, 0])
+        got = kernels.selective_state_update(ssm, *step, impl="pallas", interpret=self.INTERPRET)
+        assert rel_err(got[0], selective_state_update_ref(ssm, *step)[0]) <= 2e-5
+
+
+class TestPublicOpsPallasInterpret(TestPublicOpsPallas):
+    INTERPRET = True
 
 @gpu
 @needs_gpu

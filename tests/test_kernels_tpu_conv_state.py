@@ -31,25 +31,21 @@ import numpy as np
 import pytest
 from jax import export
 
-from easymamba.kernels.conv1d_pallas_tpu import (
+from helpers import rel_err
+
+from easymamba.kernels.conv1d.mosaic_tpu import (
     causal_conv1d_tpu,
     causal_conv1d_update_tpu,
     conv1d_tpu_supported,
 )
+from easymamba.kernels.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from easymamba.kernels.pallas_util import resolve_tpu_interpret as resolve_interpret
-from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
-from easymamba.kernels.ssd_reference import selective_state_update_ref
-from easymamba.kernels.state_update_pallas_tpu import selective_state_update_tpu, state_update_tpu_supported
+from easymamba.kernels.state_update.mosaic_tpu import selective_state_update_tpu, state_update_tpu_supported
+from easymamba.kernels.state_update.reference import selective_state_update_ref
 
 F32_TOL = 2e-5
 BF16_TOL = 4e-3
 GRAD_TOL = 1e-6
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.all(np.isfinite(a)), "kernel output has non-finite values"
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def normal(rng, shape, dtype=jnp.float32):

@@ -29,17 +29,13 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from helpers import rel_err
+
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.ssd_pallas_tpu import SSDTPUConfig, head_block, ssd_pallas_tpu, ssd_tpu_supported
-from easymamba.kernels.ssd_reference import ssd_chunked, ssd_naive
+from easymamba.kernels.ssd_scan.mosaic_tpu import SSDTPUConfig, head_block, ssd_pallas_tpu, ssd_tpu_supported
+from easymamba.kernels.ssd_scan.reference import ssd_chunked, ssd_naive
 
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.all(np.isfinite(a)), "kernel output has non-finite values (an unmasked padded row?)"
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def reference64(fn, *args, **kwargs):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import rel_err
 
-from easymamba.kernels.selective_scan_reference import (
+from easymamba.kernels.selective_scan.reference import (
     selective_scan_chunked,
     selective_scan_naive,
     selective_state_update_mamba1,

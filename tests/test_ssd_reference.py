@@ -14,14 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import rel_err
+
 from easymamba import kernels
 from easymamba.kernels import segsum, selective_state_update_ref, ssd_chunked, ssd_naive
-from easymamba.kernels.dispatch import IMPLS, resolve_impl
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
+from easymamba.kernels.resolver import IMPLS, resolve_impl
 
 
 def make_inputs(seed, *, b=2, l=37, h=4, p=3, g=2, n=5, dtype=np.float64):

@@ -7,20 +7,31 @@ Public entry points (shapes in `easymamba.typing` letters):
     y, conv_state  = causal_conv1d_update(x [b,c], conv_state [b,c,k], weight, bias=None, *, activation)
     y, ssm_state   = selective_state_update(ssm_state [b,h,p,n], x [b,h,p], dt [b,h], A, B [b,g,n], C, ...)
 
-`impl` is resolved in `dispatch.py` (see `describe()`). `shard=MeshAxes(mesh, batch=..., heads=..., groups=...)`
-says how the operands are split over a device mesh: a Pallas kernel then runs once per shard under
-`jax.shard_map` (GSPMD cannot partition a custom kernel call), on its batch rows and heads (or conv channels);
-the XLA and reference forms ignore it and are partitioned by GSPMD. The Pallas kernels live in `ssd_pallas_gpu.py`,
-`conv1d_pallas.py` and `state_update_pallas.py` (Triton-style: compiled on GPU, interpreted on CPU), and in
-`ssd_pallas_tpu.py`, `conv1d_pallas_tpu.py` and `state_update_pallas_tpu.py` (Mosaic TPU: what impl="pallas" runs
-on a TPU backend; docs/kernels.md). Every TPU form takes the same operands and options as its GPU form (seq_idx,
-initial states, D, z, dt_bias, dt_limit), so the choice changes the kernel, never the contract; the shapes each
-compiles for differ, and are checked per backend here. The pure-JAX references they are tested against
-(`ssd_naive`, `ssd_chunked`, `segsum`, `selective_state_update_ref`, `causal_conv1d_ref`,
-`causal_conv1d_update_ref`) are re-exported.
+`impl` is resolved by `resolver.resolve` (one resolver for every op: which `Form` runs here and why; see
+`describe()`). `shard=MeshAxes(mesh, batch=..., heads=..., groups=...)` says how the operands are split over a device
+mesh: a Pallas kernel then runs once per shard under `jax.shard_map` (GSPMD cannot partition a custom kernel call),
+on its batch rows and heads (or conv channels); the XLA and reference forms ignore it and are partitioned by GSPMD.
+`interpret` (every op): run a Pallas form in Pallas' interpreter; None lets the resolver say (interpreted where the
+form has no compiled backend, e.g. impl="pallas" on CPU).
 
-Mamba-1's selective scan (`selective_scan_reference.py`): `selective_scan_naive` (the recurrence, ground truth),
+One folder per op, each with its reference and its forms side by side:
+
+    ssd_scan/      reference.py (ssd_naive, ssd_chunked, segsum), gpu.py (ssd_pallas: custom VJP, picks the forward
+                   form), triton.py, triton_bwd.py, mosaic_gpu.py (Hopper), mosaic_tpu.py
+    conv1d/        reference.py, triton.py, mosaic_tpu.py         (causal_conv1d and its decode update)
+    state_update/  reference.py, triton.py, mosaic_tpu.py         (selective_state_update, one SSD decode step)
+    decode_step/   reference.py, triton.py                        (mamba2_decode_step: a whole layer step fused)
+    selective_scan/ reference.py                                  (Mamba-1: no kernel yet)
+
+Every TPU form takes the same operands and options as its GPU form (seq_idx, initial states, D, z, dt_bias,
+dt_limit), so the choice changes the kernel, never the contract; the shapes each compiles for differ, and are
+checked per backend here. The pure-JAX references they are tested against (`ssd_naive`, `ssd_chunked`, `segsum`,
+`selective_state_update_ref`, `causal_conv1d_ref`, `causal_conv1d_update_ref`, `decode_step_ref`) are re-exported.
+
+Mamba-1's selective scan (`selective_scan/reference.py`): `selective_scan_naive` (the recurrence, ground truth),
 `selective_scan_chunked` (the associative-scan prefill form) and `selective_state_update_mamba1` (one decode step).
+
+The SSD's folder is `ssd_scan/`: a subpackage named `ssd` would shadow the op `ssd` as an attribute of this package.
 """
 
 import dataclasses
@@ -31,18 +42,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from easymamba.kernels import conv1d_pallas_tpu, dispatch, ssd_pallas_tpu, state_update_pallas_tpu
-from easymamba.kernels.conv1d_pallas import causal_conv1d_pallas, causal_conv1d_update_pallas, conv1d_supported
-from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
-from easymamba.kernels.dispatch import describe, resolve_impl
-from easymamba.kernels.selective_scan_reference import (
+from easymamba.kernels import resolver as _resolver
+from easymamba.kernels.conv1d import mosaic_tpu as _conv1d_tpu
+from easymamba.kernels.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from easymamba.kernels.conv1d.triton import causal_conv1d_pallas, causal_conv1d_update_pallas
+from easymamba.kernels.decode_step.reference import check_row_mask, decode_step_ref
+from easymamba.kernels.decode_step.triton import _static as _decode_static
+from easymamba.kernels.decode_step.triton import decode_step_pallas
+from easymamba.kernels.resolver import Choice, Form, describe, resolve, resolve_impl
+from easymamba.kernels.selective_scan.reference import (
     selective_scan_chunked,
     selective_scan_naive,
     selective_state_update_mamba1,
 )
-from easymamba.kernels.ssd_pallas_gpu import SSDBlockConfig, ssd_pallas, ssd_supported
-from easymamba.kernels.ssd_reference import segsum, selective_state_update_ref, ssd_chunked, ssd_naive
-from easymamba.kernels.state_update_pallas import selective_state_update_pallas, state_update_supported
+from easymamba.kernels.ssd_scan import mosaic_tpu as _ssd_tpu_mod
+from easymamba.kernels.ssd_scan.gpu import SSDBlockConfig, ssd_pallas
+from easymamba.kernels.ssd_scan.reference import segsum, ssd_chunked, ssd_naive
+from easymamba.kernels.state_update import mosaic_tpu as _state_update_tpu_mod
+from easymamba.kernels.state_update.reference import selective_state_update_ref
+from easymamba.kernels.state_update.triton import selective_state_update_pallas
 
 __all__ = [
     "MeshAxes",
@@ -50,41 +68,58 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "selective_state_update",
+    "mamba2_decode_step",
     "ssd_naive",
     "ssd_chunked",
     "segsum",
     "selective_state_update_ref",
     "causal_conv1d_ref",
     "causal_conv1d_update_ref",
+    "decode_step_ref",
+    "check_row_mask",
     "describe",
+    "resolve",
+    "resolve_impl",
+    "Form",
+    "Choice",
     "ssd_pallas",
     "SSDBlockConfig",
     "causal_conv1d_pallas",
     "causal_conv1d_update_pallas",
     "selective_state_update_pallas",
+    "decode_step_pallas",
     "selective_scan_naive",
     "selective_scan_chunked",
     "selective_state_update_mamba1",
 ]
 
-_SSD_STATIC = ("chunk_size", "dt_softplus", "dt_limit")
-_ssd_xla = jax.jit(ssd_chunked, static_argnames=_SSD_STATIC)
+_SSD_STATIC = ("chunk_size", "dt_softplus", "dt_limit", "interpret")
+_ssd_xla = jax.jit(ssd_chunked, static_argnames=_SSD_STATIC[:3])
 _conv_xla = jax.jit(causal_conv1d_ref, static_argnames=("activation",))
 _conv_update_xla = jax.jit(causal_conv1d_update_ref, static_argnames=("activation",))
 _state_update_xla = jax.jit(selective_state_update_ref, static_argnames=("dt_softplus", "dt_limit"))
 _ssd_pallas = jax.jit(ssd_pallas, static_argnames=_SSD_STATIC + ("y_dtype", "config"))
-_conv_pallas = jax.jit(causal_conv1d_pallas, static_argnames=("activation",))
-_conv_update_pallas = jax.jit(causal_conv1d_update_pallas, static_argnames=("activation",))
-_state_update_pallas = jax.jit(selective_state_update_pallas, static_argnames=("dt_softplus", "dt_limit"))
-# The Mosaic TPU forms, named through their modules: a package attribute `ssd_pallas_tpu` holding the function
-# would shadow the submodule of that name. `interpret` stays None: compiled on a TPU, Pallas' TPU interpreter
-# elsewhere (tests that fake a TPU backend for the choice only).
-_ssd_tpu = jax.jit(ssd_pallas_tpu.ssd_pallas_tpu, static_argnames=_SSD_STATIC + ("y_dtype", "config", "interpret"))
-_conv_tpu = jax.jit(conv1d_pallas_tpu.causal_conv1d_tpu,
-                    static_argnames=("activation", "interpret", "block_l", "block_c"))
-_conv_update_tpu = jax.jit(conv1d_pallas_tpu.causal_conv1d_update_tpu, static_argnames=("activation", "interpret"))
-_state_update_tpu = jax.jit(state_update_pallas_tpu.selective_state_update_tpu,
+_conv_pallas = jax.jit(causal_conv1d_pallas, static_argnames=("activation", "interpret"))
+_conv_update_pallas = jax.jit(causal_conv1d_update_pallas, static_argnames=("activation", "interpret"))
+_state_update_pallas = jax.jit(selective_state_update_pallas, static_argnames=("dt_softplus", "dt_limit", "interpret"))
+_ssd_tpu = jax.jit(_ssd_tpu_mod.ssd_pallas_tpu, static_argnames=_SSD_STATIC + ("y_dtype", "config"))
+_conv_tpu = jax.jit(_conv1d_tpu.causal_conv1d_tpu, static_argnames=("activation", "interpret", "block_l", "block_c"))
+_conv_update_tpu = jax.jit(_conv1d_tpu.causal_conv1d_update_tpu, static_argnames=("activation", "interpret"))
+_state_update_tpu = jax.jit(_state_update_tpu_mod.selective_state_update_tpu,
                             static_argnames=("dt_softplus", "dt_limit", "interpret", "block_h"))
+_DECODE_STATIC = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype")
+_decode_step_xla = jax.jit(decode_step_ref, static_argnames=_DECODE_STATIC)
+_decode_step_pallas = jax.jit(decode_step_pallas, static_argnames=_DECODE_STATIC + ("block_p", "interpret"))
+
+
+def _forms(choice: Choice, pallas_gpu, pallas_tpu, xla, reference):
+    """The function `choice` names, and the keyword arguments it takes beyond the op's (`interpret` for a
+    Pallas form, which the resolver decided)."""
+    if choice.form is Form.MOSAIC_TPU:
+        return pallas_tpu, dict(interpret=choice.interpret)
+    if choice.form.is_pallas:  # Triton or Mosaic GPU: ssd_pallas picks between them with the same resolver
+        return pallas_gpu, dict(interpret=choice.interpret)
+    return (xla if choice.form is Form.XLA else reference), {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +194,11 @@ def _ssd_shapes(backend: str, x, B, C, z, shard: MeshAxes | None) -> tuple[bool,
         return False, f"x {x.shape}, B {B.shape}"
     p, n = x.shape[3], B.shape[3]
     if backend != "tpu":
-        return ssd_supported(p, n), f"p = {p}, n = {n}"
+        return _resolver.supported("ssd", Form.TRITON, p=p, n=n), f"p = {p}, n = {n}"
     h, g = _local_heads_groups(x.shape[2], B.shape[2], shard)
     tpu_dtypes = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
     dtypes_ok = all(a is None or jnp.dtype(a.dtype) in tpu_dtypes for a in (B, C, z))
-    q = ssd_pallas_tpu.SSDTPUConfig().q  # the chunk `ssd` runs the kernel with
-    ok = dtypes_ok and ssd_pallas_tpu.ssd_tpu_supported(p, n, h=h, g=g, q=q, dtype=x.dtype)
+    ok = dtypes_ok and _resolver.supported("ssd", Form.MOSAIC_TPU, p=p, n=n, h=h, g=g, dtype=x.dtype)
     per = " per shard" if shard is not None and shard.heads is not None else ""
     return ok, f"p = {p}, n = {n}, h = {h} and g = {g}{per}, x in {jnp.dtype(x.dtype).name}"
 
@@ -192,22 +226,24 @@ def ssd(
     seq_idx=None,
     impl: str = "auto",
     shard: MeshAxes | None = None,
+    interpret: bool | None = None,
 ):
     """The Mamba-2 SSD scan; returns (y [b,l,h,p], final_state [b,h,p,n]) in promote(x.dtype, float32).
 
-    Semantics: `ssd_naive` (the recurrence) — see `easymamba.kernels.ssd_reference` for the math, seq_idx and
-    dtype rules. `impl` in ("auto", "pallas", "xla", "reference"), resolved by `dispatch.resolve_impl`; on a TPU
+    Semantics: `ssd_naive` (the recurrence) — see `easymamba.kernels.ssd_scan.reference` for the math, seq_idx and
+    dtype rules. `impl` in ("auto", "pallas", "xla", "reference"), resolved by `resolver.resolve`; on a TPU
     "pallas" is `ssd_pallas_tpu` (its chunk is its own `SSDTPUConfig().q`; `chunk_size` sets the backward's).
-    `shard`: the operands' mesh layout (`MeshAxes`); the Pallas kernel then runs per shard.
+    `shard`: the operands' mesh layout (`MeshAxes`); the Pallas kernel then runs per shard. `interpret`: run a
+    Pallas form in Pallas' interpreter (None: where it has no compiled backend, as `resolve` says).
     """
-    backend = dispatch.platform()
+    backend = _resolver.platform()
     shape_ok, shapes = _ssd_shapes(backend, x, B, C, z, shard)
-    impl = resolve_impl(impl, "ssd", shape_ok=shape_ok, shapes=shapes, backend=backend)
-    pallas = _ssd_tpu if backend == "tpu" else _ssd_pallas
-    fn = {"pallas": pallas, "xla": _ssd_xla}.get(impl, ssd_chunked)
-    static = dict(chunk_size=chunk_size, dt_softplus=bool(dt_softplus), dt_limit=_static_limit(dt_limit))
+    dims = dict(p=x.shape[-1], n=B.shape[-1], dtype=x.dtype)
+    choice = resolve("ssd", impl, shape_ok=shape_ok, shapes=shapes, dims=dims, backend=backend, interpret=interpret)
+    fn, form_kw = _forms(choice, _ssd_pallas, _ssd_tpu, _ssd_xla, ssd_chunked)
+    static = dict(chunk_size=chunk_size, dt_softplus=bool(dt_softplus), dt_limit=_static_limit(dt_limit), **form_kw)
     args = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, seq_idx=seq_idx)
-    if impl != "pallas" or shard is None:
+    if not choice.form.is_pallas or shard is None:
         return fn(**args, **static)
     b_, h_, g_ = shard.batch, shard.heads, shard.groups
     specs = dict(x=PartitionSpec(b_, None, h_, None), dt=PartitionSpec(b_, None, h_), A=PartitionSpec(h_),
@@ -231,68 +267,69 @@ def _conv_shapes(backend: str, weight, shard: MeshAxes | None) -> tuple[bool, st
         return False, f"weight {weight.shape}"
     c, k = weight.shape
     split = 1 if shard is None else shard.size(shard.heads)
-    supported = conv1d_pallas_tpu.conv1d_tpu_supported if backend == "tpu" else conv1d_supported
+    form = Form.MOSAIC_TPU if backend == "tpu" else Form.TRITON
     per = f" over {split} shards" if split > 1 else ""
-    return c % split == 0 and supported(c // split, k), f"c = {c} channels{per}, k = {k}"
+    return (c % split == 0 and _resolver.supported("causal_conv1d", form, c=c // split, k=k),
+            f"c = {c} channels{per}, k = {k}")
 
 
 def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None, seq_idx=None, impl="auto",
-                  shard: MeshAxes | None = None):
+                  shard: MeshAxes | None = None, interpret: bool | None = None):
     """Depthwise causal conv1d; returns (y [b,l,c], conv_state [b,c,k]) in x's dtype.
 
-    Semantics: `causal_conv1d_ref` (see `easymamba.kernels.conv1d_reference`). `shard`: channels split over
+    Semantics: `causal_conv1d_ref` (see `easymamba.kernels.conv1d.reference`). `shard`: channels split over
     `shard.heads`, rows over `shard.batch`; the Pallas kernel (on a TPU `causal_conv1d_tpu`) then runs per shard.
     """
-    backend = dispatch.platform()
+    backend = _resolver.platform()
     shape_ok, shapes = _conv_shapes(backend, weight, shard)
-    impl = resolve_impl(impl, "causal_conv1d", shape_ok=shape_ok, shapes=shapes, backend=backend)
-    pallas = _conv_tpu if backend == "tpu" else _conv_pallas
-    fn = {"pallas": pallas, "xla": _conv_xla}.get(impl, causal_conv1d_ref)
+    choice = resolve("causal_conv1d", impl, shape_ok=shape_ok, shapes=shapes, backend=backend, interpret=interpret)
+    fn, form_kw = _forms(choice, _conv_pallas, _conv_tpu, _conv_xla, causal_conv1d_ref)
     args = dict(x=x, weight=weight, bias=bias, initial_state=initial_state, seq_idx=seq_idx)
-    if impl != "pallas" or shard is None:
-        return fn(**args, activation=activation)
+    if not choice.form.is_pallas or shard is None:
+        return fn(**args, activation=activation, **form_kw)
     b_, c_ = shard.batch, shard.heads
     specs = dict(x=PartitionSpec(b_, None, c_), weight=PartitionSpec(c_, None), bias=PartitionSpec(c_),
                  initial_state=PartitionSpec(b_, c_, None), seq_idx=PartitionSpec(b_, None))
-    return _shard_call(lambda **kw: fn(**kw, activation=activation), shard, args, specs,
+    return _shard_call(lambda **kw: fn(**kw, activation=activation, **form_kw), shard, args, specs,
                        (PartitionSpec(b_, None, c_), PartitionSpec(b_, c_, None)))
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu", impl="auto",
-                         shard: MeshAxes | None = None):
+                         shard: MeshAxes | None = None, interpret: bool | None = None):
     """One decode step of the causal conv; returns (y [b,c] in x's dtype, new conv_state [b,c,k]). On a TPU
     impl="pallas" is `causal_conv1d_update_tpu`."""
-    backend = dispatch.platform()
+    backend = _resolver.platform()
     shape_ok, shapes = _conv_shapes(backend, weight, shard)
-    impl = resolve_impl(impl, "causal_conv1d_update", shape_ok=shape_ok, shapes=shapes, backend=backend)
-    pallas = _conv_update_tpu if backend == "tpu" else _conv_update_pallas
-    fn = {"pallas": pallas, "xla": _conv_update_xla}.get(impl, causal_conv1d_update_ref)
+    choice = resolve("causal_conv1d_update", impl, shape_ok=shape_ok, shapes=shapes, backend=backend,
+                     interpret=interpret)
+    fn, form_kw = _forms(choice, _conv_update_pallas, _conv_update_tpu, _conv_update_xla, causal_conv1d_update_ref)
     args = dict(x=x, conv_state=conv_state, weight=weight, bias=bias)
-    if impl != "pallas" or shard is None:
-        return fn(**args, activation=activation)
+    if not choice.form.is_pallas or shard is None:
+        return fn(**args, activation=activation, **form_kw)
     b_, c_ = shard.batch, shard.heads
     specs = dict(x=PartitionSpec(b_, c_), conv_state=PartitionSpec(b_, c_, None), weight=PartitionSpec(c_, None),
                  bias=PartitionSpec(c_))
-    return _shard_call(lambda **kw: fn(**kw, activation=activation), shard, args, specs,
+    return _shard_call(lambda **kw: fn(**kw, activation=activation, **form_kw), shard, args, specs,
                        (PartitionSpec(b_, c_), PartitionSpec(b_, c_, None)))
 
 
 def selective_state_update(
     state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
-    impl="auto", shard: MeshAxes | None = None,
+    impl="auto", shard: MeshAxes | None = None, interpret: bool | None = None,
 ):
     """One decode step of the SSD recurrence; returns (y [b,h,p], new state [b,h,p,n] in state's dtype). On a TPU
     impl="pallas" is `selective_state_update_tpu`."""
-    backend = dispatch.platform()
-    supported = state_update_pallas_tpu.state_update_tpu_supported if backend == "tpu" else state_update_supported
-    shape_ok = state.ndim == 4 and supported(*state.shape[2:])
+    backend = _resolver.platform()
+    form = Form.MOSAIC_TPU if backend == "tpu" else Form.TRITON
+    shape_ok = state.ndim == 4 and _resolver.supported("selective_state_update", form, p=state.shape[2],
+                                                      n=state.shape[3])
     shapes = f"p = {state.shape[2]}, n = {state.shape[3]}" if state.ndim == 4 else f"state {state.shape}"
-    impl = resolve_impl(impl, "selective_state_update", shape_ok=shape_ok, shapes=shapes, backend=backend)
-    pallas = _state_update_tpu if backend == "tpu" else _state_update_pallas
-    fn = {"pallas": pallas, "xla": _state_update_xla}.get(impl, selective_state_update_ref)
-    static = dict(dt_softplus=bool(dt_softplus), dt_limit=_static_limit(dt_limit))
+    choice = resolve("selective_state_update", impl, shape_ok=shape_ok, shapes=shapes, backend=backend,
+                     interpret=interpret)
+    fn, form_kw = _forms(choice, _state_update_pallas, _state_update_tpu, _state_update_xla, selective_state_update_ref)
+    static = dict(dt_softplus=bool(dt_softplus), dt_limit=_static_limit(dt_limit), **form_kw)
     args = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
-    if impl != "pallas" or shard is None:
+    if not choice.form.is_pallas or shard is None:
         return fn(**args, **static)
     b_, h_, g_ = shard.batch, shard.heads, shard.groups
     specs = dict(state=PartitionSpec(b_, h_, None, None), x=PartitionSpec(b_, h_, None), dt=PartitionSpec(b_, h_),
@@ -307,3 +344,31 @@ def selective_state_update(
 
     return _shard_call(per_shard, shard, args, specs,
                        (PartitionSpec(b_, h_, None), PartitionSpec(b_, h_, None, None)))
+
+
+def mamba2_decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
+                       active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False,
+                       y_dtype=None, impl: str = "auto", interpret: bool | None = None):
+    """A Mamba-2 layer's decode step from the in_proj output to the out_proj input (`decode_step/triton.py`'s
+    docstring; operands as `decode_step_ref`). Returns (y [b, e] in y_dtype (default z's dtype), new conv_state,
+    new ssm_state).
+
+    impl: "pallas" the kernel (compiled on an sm_80+ GPU, interpreted on CPU; no TPU form), "xla" the jitted
+    `decode_step_ref`, "auto" the kernel where it compiles and was measured faster (GPU), else XLA; resolved by
+    `resolve("decode_step", ...)`. `active` [b] bool: rows where False keep both states.
+    Inside a jitted decode loop, donate the SSM state: the kernel writes it in place.
+    """
+    if impl not in ("auto", "pallas", "xla"):
+        raise ValueError(f"impl must be one of ('auto', 'pallas', 'xla'), got {impl!r}")
+    b, _, p, n = ssm_state.shape
+    choice = resolve("decode_step", impl, dims=dict(p=p, n=n, k=conv_state.shape[-1]), shapes=f"p = {p}, n = {n}, "
+                     f"k = {conv_state.shape[-1]}", interpret=interpret)
+    if impl == "pallas" and not choice.form.is_pallas:
+        raise NotImplementedError(f"the decode-step kernel cannot run here ({choice.reason}); use impl='xla'")
+    n_groups, eps, dt_limit, y_dtype = _decode_static(n_groups, eps, dt_limit, y_dtype)
+    kw = dict(n_groups=n_groups, eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype)
+    if choice.form.is_pallas:
+        return _decode_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
+                                   active, **kw, interpret=choice.interpret)
+    return _decode_step_xla(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
+                            active, **kw)

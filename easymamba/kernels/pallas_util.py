@@ -1,25 +1,22 @@
-"""What the Triton-style Pallas kernels here share: where they can run, how they are compiled, the shape rules.
+"""What the Pallas kernels here share: where they can run, how they are compiled, the shape rules.
 
-The GPU kernels in this package (`ssd_pallas_gpu.py`, `conv1d_pallas.py`, `state_update_pallas.py`,
-`decode_step_pallas.py`) are written in the pointer style of Pallas' Triton lowering (`pl.pallas_call` with
+The Triton-style kernels (`ssd_scan/triton.py`, `ssd_scan/triton_bwd.py`, `conv1d/triton.py`, `state_update/triton.py`,
+`decode_step/triton.py`) are written in the pointer style of Pallas' Triton lowering (`pl.pallas_call` with
 `BlockSpec`s that pick one (batch, head) or (batch, channel-block) per program, loops and gathers inside):
 
 * on an NVIDIA GPU they are compiled through the Triton backend, named explicitly with
   `pltriton.CompilerParams` because jax >= 0.9 lowers a bare `pallas_call` through Mosaic GPU instead. jax 0.11
   deprecates the Triton backend but still ships it. The SSD forward also has a Mosaic GPU form
-  (`ssd_pallas_mgpu.py`, Hopper, the default there); the others do not yet (see docs/kernels.md);
-* everywhere else (CPU CI) they run in Pallas' interpret mode, which executes the same kernel body with jnp;
+  (`ssd_scan/mosaic_gpu.py`, Hopper, the default there); the others do not yet (see docs/kernels.md);
+* everywhere else (CPU CI) they run in Pallas' interpret mode, which executes the same kernel body with jnp.
+  Interpret mode is an argument of every kernel entry (`interpret`, None: `default_interpret`), never a global;
 * they are not TPU kernels (Mosaic TPU has no gathers from refs). On a TPU backend impl="pallas" runs their
-  Mosaic TPU forms instead (`ssd_pallas_tpu.py`, `conv1d_pallas_tpu.py`, `state_update_pallas_tpu.py`: TPU
-  block rules, their own `*_tpu_supported`; from this module only the TPU interpret switch,
-  `resolve_tpu_interpret` / `tpu_interpret_params`); `dispatch` picks between the two.
+  Mosaic TPU forms instead (`*/mosaic_tpu.py`: TPU block rules, their own `*_tpu_supported`; from this module only
+  the TPU interpret switch, `resolve_tpu_interpret` / `tpu_interpret_params`); `resolver.py` picks between them.
 
 Triton needs every loaded block to have power-of-two sides and a matmul side >= 16; `pow2_at_least` and the
 `*_supported` helpers in each kernel file state which shapes compile.
 """
-
-import contextlib
-import os
 
 import jax
 
@@ -36,10 +33,8 @@ try:  # the Mosaic TPU forms' interpreter (any backend); absent only from unusua
 except ImportError:  # pragma: no cover
     pltpu = None
 
-__all__ = ["on_gpu", "gpu_capability", "compiler_params", "interpret_mode", "force_interpret", "is_pow2",
-           "pow2_at_least", "resolve_tpu_interpret", "tpu_interpret_params"]
-
-_FORCE_INTERPRET = [False]
+__all__ = ["on_gpu", "gpu_capability", "compiler_params", "default_interpret", "is_pow2", "pow2_at_least",
+           "resolve_tpu_interpret", "tpu_interpret_params"]
 
 
 def on_gpu() -> bool:
@@ -57,27 +52,15 @@ def gpu_capability() -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
-def interpret_mode() -> bool:
-    """Kernels run compiled on NVIDIA GPUs and interpreted (jnp, any backend) everywhere else."""
-    return _FORCE_INTERPRET[0] or not on_gpu()
+def default_interpret(interpret: bool | None) -> bool:
+    """A GPU form's `interpret` argument: None compiles on an NVIDIA GPU and interprets (jnp, any backend)
+    everywhere else; True / False force it. Every kernel entry resolves it once and passes the bool down."""
+    return not on_gpu() if interpret is None else bool(interpret)
 
 
-@contextlib.contextmanager
-def force_interpret(enabled: bool = True):
-    """Trace kernels in interpret mode even on a GPU (tests use it for shapes Triton would refuse). Read at
-    trace time: wrap the call, not an already-jitted function's later calls."""
-    previous, _FORCE_INTERPRET[0] = _FORCE_INTERPRET[0], enabled
-    try:
-        yield
-    finally:
-        _FORCE_INTERPRET[0] = previous
-
-
-def compiler_params(num_warps: int, num_stages: int):
-    """Triton compiler params on GPU; None in interpret mode (the interpreter ignores them)."""
-    if interpret_mode() or TritonParams is None:
-        return None
-    if os.environ.get("EASYMAMBA_PALLAS_GPU_BACKEND") == "mosaic":  # probe: let jax pick Mosaic GPU instead
+def compiler_params(num_warps: int, num_stages: int, *, interpret: bool):
+    """Triton compiler params for a compiled kernel; None when interpreted (the interpreter ignores them)."""
+    if interpret or TritonParams is None:
         return None
     return TritonParams(num_warps=num_warps, num_stages=num_stages)
 

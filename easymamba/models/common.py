@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from easymamba.kernels.decode_step_pallas import check_row_mask
+from easymamba.kernels import check_row_mask
 from easymamba.layers import is_concrete
 
 __all__ = ["HookValue", "sow_hook", "init_dt_bias", "check_active_rows", "hold_rows", "check_attention_mask"]

@@ -24,8 +24,10 @@ from flax import nnx
 
 from easymamba import kernels
 from easymamba.config import MambaConfig
-from easymamba.kernels.dispatch import resolve_impl
-from easymamba.kernels.selective_scan_reference import (
+from easymamba.kernels import (
+    Form,
+    resolve,
+    resolve_impl,
     selective_scan_chunked,
     selective_scan_naive,
     selective_state_update_mamba1,
@@ -44,13 +46,11 @@ _state_update = jax.jit(selective_state_update_mamba1, static_argnames="delta_so
 
 
 def _scan_fn(kernel_impl: str):
-    """The selective scan for a prefill. "reference": the sequential recurrence; "xla" (and "pallas", which has
-    no selective-scan kernel yet): the chunked associative scan; "auto": the recurrence on CPU, where it measured
-    faster, the associative form on GPU/TPU, where it measured 6-36x faster (timings in
-    `easymamba.kernels.selective_scan_reference`)."""
-    if kernel_impl == "reference" or (kernel_impl == "auto" and jax.default_backend() == "cpu"):
-        return _scan_naive
-    return _scan_chunked
+    """The selective scan for a prefill, as `resolve("selective_scan", kernel_impl)` says: the sequential recurrence
+    (REFERENCE: "reference", and "auto" on CPU where it measured faster) or the chunked associative scan (XLA: "xla",
+    "pallas", which has no selective-scan kernel yet, and "auto" on GPU/TPU where it measured 6-36x faster; timings
+    in `easymamba/kernels/selective_scan/reference.py`)."""
+    return _scan_naive if resolve("selective_scan", kernel_impl).form is Form.REFERENCE else _scan_chunked
 
 
 class MambaMixer(nnx.Module):
@@ -196,6 +196,6 @@ class MambaMixer(nnx.Module):
 
 def _step_size(dt, dt_bias, x_dtype) -> jax.Array:
     """softplus(dt + dt_proj.bias) in the scan's compute dtype promote(x, float32), as the selective scan forms it
-    (`_process_delta` in kernels/selective_scan_reference.py); only evaluated for `hook_dt`."""
+    (`_process_delta` in kernels/selective_scan/reference.py); only evaluated for `hook_dt`."""
     dtype = jnp.promote_types(x_dtype, jnp.float32)
     return jax.nn.softplus(dt.astype(dtype) + dt_bias.astype(dtype))

@@ -27,7 +27,7 @@ from flax import nnx
 
 from easymamba import kernels
 from easymamba.config import Mamba2Config
-from easymamba.kernels.decode_step_pallas import decode_step_impl, mamba2_decode_step
+from easymamba.kernels import mamba2_decode_step
 from easymamba.layers import SplitConv1d, SplitLinear, few_row_kernel, kaiming_uniform_init, linear
 from easymamba.models.common import check_active_rows, hold_rows, init_dt_bias, sow_hook
 from easymamba.norms import GatedRMSNorm
@@ -154,7 +154,8 @@ class Mamba2Mixer(nnx.Module):
         kernel is what `kernel_impl` resolves to here."""
         cfg = self.config
         return (self.mesh_rules is None and not getattr(self, "__hooks__", ())
-                and decode_step_impl(self.kernel_impl, cfg.head_dim, cfg.state_size, cfg.conv_kernel) == "pallas")
+                and kernels.resolve("decode_step", self.kernel_impl, dims=dict(
+                    p=cfg.head_dim, n=cfg.state_size, k=cfg.conv_kernel)).form.is_pallas)
 
     def decode_weights(self) -> dict | None:
         """in_proj's parts packed into one kernel, and out_proj's kernel, both laid out for few rows
@@ -175,7 +176,7 @@ class Mamba2Mixer(nnx.Module):
 
     def _fused_decode_step(self, hidden, conv_state, ssm_state, active_rows, decode_weights=None):
         """One token of an unsharded model, no mask, no hooks: in_proj, then conv update + SiLU + state update +
-        D + gate + grouped norm as one Pallas kernel (`kernels/decode_step_pallas.py`; the norm's last multiply is
+        D + gate + grouped norm as one Pallas kernel (`kernels/decode_step/triton.py`; the norm's last multiply is
         a small XLA fusion), then out_proj. Same numbers as the op-by-op path (tests/test_decode_step_pallas.py).
         Operands go to the kernel as they are stored (conv weights in parts, A_log): anything computed from them
         before the custom call is one more launch per layer and token."""
@@ -278,6 +279,6 @@ class Mamba2Mixer(nnx.Module):
 
 def _step_size(dt, dt_bias, dt_limit, x_dtype) -> jax.Array:
     """The step size the SSD kernels use, clip(softplus(dt + dt_bias), *dt_limit) in their compute dtype
-    promote(x, float32) (`_process_dt` in kernels/ssd_reference.py); only evaluated for `hook_dt`."""
+    promote(x, float32) (`_process_dt` in kernels/ssd_scan/reference.py); only evaluated for `hook_dt`."""
     dtype = jnp.promote_types(x_dtype, jnp.float32)
     return jnp.clip(jax.nn.softplus(dt.astype(dtype) + dt_bias.astype(dtype)), dt_limit[0], dt_limit[1])

@@ -9,7 +9,7 @@ One program per (batch row, head): it reads the head's state [p, n] once, applie
 and writes the state back into the same buffer (`input_output_aliases`; donate it under jit to skip the copy)
 and y. Upstream: `_selective_scan_update_kernel` in state-spaces/mamba `mamba_ssm/ops/triton/
 selective_state_update.py` (its TIE_HDIM path: A, dt, dt_bias one scalar per head). The reference is
-`easymamba.kernels.ssd_reference.selective_state_update_ref`; the backward calls its VJP.
+`easymamba.kernels.state_update.reference.selective_state_update_ref`; the backward calls its VJP.
 """
 
 import functools
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.ssd_reference import selective_state_update_ref
+from easymamba.kernels.state_update.reference import selective_state_update_ref
 
 __all__ = ["selective_state_update_pallas", "state_update_supported", "selective_state_update_ref"]
 
@@ -67,7 +67,7 @@ def _kernel(*refs, has_D, has_z, has_bias, dt_softplus, dt_limit):
     y_ref[...] = y.astype(y_ref.dtype)
 
 
-def _forward(state, x, dt, A, B, C, D, z, dt_bias, *, dt_softplus, dt_limit):
+def _forward(state, x, dt, A, B, C, D, z, dt_bias, *, dt_softplus, dt_limit, interpret):
     b, h, p, n = state.shape
     g = B.shape[1]
     r = h // g
@@ -109,24 +109,26 @@ def _forward(state, x, dt, A, B, C, D, z, dt_bias, *, dt_softplus, dt_limit):
             pl.BlockSpec((None, None, p, n), lambda bi, hi: (bi, hi, 0, 0)),
         ),
         input_output_aliases={0: 1},
-        compiler_params=pu.compiler_params(num_warps=4 if p * n <= 64 * 128 else 8, num_stages=1),
-        interpret=pu.interpret_mode(),
+        compiler_params=pu.compiler_params(num_warps=4 if p * n <= 64 * 128 else 8, num_stages=1, interpret=interpret),
+        interpret=interpret,
         name="selective_state_update",
     )(*args)
     return y, new_state
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
-def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
-    return _forward(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, interpret):
+    return _forward(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                    interpret=interpret)
 
 
-def _state_update_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
-    out = _forward(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+def _state_update_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, interpret):
+    out = _forward(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                   interpret=interpret)
     return out, (state, x, dt, A, B, C, D, z, dt_bias)
 
 
-def _state_update_bwd(dt_softplus, dt_limit, residuals, cotangents):
+def _state_update_bwd(dt_softplus, dt_limit, interpret, residuals, cotangents):
     # the backward of a decode step is rarely needed (RL / online learning); the reference's VJP is exact
     ref = functools.partial(selective_state_update_ref, dt_softplus=dt_softplus, dt_limit=dt_limit)
     _, vjp = jax.vjp(lambda s, x, dt, A, B, C, D, z, bias: ref(s, x, dt, A, B, C, D=D, z=z, dt_bias=bias),
@@ -138,13 +140,15 @@ _state_update.defvjp(_state_update_fwd, _state_update_bwd)
 
 
 def selective_state_update_pallas(
-    state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf)
+    state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
+    interpret: bool | None = None,
 ):
     """Same contract as `selective_state_update_ref` (shapes, dtypes, dt_limit); one Pallas kernel.
 
     state [b, h, p, n] (any float dtype; math in float32), x [b, h, p], dt [b, h], A [h], B and C [b, g, n],
     D [h], z [b, h, p], dt_bias [h]. Returns (y [b, h, p] in promote(x, state, float32), new state in state's
-    dtype). Compiled on GPU when `state_update_supported(p, n)`; interpreted elsewhere.
+    dtype). Compiled on GPU when `state_update_supported(p, n)`; interpreted elsewhere (`interpret` None) or when
+    `interpret` is True.
     """
     # the reference validates the shapes and raises the same sentences; evaluate it abstractly (no compute)
     jax.eval_shape(
@@ -152,4 +156,4 @@ def selective_state_update_pallas(
         state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
     )
     return _state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus),
-                         (float(dt_limit[0]), float(dt_limit[1])))
+                         (float(dt_limit[0]), float(dt_limit[1])), pu.default_interpret(interpret))

@@ -2,7 +2,7 @@
 
     y[t, c] = act(bias[c] + sum_{i=0..k-1} weight[c, i] * xpad[t + i, c]),   xpad = x left-padded by k-1
 
-(semantics, conv-state convention, `seq_idx` and dtype rules: `easymamba.kernels.conv1d_reference`).
+(semantics, conv-state convention, `seq_idx` and dtype rules: `easymamba.kernels.conv1d.reference`).
 
 Prefill: one program per (batch row, block of `block_l` tokens, block of `block_c` channels), channels-last
 [b, l, c] as the in_proj output comes. Each tap is a gather of rows t + i - (k-1) (clamped into the sequence,
@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
+from easymamba.kernels.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 
 __all__ = [
     "causal_conv1d_pallas",
@@ -111,7 +111,7 @@ def _segments(seq_idx):
     return jnp.cumsum(jnp.pad(starts, [(0, 0), (1, 0)]), axis=1).astype(jnp.int32)
 
 
-def _conv_forward(x, weight, bias, initial_state, seq_idx, *, activation, block_l=64):
+def _conv_forward(x, weight, bias, initial_state, seq_idx, *, activation, interpret, block_l=64):
     b, l, c = x.shape
     k = weight.shape[1]
     block_c = _channel_block(c, 128)
@@ -141,8 +141,8 @@ def _conv_forward(x, weight, bias, initial_state, seq_idx, *, activation, block_
         grid=(b, n_l, c // block_c),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, block_l, block_c), lambda bi, j, ci: (bi, j, ci)),
-        compiler_params=pu.compiler_params(num_warps=4, num_stages=1),
-        interpret=pu.interpret_mode(),
+        compiler_params=pu.compiler_params(num_warps=4, num_stages=1, interpret=interpret),
+        interpret=interpret,
         name="causal_conv1d",
     )(*args)
     if n_l * block_l != l:
@@ -216,7 +216,8 @@ def _conv_bwd_kernel(*refs, l, k, block_l, block_c, has_bias, has_init, has_seg,
     dx_ref[...] = dx.astype(dx_ref.dtype)
 
 
-def _conv_backward(x, weight, bias, initial_state, seq_idx, dy, dstate, *, activation, block_l=32, num_warps=4):
+def _conv_backward(x, weight, bias, initial_state, seq_idx, dy, dstate, *, activation, interpret, block_l=32,
+                   num_warps=4):
     """Gradients of (y, conv_state) with respect to (x, weight, bias, initial_state); None for absent ones.
     block_l 32 (half the forward's): the program holds ~4 [block_l, block_c] float32 tiles, the forward 2."""
     b, l, c = x.shape
@@ -257,8 +258,8 @@ def _conv_backward(x, weight, bias, initial_state, seq_idx, dy, dstate, *, activ
         grid=(b, n_l, c // block_c),
         in_specs=in_specs,
         out_specs=tuple(out_specs),
-        compiler_params=pu.compiler_params(num_warps=num_warps, num_stages=1),
-        interpret=pu.interpret_mode(),
+        compiler_params=pu.compiler_params(num_warps=num_warps, num_stages=1, interpret=interpret),
+        interpret=interpret,
         name="causal_conv1d_bwd",
     )(*args)
     dx, dw_part = outs[0], outs[1]
@@ -289,21 +290,22 @@ def _conv_backward(x, weight, bias, initial_state, seq_idx, dy, dstate, *, activ
 BACKWARDS = ("pallas", "reference")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _conv(x, weight, bias, initial_state, seq_idx, activation, backward):
-    return _conv_forward(x, weight, bias, initial_state, seq_idx, activation=activation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _conv(x, weight, bias, initial_state, seq_idx, activation, backward, interpret):
+    return _conv_forward(x, weight, bias, initial_state, seq_idx, activation=activation, interpret=interpret)
 
 
-def _conv_fwd(x, weight, bias, initial_state, seq_idx, activation, backward):
-    out = _conv(x, weight, bias, initial_state, seq_idx, activation, backward)
+def _conv_fwd(x, weight, bias, initial_state, seq_idx, activation, backward, interpret):
+    out = _conv(x, weight, bias, initial_state, seq_idx, activation, backward, interpret)
     return out, (x, weight, bias, initial_state, seq_idx)
 
 
-def _conv_bwd(activation, backward, residuals, cotangents):
+def _conv_bwd(activation, backward, interpret, residuals, cotangents):
     x, weight, bias, initial_state, seq_idx = residuals
     if backward == "pallas":
         dy, dstate = cotangents
-        return (*_conv_backward(x, weight, bias, initial_state, seq_idx, dy, dstate, activation=activation), None)
+        return (*_conv_backward(x, weight, bias, initial_state, seq_idx, dy, dstate, activation=activation,
+                                interpret=interpret), None)
     ref = lambda x, w, bias, init: causal_conv1d_ref(  # noqa: E731
         x, w, bias, activation=activation, initial_state=init, seq_idx=seq_idx)
     _, vjp = jax.vjp(ref, x, weight, bias, initial_state)
@@ -314,17 +316,18 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def causal_conv1d_pallas(x, weight, bias=None, *, activation="silu", initial_state=None, seq_idx=None,
-                         backward="pallas"):
+                         backward="pallas", interpret: bool | None = None):
     """Same contract as `causal_conv1d_ref`: x [b, l, c], weight [c, k], bias [c], initial_state [b, c, k],
     seq_idx [b, l] int -> (y [b, l, c], conv_state [b, c, k]) in x's dtype. One Pallas kernel for y; the
-    gradient is the backward kernel (`backward="pallas"`) or the reference's VJP (`backward="reference"`)."""
+    gradient is the backward kernel (`backward="pallas"`) or the reference's VJP (`backward="reference"`).
+    `interpret`: Pallas' interpreter (None: compiled on a GPU, interpreted elsewhere)."""
     jax.eval_shape(  # validates shapes and activation with the reference's sentences; no compute
         functools.partial(causal_conv1d_ref, activation=activation), x, weight, bias,
         initial_state=initial_state, seq_idx=seq_idx,
     )
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    return _conv(x, weight, bias, initial_state, seq_idx, activation, backward)
+    return _conv(x, weight, bias, initial_state, seq_idx, activation, backward, pu.default_interpret(interpret))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -352,7 +355,7 @@ def _update_kernel(*refs, k, block_c, has_bias, activation):
     y_ref[...] = _act(y, activation).astype(y_ref.dtype)
 
 
-def _update_forward(x, conv_state, weight, bias, *, activation):
+def _update_forward(x, conv_state, weight, bias, *, activation, interpret):
     b, c, k = conv_state.shape
     block_c = _channel_block(c, 256)
     in_specs = [
@@ -374,22 +377,22 @@ def _update_forward(x, conv_state, weight, bias, *, activation):
         out_specs=(pl.BlockSpec((None, block_c), lambda bi, ci: (bi, ci)),
                    pl.BlockSpec((None, block_c, k), lambda bi, ci: (bi, ci, 0))),
         input_output_aliases={1: 1},
-        compiler_params=pu.compiler_params(num_warps=4, num_stages=1),
-        interpret=pu.interpret_mode(),
+        compiler_params=pu.compiler_params(num_warps=4, num_stages=1, interpret=interpret),
+        interpret=interpret,
         name="causal_conv1d_update",
     )(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _update(x, conv_state, weight, bias, activation):
-    return _update_forward(x, conv_state, weight, bias, activation=activation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _update(x, conv_state, weight, bias, activation, interpret):
+    return _update_forward(x, conv_state, weight, bias, activation=activation, interpret=interpret)
 
 
-def _update_fwd(x, conv_state, weight, bias, activation):
-    return _update(x, conv_state, weight, bias, activation), (x, conv_state, weight, bias)
+def _update_fwd(x, conv_state, weight, bias, activation, interpret):
+    return _update(x, conv_state, weight, bias, activation, interpret), (x, conv_state, weight, bias)
 
 
-def _update_bwd(activation, residuals, cotangents):
+def _update_bwd(activation, interpret, residuals, cotangents):
     ref = functools.partial(causal_conv1d_update_ref, activation=activation)
     _, vjp = jax.vjp(ref, *residuals)
     return vjp(cotangents)
@@ -398,8 +401,9 @@ def _update_bwd(activation, residuals, cotangents):
 _update.defvjp(_update_fwd, _update_bwd)
 
 
-def causal_conv1d_update_pallas(x, conv_state, weight, bias=None, *, activation="silu"):
+def causal_conv1d_update_pallas(x, conv_state, weight, bias=None, *, activation="silu",
+                                interpret: bool | None = None):
     """Same contract as `causal_conv1d_update_ref`: x [b, c], conv_state [b, c, k], weight [c, k], bias [c]
     -> (y [b, c] in x's dtype, new conv_state in conv_state's dtype). One Pallas kernel."""
     jax.eval_shape(functools.partial(causal_conv1d_update_ref, activation=activation), x, conv_state, weight, bias)
-    return _update(x, conv_state, weight, bias, activation)
+    return _update(x, conv_state, weight, bias, activation, pu.default_interpret(interpret))

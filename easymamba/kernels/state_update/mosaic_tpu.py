@@ -1,5 +1,5 @@
 """Mosaic TPU Pallas kernel for one SSD decode step (`selective_state_update`), the TPU form of
-`state_update_pallas.py`. Per head (letters of `easymamba.typing`):
+`triton.py` beside this file. Per head (letters of `easymamba.typing`):
 
     dt    = clip(softplus?(dt + dt_bias), *dt_limit)
     state = exp(dt A) state + dt x (x) B          # (x): outer product, [p] x [n] -> [p, n]
@@ -16,8 +16,8 @@ MXU product C . state^T at float32 precision. The softplus and exp run on a lane
 Checked here: interpret mode against the float64 reference and the Pallas -> Mosaic lowering
 (`jax.export(..., platforms=("tpu",))`); the Mosaic compiler passes inside libtpu are not reachable without a
 TPU, so compiling on one is untested. Block sizes are untuned. Upstream: `_selective_scan_update_kernel` of
-state-spaces/mamba (its TIE_HDIM path); reference: `easymamba.kernels.ssd_reference.selective_state_update_ref`,
-whose VJP is the backward.
+state-spaces/mamba (its TIE_HDIM path); reference: `selective_state_update_ref` (`reference.py` beside this
+file), whose VJP is the backward.
 """
 
 import functools
@@ -30,8 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.conv1d_pallas_tpu import lanes_to_sublanes, pick_row
-from easymamba.kernels.ssd_reference import selective_state_update_ref
+from easymamba.kernels.conv1d.mosaic_tpu import lanes_to_sublanes, pick_row
+from easymamba.kernels.state_update.reference import selective_state_update_ref
 
 __all__ = ["selective_state_update_tpu", "state_update_tpu_supported"]
 

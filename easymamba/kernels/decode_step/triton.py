@@ -42,160 +42,22 @@ with group_size = e / g). Backward: the VJP of `decode_step_ref` (a custom VJP, 
 
 import functools
 import math
-import operator
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from easymamba.kernels import dispatch
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.conv1d_reference import causal_conv1d_update_ref
-from easymamba.kernels.ssd_reference import selective_state_update_ref
+from easymamba.kernels.decode_step.reference import _operands, decode_step_ref
 
-__all__ = ["mamba2_decode_step", "decode_step_pallas", "decode_step_ref", "decode_step_supported", "decode_step_impl",
-           "check_row_mask", "IMPLS"]
-
-IMPLS = ("auto", "pallas", "xla")
-
-# benchmarks/decode_step.py on an H100 (docs/benchmarks.md, "Fused decode step"): "auto" takes the kernel on GPUs
-PALLAS_FASTER_ON_GPU = True
-
-_IN_PROJ_PARTS = ("z", "x", "B", "C", "dt")
-_CONV_PARTS = ("x", "B", "C")
+__all__ = ["decode_step_pallas", "decode_step_supported"]
 
 
 def decode_step_supported(p: int, n: int, k: int) -> bool:
     """Shapes the compiled (Triton) kernel handles: [p, n] state tiles and [p | n, k] conv windows with power-of-two
     sides."""
     return pu.is_pow2(p) and pu.is_pow2(n) and pu.is_pow2(k) and p * n <= 128 * 256
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Operands: packed or in parts
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _dims(conv_state, ssm_state, n_groups):
-    """(b, e, c, k, h, p, n, g) from the two states, with a sentence for each mismatch."""
-    if ssm_state.ndim != 4:
-        raise ValueError(f"ssm_state has shape {tuple(ssm_state.shape)}; expected 4 dims (b, h, p, n)")
-    b, h, p, n = ssm_state.shape
-    if conv_state.ndim != 3:
-        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}; expected 3 dims (b, c, k)")
-    try:
-        g = operator.index(n_groups)
-    except TypeError:
-        g = None
-    if g is None or g < 1 or h % g:
-        raise ValueError(f"n_groups ({n_groups!r}) must be a positive integer dividing the number of heads ({h})")
-    e = h * p
-    c, k = conv_state.shape[1:]
-    if conv_state.shape[0] != b or c != e + 2 * g * n:
-        raise ValueError(f"conv_state has shape {tuple(conv_state.shape)}; expected (b, e + 2 g n, k) = "
-                         f"({b}, {e} + 2 * {g} * {n}, k) from ssm_state (b, h, p, n) = {(b, h, p, n)} and n_groups")
-    return b, e, c, k, h, p, n, g
-
-
-def _sources(name, value, names, widths, lead=(), trail=()):
-    """{part: (array, offset)} for an operand given packed (one array holding the parts side by side on the axis
-    after `lead`) or as a tuple of the parts (for the in_proj output also (z, xBC, dt))."""
-    if not isinstance(value, (tuple, list)):
-        value = (value,)
-    groups = {1: [names], len(names): [[nm] for nm in names]}
-    if names == _IN_PROJ_PARTS:
-        groups[3] = [["z"], ["x", "B", "C"], ["dt"]]
-    if len(value) not in groups:
-        raise ValueError(f"{name} must be one packed array or a tuple of {' or '.join(map(str, sorted(groups)[1:]))} "
-                         f"of its parts {names}; got {len(value)} arrays")
-    out = {}
-    for array, members in zip(value, groups[len(value)]):
-        expected = (*lead, sum(widths[m] for m in members), *trail)
-        if tuple(array.shape) != expected:
-            raise ValueError(f"{name}: the array holding {' | '.join(members)} has shape {tuple(array.shape)}; "
-                             f"expected {expected}")
-        offset = 0
-        for m in members:
-            out[m] = (array, offset)
-            offset += widths[m]
-    return out
-
-
-def _operands(zxbcdt, conv_weight, conv_bias, conv_state, ssm_state, n_groups):
-    """The dims and the {part: (array, offset)} maps of the in_proj output, conv weight and conv bias (or None)."""
-    b, e, c, k, h, p, n, g = _dims(conv_state, ssm_state, n_groups)
-    widths = dict(z=e, x=e, B=g * n, C=g * n, dt=h)
-    act = _sources("zxbcdt", zxbcdt, _IN_PROJ_PARTS, widths, lead=(b,))
-    weight = _sources("conv_weight", conv_weight, _CONV_PARTS, widths, trail=(k,))
-    bias = None if conv_bias is None else _sources("conv_bias", conv_bias, _CONV_PARTS, widths)
-    return (b, e, c, k, h, p, n, g), widths, act, weight, bias
-
-
-def _part(sources, m, width, axis):
-    """Part m as its own array (a slice where it comes packed)."""
-    array, offset = sources[m]
-    return array if array.shape[axis] == width else lax.slice_in_dim(array, offset, offset + width, axis=axis)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reference
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _round_like(x, dtype):
-    """x rounded to `dtype`'s precision, kept in x's dtype. `reduce_precision`, not a pair of converts: XLA may
-    drop a convert pair on GPU (excess precision), and the rounding is part of the semantics (upstream's conv
-    returns the activation dtype, which the state update then reads)."""
-    if jnp.finfo(dtype).bits >= jnp.finfo(x.dtype).bits:
-        return x
-    info = jnp.finfo(dtype)
-    return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-
-
-def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active=None,
-                    *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None):
-    """A Mamba-2 layer's decode step from the existing references: conv update + SiLU, state update, gated norm.
-
-    zxbcdt: the in_proj output for one token, [b, 2e + 2gn + h] packed as [z | x | B | C | dt] (HF), or the
-    tuple (z [b, e], xBC [b, c], dt [b, h]), or (z, x [b, e], B [b, gn], C [b, gn], dt); dt raw (before dt_bias).
-    conv_state [b, c, k]; conv_weight [c, k] or its (x, B, C) parts [e | gn, k]; conv_bias [c], parts, or None;
-    A [h] (float32, negative; or A_log when `A_is_log`); D [h]; dt_bias [h]; ssm_state [b, h, p, n];
-    norm_weight [e]; active [b] bool or None (rows where False keep both states). Returns (y [b, e] in y_dtype
-    (default z's), the input of out_proj; new conv_state in conv_state's dtype; new ssm_state in ssm_state's dtype).
-    """
-    (b, e, c, k, h, p, n, g), widths, act, weight, bias = _operands(zxbcdt, conv_weight, conv_bias, conv_state,
-                                                                    ssm_state, n_groups)
-    check_row_mask(active, b)
-    old_conv, old_ssm = conv_state, ssm_state
-    z, dt = _part(act, "z", e, 1), _part(act, "dt", h, 1)
-    join = lambda src, axis: jnp.concatenate([_part(src, m, widths[m], axis) for m in _CONV_PARTS], axis)  # noqa
-    xBC, w = join(act, 1), join(weight, 0)  # [b, c], [c, k]
-    bvec = None if bias is None else join(bias, 0)  # [c]
-    xBC, conv_state = causal_conv1d_update_ref(xBC, conv_state, w, bvec, activation="silu")
-    xBC = _round_like(xBC.astype(jnp.promote_types(xBC.dtype, jnp.float32)), xBC.dtype)
-    x, B, C = jnp.split(xBC, [e, e + g * n], axis=-1)  # [b, e] [b, gn] [b, gn]
-    if A_is_log:
-        A = -jnp.exp(A.astype(jnp.float32))
-    y, ssm_state = selective_state_update_ref(
-        ssm_state, x.reshape(b, h, p), dt, A, B.reshape(b, g, n), C.reshape(b, g, n), D=D, dt_bias=dt_bias,
-        dt_softplus=True, dt_limit=dt_limit)  # y [b, h, p] float32
-    # GatedRMSNorm (easymamba.norms) in float32: weight * rmsnorm_per_group(y * silu(z))
-    gated = y.reshape(b, e).astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-    grouped = gated.reshape(b, g, e // g)  # [b, g, e/g]
-    normed = grouped * lax.rsqrt(jnp.mean(jnp.square(grouped), axis=-1, keepdims=True) + eps)
-    y = norm_weight.astype(jnp.float32) * normed.reshape(b, e)
-    if active is not None:
-        conv_state = jnp.where(active[:, None, None], conv_state, old_conv)
-        ssm_state = jnp.where(active[:, None, None, None], ssm_state, old_ssm)
-    return y.astype(z.dtype if y_dtype is None else y_dtype), conv_state, ssm_state
-
-
-def check_row_mask(mask, b: int, name: str = "active") -> None:
-    """A per-row mask of held rows (`active` here, a mixer's `active_rows`): None or bool of shape (b,)."""
-    if mask is not None and (tuple(mask.shape) != (b,) or mask.dtype != jnp.bool_):
-        raise ValueError(f"{name} must be a bool array of shape (batch,) = ({b},); got {mask.dtype}"
-                         f"{list(mask.shape)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,7 +145,7 @@ def _default_block_p(b: int, h: int, p: int) -> int:
 
 
 def _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, active=None, *, n_groups,
-                 dt_limit, A_is_log, block_p):
+                 dt_limit, A_is_log, block_p, interpret):
     """The pallas_call: (gated y [b, e] float32, sums of its squares per program [b, h * p / block_p], new
     conv_state, new ssm_state). Batch rows and heads are independent here (a mesh can run it per shard); the
     norm's group reduction, which spans heads, is `_finish_norm`'s."""
@@ -339,8 +201,8 @@ def _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_
                    pl.BlockSpec((None, None), lambda bi, hi, pj: (bi, hi * npb + pj)),
                    whole_row(c, k), state_spec),
         input_output_aliases={state_pos: 3},
-        compiler_params=pu.compiler_params(num_warps=4 if bp * n <= 64 * 128 else 8, num_stages=1),
-        interpret=pu.interpret_mode(),
+        compiler_params=pu.compiler_params(num_warps=4 if bp * n <= 64 * 128 else 8, num_stages=1, interpret=interpret),
+        interpret=interpret,
         name="mamba2_decode_step",
     )(*inputs)
 
@@ -355,16 +217,16 @@ def _finish_norm(y, ss, norm_weight, *, n_groups, eps, y_dtype):
 
 
 def _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active, *,
-             n_groups, eps, dt_limit, A_is_log, y_dtype, block_p):
+             n_groups, eps, dt_limit, A_is_log, y_dtype, block_p, interpret):
     y, ss, conv_state, ssm_state = _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias,
                                                 ssm_state, active, n_groups=n_groups, dt_limit=dt_limit,
-                                                A_is_log=A_is_log, block_p=block_p)
+                                                A_is_log=A_is_log, block_p=block_p, interpret=interpret)
     z_dtype = (zxbcdt[0] if isinstance(zxbcdt, (tuple, list)) else zxbcdt).dtype
     y = _finish_norm(y, ss, norm_weight, n_groups=n_groups, eps=eps, y_dtype=z_dtype if y_dtype is None else y_dtype)
     return y, conv_state, ssm_state
 
 
-_NONDIFF = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype", "block_p")
+_NONDIFF = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype", "block_p", "interpret")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(10, 10 + len(_NONDIFF))))
@@ -382,6 +244,7 @@ def _decode_step_bwd(*rest):
     # a decode step's backward is rare (RL, online learning): the reference's VJP, exact
     statics, (residuals, cotangents) = dict(zip(_NONDIFF, rest[:len(_NONDIFF)])), rest[len(_NONDIFF):]
     statics.pop("block_p")
+    statics.pop("interpret")
     *residuals, active = residuals
     _, vjp = jax.vjp(functools.partial(decode_step_ref, active=active, **statics), *residuals)
     return (*vjp(cotangents), None)  # `active` is a bool mask: no cotangent
@@ -399,81 +262,14 @@ def _static(n_groups, eps, dt_limit, y_dtype):
 
 def decode_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
                        active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False,
-                       y_dtype=None, block_p: int | None = None):
+                       y_dtype=None, block_p: int | None = None, interpret: bool | None = None):
     """Same contract as `decode_step_ref`; one Pallas kernel plus the norm's last step in XLA. Compiled on GPU
     (shapes: `decode_step_supported`), interpreted elsewhere. `block_p`: channels of a head per program, a power of
-    two dividing p (default: the whole head at large b h, fewer at small; `_default_block_p`)."""
+    two dividing p (default: the whole head at large b h, fewer at small; `_default_block_p`). `interpret`: Pallas'
+    interpreter (None: compiled on a GPU, interpreted elsewhere)."""
     n_groups, eps, dt_limit, y_dtype = _static(n_groups, eps, dt_limit, y_dtype)
     kw = dict(n_groups=n_groups, eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype)
     jax.eval_shape(functools.partial(decode_step_ref, **kw),  # the reference's shape checks; abstract, no compute
                    zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active)
     return _decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active,
-                        *kw.values(), None if block_p is None else int(block_p))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Public entry point
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _compiled_pallas_here() -> tuple[bool, str]:
-    if not pu.on_gpu():
-        return False, f"no compiled Pallas kernels on {jax.default_backend()}"
-    cap = pu.gpu_capability()
-    if cap is None or cap < (8, 0) or pu.TritonParams is None:
-        return False, "the Triton-backed kernel needs an NVIDIA GPU of sm_80 or newer and jax's Pallas Triton module"
-    return True, f"sm_{cap[0]}{cap[1]} GPU"
-
-
-def _resolve(impl: str, p: int, n: int, k: int) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    runs, why = _compiled_pallas_here()
-    if impl == "auto":
-        return "pallas" if runs and PALLAS_FASTER_ON_GPU and decode_step_supported(p, n, k) else "xla"
-    if impl == "pallas":
-        if jax.default_backend() == "tpu":
-            raise NotImplementedError("the decode-step kernel has no TPU form yet; use impl='xla' on TPU")
-        if pu.on_gpu() and not runs:
-            raise NotImplementedError(f"the decode-step kernel cannot run here: {why}; use impl='xla'")
-        if pu.on_gpu() and not decode_step_supported(p, n, k):
-            raise ValueError(f"the decode-step kernel compiles for power-of-two p, n, k with p * n <= 32768; got "
-                             f"p = {p}, n = {n}, k = {k}: use impl='xla'")
-    return impl
-
-
-def decode_step_impl(kernel_impl: str, p: int, n: int, k: int) -> str:
-    """What a model whose kernels were asked for `kernel_impl` ("auto" | "pallas" | "xla" | "reference", the
-    mixer's setting) runs for its decode step: "pallas" (this kernel) or "xla" (the mixer's op-by-op path; on TPU
-    also for "pallas", where that path's conv and state updates run their Mosaic TPU kernels)."""
-    if kernel_impl in ("xla", "reference"):
-        return "xla"
-    if kernel_impl == "pallas" and dispatch.platform() == "tpu":
-        return "xla"  # no TPU form of this fused kernel: the op-by-op step, whose ops run their TPU kernels
-    return _resolve(kernel_impl, p, n, k)
-
-
-_STATIC = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype")
-_xla = jax.jit(decode_step_ref, static_argnames=_STATIC)
-_pallas = jax.jit(decode_step_pallas, static_argnames=_STATIC + ("block_p",))
-
-
-def mamba2_decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
-                       active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False,
-                       y_dtype=None, impl: str = "auto"):
-    """A Mamba-2 layer's decode step from the in_proj output to the out_proj input (see the module docstring;
-    operands as `decode_step_ref`). Returns (y [b, e] in y_dtype (default z's dtype), new conv_state, new
-    ssm_state).
-
-    impl: "pallas" the kernel (compiled on an sm_80+ GPU, interpreted on CPU), "xla" the jitted
-    `decode_step_ref`, "auto" the kernel where it compiles and was measured faster (GPU), else XLA.
-    `active` [b] bool: rows where False keep both states (module docstring).
-    Inside a jitted decode loop, donate the SSM state: the kernel writes it in place.
-    """
-    b, _, p, n = ssm_state.shape
-    impl = _resolve(impl, p, n, conv_state.shape[-1])
-    n_groups, eps, dt_limit, y_dtype = _static(n_groups, eps, dt_limit, y_dtype)
-    fn = _xla if impl == "xla" else _pallas
-    return fn(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active,
-              n_groups=n_groups,
-              eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype)
+                        *kw.values(), None if block_p is None else int(block_p), pu.default_interpret(interpret))

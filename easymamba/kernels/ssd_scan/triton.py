@@ -22,14 +22,12 @@ Parallelism is b * h programs; each runs l / block_q chunk steps in sequence.
 Numerics follow mamba_ssm: matmul operands in the input dtype (bf16 for bf16 inputs), float32 accumulation,
 float32 state; every exp argument is <= 0. float32 inputs use IEEE float32 matmuls (no tf32).
 
-The custom VJP's backward is the Pallas backward of `ssd_pallas_gpu_bwd` (a state pass and a reverse walk over
-chunks, derivation in that module's docstring); `backward="reference"` (or a shape the compiled backward does not
-handle, `ssd_backward_supported`) takes `jax.vjp` of `ssd_chunked` instead.
+The entry point, `ssd_pallas` (`gpu.py` beside this file), does the dt processing, padding and custom VJP and
+calls `forward_triton` here or the Mosaic GPU form (`mosaic_gpu.py`); the backward is `triton_bwd.py`.
 """
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -37,19 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.ssd_pallas_gpu_bwd import (
-    SSDBackwardConfig,
-    default_backward_config,
-    ssd_backward_pallas,
-    ssd_backward_supported,
-)
-from easymamba.kernels.ssd_pallas_mgpu import MosaicSSDConfig, mgpu_supported, ssd_forward_mgpu
-from easymamba.kernels.ssd_reference import _check_ssd_args, _process_dt, _segment_ids, ssd_chunked_vjp
 
-__all__ = ["ssd_pallas", "SSDBlockConfig", "MosaicSSDConfig", "SSDBackwardConfig", "default_config", "ssd_supported",
-           "mosaic_gpu_here"]
-
-BACKWARDS = ("pallas", "reference")
+__all__ = ["SSDBlockConfig", "ssd_supported", "forward_triton"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,27 +46,6 @@ class SSDBlockConfig:
     block_q: int = 64
     num_warps: int = 4
     num_stages: int = 2
-
-
-def default_config(l: int, p: int, n: int, dtype):
-    """The kernel form and tiles `ssd_pallas` uses when given no config, for length l, head dim p, state size n
-    and operand dtype `dtype`.
-
-    On a Hopper GPU (sm_90), compiled, for bf16 / f16 operands the Mosaic GPU form takes (`mgpu_supported`):
-    `MosaicSSDConfig()`, measured 0.80-0.97x the Triton form's time at the four benchmark shapes
-    (docs/benchmarks.md). Everywhere else the Triton form, measured on an H100: q 64 and 4 warps; 2 pipeline
-    stages up to l 4096, 3 above (at l 8192 two stages cost 1.1-1.5x, at l 2048 three stages cost 1.1x).
-    """
-    if mosaic_gpu_here() and mgpu_supported(p, n, dtype):
-        return MosaicSSDConfig()
-    return SSDBlockConfig(block_q=64, num_warps=4, num_stages=2 if l <= 4096 else 3)
-
-
-def mosaic_gpu_here() -> bool:
-    """Whether the Mosaic GPU form compiles here: kernels compiled (not interpreted) on a Hopper GPU (wgmma is
-    sm_90 only)."""
-    cap = pu.gpu_capability()
-    return not pu.interpret_mode() and cap is not None and cap[0] == 9
 
 
 def ssd_supported(p: int, n: int) -> bool:
@@ -156,35 +122,9 @@ def _kernel(*refs, q, nchunks, has_D, has_z, has_init, has_seg, cdtype):
     state_ref[...] = state.astype(state_ref.dtype)
 
 
-def _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, dt_softplus, dt_limit, y_dtype, config):
-    b, l, h, p = x.shape
-    cdtype = jnp.promote_types(x.dtype, jnp.float32)
-    q = config.block_q
-    pad = (-l) % q
-    lp = l + pad
-    nchunks = lp // q
-
-    def pad_l(a):
-        return a if pad == 0 else jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-
-    # dt processing and the chunk-local cumsum in XLA: [b, lp, h] float32 each (padded dt = 0: a no-op step)
-    dtp = pad_l(_process_dt(dt, dt_bias, dt_softplus, dt_limit, cdtype))  # [b, lp, h]
-    acum = jnp.cumsum((dtp * A.astype(cdtype)).reshape(b, nchunks, q, h), axis=2).reshape(b, lp, h)
-    seg = None
-    if seq_idx is not None:
-        seg = _segment_ids(seq_idx).astype(jnp.int32)
-        seg = seg if pad == 0 else jnp.pad(seg, [(0, 0), (0, pad)], mode="edge")  # padding joins the last segment
-    x, B, C, z = pad_l(x), pad_l(B), pad_l(C), None if z is None else pad_l(z)
-    if isinstance(config, MosaicSSDConfig):
-        y, final_state = ssd_forward_mgpu(x, dtp, acum, B, C, D, z, initial_state, seg, y_dtype=y_dtype,
-                                          config=config, interpret=pu.interpret_mode())
-    else:
-        y, final_state = _forward_triton(x, dtp, acum, B, C, D, z, initial_state, seg, y_dtype=y_dtype,
-                                         config=config)
-    return (y if pad == 0 else y[:, :l]), final_state
-
-
-def _forward_triton(x, dtp, acum, B, C, D, z, initial_state, seg, *, y_dtype, config):
+def forward_triton(x, dtp, acum, B, C, D, z, initial_state, seg, *, y_dtype, config, interpret: bool):
+    """The Triton form's kernel on padded operands (dt processed, acum its chunk-local cumsum of dt A, seg the
+    segment ids): returns (y [b, lp, h, p] in y_dtype, final_state [b, h, p, n])."""
     b, lp, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -226,87 +166,9 @@ def _forward_triton(x, dtp, acum, B, C, D, z, initial_state, seg, *, y_dtype, co
         grid=(h, b),  # heads fastest, so the programs in flight share one batch row's B and C in L2
         in_specs=in_specs,
         out_specs=(seq_spec(None, lp, None, p), pl.BlockSpec((None, None, p, n), lambda hi, bi: (bi, hi, 0, 0))),
-        compiler_params=pu.compiler_params(num_warps=config.num_warps, num_stages=config.num_stages),
-        interpret=pu.interpret_mode(),
+        compiler_params=pu.compiler_params(num_warps=config.num_warps, num_stages=config.num_stages,
+                                           interpret=interpret),
+        interpret=interpret,
         name="ssd_fused_fwd",
     )(*args)
     return y, final_state
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
-def _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static):
-    dt_softplus, dt_limit, y_dtype, config, _, _ = static
-    return _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_softplus=dt_softplus,
-                    dt_limit=dt_limit, y_dtype=y_dtype, config=config)
-
-
-def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static):
-    out = _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)
-    return out, (x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)
-
-
-def _ssd_bwd(static, residuals, cotangents):
-    dt_softplus, dt_limit, y_dtype, _, chunk_size, backward = static
-    *diff, seq_idx = residuals
-    x, B = diff[0], diff[3]
-    if backward != "reference" and (pu.interpret_mode() or ssd_backward_supported(x.shape[3], B.shape[3])):
-        dy, dfinal = cotangents
-        grads = ssd_backward_pallas(*diff, seq_idx, dy, dfinal, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                                    config=backward)
-        return (*grads, None)
-    return ssd_chunked_vjp(diff, seq_idx, cotangents, chunk_size=chunk_size, dt_softplus=dt_softplus,
-                           dt_limit=dt_limit, y_dtype=y_dtype)
-
-
-_ssd.defvjp(_ssd_fwd, _ssd_bwd)
-
-
-def ssd_pallas(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    *,
-    chunk_size: int = 256,
-    D=None,
-    z=None,
-    dt_bias=None,
-    dt_softplus: bool = False,
-    dt_limit=(0.0, math.inf),
-    initial_state=None,
-    seq_idx=None,
-    y_dtype=None,
-    config: SSDBlockConfig | None = None,
-    backward: str = "pallas",
-    backward_config: SSDBackwardConfig | None = None,
-):
-    """The SSD forward as one fused Pallas kernel; same contract as `ssd_chunked` (shapes, dt rules, seq_idx,
-    any l), returning (y [b, l, h, p], final_state [b, h, p, n]).
-
-    y comes back in `y_dtype` (default: the compute dtype promote(x, float32), as the references do; pass
-    x.dtype to halve the output bytes as mamba_ssm does); final_state in the compute dtype. `chunk_size` only
-    sets the chunking of the backward (the reference's); the kernel's own chunk is `config.block_q`. The config's
-    type picks the form: `SSDBlockConfig` the Triton form, `MosaicSSDConfig` the Mosaic GPU form (Hopper, bf16 /
-    f16); None takes `default_config`, which picks the Mosaic form where it compiles.
-
-    Gradients: `backward="pallas"` (default) runs the backward kernels of `ssd_pallas_gpu_bwd` with
-    `backward_config` (`default_backward_config(l)` when None), falling back to the reference VJP for shapes the
-    compiled backward does not handle; `backward="reference"` always takes `jax.vjp` of `ssd_chunked`.
-    """
-    _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dt_limit)
-    if backward not in BACKWARDS:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    cdtype = jnp.promote_types(x.dtype, jnp.float32)
-    y_dtype = jnp.dtype(cdtype if y_dtype is None else y_dtype)
-    config = default_config(x.shape[1], x.shape[3], B.shape[3], x.dtype) if config is None else config
-    if isinstance(config, MosaicSSDConfig) and not mgpu_supported(x.shape[3], B.shape[3], x.dtype):
-        raise ValueError(
-            f"the Mosaic GPU SSD form (MosaicSSDConfig) takes bf16 / f16 x with head_dim and state size multiples "
-            f"of 64 (<= 128 and <= 256); got x {x.dtype}, head_dim {x.shape[3]}, state size {B.shape[3]}"
-        )
-    if backward == "pallas":
-        backward = default_backward_config(x.shape[1]) if backward_config is None else backward_config
-    static = (bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), y_dtype, config, int(chunk_size),
-              backward)
-    return _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)

@@ -1,4 +1,4 @@
-"""Fused SSD forward, Mosaic GPU form (Hopper, sm_90): the chunk walk of `ssd_pallas_gpu`, written for TMA and wgmma.
+"""Fused SSD forward, Mosaic GPU form (Hopper, sm_90): the chunk walk of `triton.py`, written for TMA and wgmma.
 
 Same algorithm and bytes as the Triton form (one program per (head, batch row), the state on chip across the
 walk, x / B / C / z / dt read once, y and the final state written once), different machinery:

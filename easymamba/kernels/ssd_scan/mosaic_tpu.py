@@ -1,7 +1,8 @@
 """Fused SSD forward as a Mosaic TPU Pallas kernel: one pass over x, B, C, z; the state stays in VMEM.
 
-The TPU form of `ssd_pallas_gpu` (same math, same contract; easymamba issue #7). Letters as in `easymamba.typing`;
-`hb` is the number of heads one program owns (a "head block"), `gb` the number of B/C groups those heads read.
+The TPU form of `ssd_pallas` (`gpu.py`, `triton.py`; same math, same contract; easymamba issue #7). Letters as in
+`easymamba.typing`; `hb` is the number of heads one program owns (a "head block"), `gb` the number of B/C groups
+those heads read.
 
 Grid (b, h // hb, c) with the chunk axis last and "arbitrary" (sequential), the other two "parallel" (megacore
 splits them). One program walks the chunks of one (batch row, head block); the running state of its hb heads,
@@ -79,7 +80,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.ssd_reference import _check_ssd_args, _process_dt, ssd_chunked_vjp
+from easymamba.kernels.ssd_scan.reference import _check_ssd_args, _process_dt, ssd_chunked_vjp
 
 __all__ = ["ssd_pallas_tpu", "SSDTPUConfig", "ssd_tpu_supported", "head_block"]
 

@@ -2,8 +2,8 @@
 
     y[t, c] = act(bias[c] + sum_{i=0..k-1} weight[c, i] * xpad[t + i, c]),   xpad = x left-padded by k-1
 
-(semantics, the conv-state convention, `seq_idx` and dtype rules: `easymamba.kernels.conv1d_reference`; the
-GPU forms are in `conv1d_pallas.py`).
+(semantics, the conv-state convention, `seq_idx` and dtype rules: `easymamba.kernels.conv1d.reference`; the
+GPU forms are in `triton.py` beside this file).
 
 Prefill: grid (b, c / block_c, l / block_l); channels on the 128-wide lane axis, tokens on sublanes, as the
 in_proj output comes ([b, l, c]). The l axis is "arbitrary" (sequential): a VMEM window of P + block_l float32
@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.conv1d_reference import causal_conv1d_ref, causal_conv1d_update_ref
+from easymamba.kernels.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 
 __all__ = ["causal_conv1d_tpu", "causal_conv1d_update_tpu", "conv1d_tpu_supported"]
 
@@ -53,7 +53,7 @@ MAX_K = 16  # the taps are unrolled in the kernel body; Mamba uses k = 4
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)  # no float64 on TPU
 
 
-# TPU helpers, shared with state_update_pallas_tpu.py
+# TPU helpers, shared with state_update/mosaic_tpu.py
 
 
 def pick_row(v, r):

@@ -1,6 +1,6 @@
 """Pallas backward of the fused SSD (GPU form): two kernels and a little XLA, no atomics.
 
-The forward (`ssd_pallas_gpu`, same letters) computes per chunk of q tokens, per (head, batch row), with
+The forward (`triton.py`, same letters) computes per chunk of q tokens, per (head, batch row), with
 a = dt A, acum the chunk-local cumsum of a, last = acum_{q-1}, S the [p, n] state entering the chunk:
 
     Lm[i, j] = exp(acum_i - acum_j) [j <= i, same segment]     into_i = exp(acum_i) [seg_i = seg(S)]
@@ -55,7 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from easymamba.kernels import pallas_util as pu
-from easymamba.kernels.ssd_reference import _process_dt, _segment_ids
+from easymamba.kernels.ssd_scan.reference import _process_dt, _segment_ids
 
 __all__ = ["SSDBackwardConfig", "default_backward_config", "ssd_backward_supported", "ssd_backward_pallas"]
 
@@ -273,10 +273,12 @@ def chunked_dt(dt, A, dt_bias, *, q, dt_softplus, dt_limit, cdtype):
 
 
 def ssd_backward_pallas(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dy, dfinal, *, dt_softplus,
-                        dt_limit, config: SSDBackwardConfig | None = None):
+                        dt_limit, config: SSDBackwardConfig | None = None, interpret: bool | None = None):
     """Gradients of `ssd_pallas`'s (y, final_state) with respect to (x, dt, A, B, C, D, z, dt_bias,
     initial_state), given their cotangents dy [b, l, h, p] and dfinal [b, h, p, n]; None for absent inputs.
-    Each gradient comes back in its input's dtype. Arguments as `ssd_chunked` (already validated)."""
+    Each gradient comes back in its input's dtype. Arguments as `ssd_chunked` (already validated). `interpret`:
+    Pallas' interpreter (None: compiled on a GPU, interpreted elsewhere)."""
+    interpret = pu.default_interpret(interpret)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -322,8 +324,9 @@ def ssd_backward_pallas(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, d
         grid=(h, b),
         in_specs=in_specs,
         out_specs=states_spec,
-        compiler_params=pu.compiler_params(num_warps=config.states_num_warps, num_stages=config.states_num_stages),
-        interpret=pu.interpret_mode(),
+        compiler_params=pu.compiler_params(num_warps=config.states_num_warps, num_stages=config.states_num_stages,
+                                           interpret=interpret),
+        interpret=interpret,
         name="ssd_bwd_states",
     )(*args)
 
@@ -360,8 +363,9 @@ def ssd_backward_pallas(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, d
         grid=(h, b),
         in_specs=in_specs,
         out_specs=tuple(out_specs),
-        compiler_params=pu.compiler_params(num_warps=config.num_warps, num_stages=config.num_stages),
-        interpret=pu.interpret_mode(),
+        compiler_params=pu.compiler_params(num_warps=config.num_warps, num_stages=config.num_stages,
+                                           interpret=interpret),
+        interpret=interpret,
         name="ssd_bwd",
     )(*args))
     dx, dB_h, dC_h, ddtp, dacum = outs[:5]
