@@ -70,7 +70,8 @@ class Embedding(nnx.Module):
         self.num_embeddings = num_embeddings
         self.features = features
         self.dtype = dtype
-        self.weight = nnx.Param(normal_init(rngs.params(), (num_embeddings, features), init_std, param_dtype))
+        self.weight = nnx.Param(normal_init(rngs.params(), (num_embeddings, features), init_std, param_dtype),
+                                axes=("vocab", "embed"))
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:  # (b, l) -> (b, l, d)
         check_token_ids(input_ids, self.num_embeddings)
@@ -91,12 +92,12 @@ class DepthwiseConv1d(nnx.Module):
     """
 
     def __init__(self, channels: int, kernel_size: int, *, use_bias: bool = True, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, axis: str | None = "heads"):
         self.channels = channels
         self.kernel_size = kernel_size
         self.weight = nnx.Param(kaiming_uniform_init(rngs.params(), (channels, kernel_size), kernel_size,
-                                                     param_dtype))
-        self.bias = nnx.Param(jnp.zeros((channels,), param_dtype)) if use_bias else None
+                                                     param_dtype), axes=(axis, None))
+        self.bias = nnx.Param(jnp.zeros((channels,), param_dtype), axes=(axis,)) if use_bias else None
 
 
 class SplitLinear(nnx.Module):
@@ -106,18 +107,23 @@ class SplitLinear(nnx.Module):
     `y = x @ [W_1 | W_2 | ...]` computed part by part, so a part can be sharded over a mesh axis that would not
     split the concatenation evenly (HF's `in_proj [z | x | B | C | dt]`: heads and groups have different
     sizes). The call returns the parts' outputs as a tuple in `sizes` order. Each part is initialised with
-    its own key from `kernel_init(key, (in_features, size), dtype)`.
+    its own key from `kernel_init(key, (in_features, size), dtype)`. `axes[name]` is the logical axis a part's
+    output features shard over (`easymamba.sharding`); the input features are the residual stream, `embed`.
     """
 
     def __init__(self, in_features: int, sizes: dict[str, int], *, use_bias: bool, dtype, param_dtype,
-                 kernel_init, rngs: nnx.Rngs):
+                 kernel_init, rngs: nnx.Rngs, axes: dict[str, str | None] | None = None):
         if not sizes:
             raise ValueError("SplitLinear needs at least one part")
+        axes = {} if axes is None else axes
         self.in_features = in_features
         self.part_names = tuple(sizes)
         for name, size in sizes.items():
+            axis = axes.get(name)
             setattr(self, name, nnx.Linear(in_features, size, use_bias=use_bias, dtype=dtype,
-                                           param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs))
+                                           param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs,
+                                           kernel_metadata={"axes": ("embed", axis)},
+                                           bias_metadata={"axes": (axis,)}))
 
     @property
     def out_features(self) -> int:
@@ -167,17 +173,19 @@ def linear(module: nnx.Linear, x: jax.Array, kernel: jax.Array, bias: jax.Array 
 class SplitConv1d(nnx.Module):
     """A depthwise conv's parameters stored as named channel parts: a `DepthwiseConv1d` `[size, k]` per
     `(name, size)` of `sizes`. A depthwise conv acts on each channel alone, so running it part by part is
-    the packed conv exactly; the parts can be sharded apart (HF's `conv1d [x | B | C]`)."""
+    the packed conv exactly; the parts can be sharded apart (HF's `conv1d [x | B | C]`), each over the logical
+    axis `axes[name]` names."""
 
     def __init__(self, sizes: dict[str, int], kernel_size: int, *, use_bias: bool = True, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, axes: dict[str, str | None] | None = None):
         if not sizes:
             raise ValueError("SplitConv1d needs at least one part")
+        axes = {} if axes is None else axes
         self.kernel_size = kernel_size
         self.part_names = tuple(sizes)
         for name, size in sizes.items():
             setattr(self, name, DepthwiseConv1d(size, kernel_size, use_bias=use_bias, param_dtype=param_dtype,
-                                                rngs=rngs))
+                                                rngs=rngs, axis=axes.get(name)))
 
     @property
     def channels(self) -> int:

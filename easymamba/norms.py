@@ -18,11 +18,11 @@ def _rms_normalize(x: jax.Array, eps: float) -> jax.Array:
 class RMSNorm(nnx.Module):
     """`weight * normalize(x)`: statistics in float32, rounded to the input dtype before the weight (as HF)."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32):
+    def __init__(self, dim: int, *, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32, axis: str = "embed"):
         self.dim = dim
         self.eps = eps
         self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))  # axes: easymamba.sharding
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., d) -> (..., d)
         if x.shape[-1] != self.dim:
@@ -41,14 +41,15 @@ class GatedRMSNorm(nnx.Module):
     (mamba_ssm `RMSNorm(group_size=e // g, norm_before_gate=False)`; HF `MambaRMSNormGated` >= 5.23.)
     """
 
-    def __init__(self, dim: int, *, n_groups: int = 1, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32):
+    def __init__(self, dim: int, *, n_groups: int = 1, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32,
+                 axis: str = "heads"):
         if dim % n_groups != 0:
             raise ValueError(f"GatedRMSNorm dim ({dim}) must be divisible by n_groups ({n_groups})")
         self.dim = dim
         self.n_groups = n_groups
         self.eps = eps
         self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))  # groups of whole heads
 
     def __call__(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:  # (..., e), (..., e)
         if x.shape[-1] != self.dim:

@@ -24,12 +24,13 @@ is replicated. So the mixer is Megatron-style: in_proj column-parallel, the per-
 local to each shard (the norm's per-group statistics are local when groups are sharded), out_proj
 row-parallel (one all-reduce per layer); batch rows are data-parallel.
 
-The parameter table is per family: a model class names its `logical_axes(config)` -> (table, units), where
-the table maps module-path suffixes to one logical name per dimension and `units` counts each logical axis
-(heads h, groups g, ...) for the divisibility rules. `MAMBA2_PARAM_AXES` is Mamba-2's, `MAMBA1_PARAM_AXES`
-Mamba-1's: Mamba-1 has no heads, and its inner channels e (each with its own conv filter, A row, D, dt and state
-row) play their part, so `heads` counts e there and the mixer is Megatron-style in the same way (in_proj
-column-parallel, conv and scan local, x_proj and out_proj row-parallel with one all-reduce each).
+Every parameter declares its logical axes where it is made, one name (or None) per dimension, as `axes=`
+metadata (`nnx.Param(value, axes=("heads",))`, `nnx.Linear(..., kernel_metadata={"axes": ("embed", "heads")})`);
+`ParamRules` reads them off the model and resolves them with one rules object. The family's record gives
+`sharding_units(config)`, the count of each logical axis (heads h, groups g, ...) for the divisibility rules.
+Mamba-1 has no heads: its inner channels e (each with its own conv filter, A row, D, dt and state row) are
+declared `heads` and counted as e, so its mixer is Megatron-style in the same way (in_proj column-parallel, conv
+and scan local, x_proj and out_proj row-parallel with one all-reduce each).
 
 Meshes must use `AxisType.Auto` (what `make_mesh` builds): the model relies on GSPMD propagation between the
 constraints it places, and jax 0.10's default `Explicit` axes make an embedding gather on batch-sharded ids
@@ -51,75 +52,6 @@ from easymamba.caching.partition import AxisEntry, PartitionAxis, normalize_entr
 from easymamba.kernels import MeshAxes
 
 LOGICAL_AXES = ("batch", "heads", "groups", "vocab", "embed")
-
-# Mamba-2: module-path suffix -> one logical axis per parameter dimension (None: never sharded).
-# The first matching suffix wins, so the mixer's own `norm` comes before the blocks' `norm`.
-MAMBA2_PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str | None, ...]], ...] = (
-    (("embeddings", "weight"), ("vocab", "embed")),                     # [v, d]
-    (("lm_head", "kernel"), ("embed", "vocab")),                        # [d, v]
-    (("in_proj", "z", "kernel"), ("embed", "heads")),                   # [d, e]
-    (("in_proj", "x", "kernel"), ("embed", "heads")),                   # [d, e]
-    (("in_proj", "B", "kernel"), ("embed", "groups")),                  # [d, g*n]
-    (("in_proj", "C", "kernel"), ("embed", "groups")),                  # [d, g*n]
-    (("in_proj", "dt", "kernel"), ("embed", "heads")),                  # [d, h]
-    (("in_proj", "z", "bias"), ("heads",)),
-    (("in_proj", "x", "bias"), ("heads",)),
-    (("in_proj", "B", "bias"), ("groups",)),
-    (("in_proj", "C", "bias"), ("groups",)),
-    (("in_proj", "dt", "bias"), ("heads",)),
-    (("conv1d", "x", "weight"), ("heads", None)),                       # [e, k]
-    (("conv1d", "x", "bias"), ("heads",)),
-    (("conv1d", "B", "weight"), ("groups", None)),                      # [g*n, k]
-    (("conv1d", "B", "bias"), ("groups",)),
-    (("conv1d", "C", "weight"), ("groups", None)),
-    (("conv1d", "C", "bias"), ("groups",)),
-    (("mixer", "dt_bias"), ("heads",)),                                 # [h]
-    (("mixer", "A_log"), ("heads",)),
-    (("mixer", "D"), ("heads",)),
-    (("mixer", "norm", "weight"), ("heads",)),                          # [e], groups of whole heads
-    (("out_proj", "kernel"), ("heads", "embed")),                       # [e, d]
-    (("out_proj", "bias"), ("embed",)),
-    (("norm", "weight"), ("embed",)),                                   # [d], the blocks' pre-norm
-    (("norm_f", "weight"), ("embed",)),
-)
-
-
-def mamba2_logical_axes(config) -> tuple[tuple, dict[str, int]]:
-    """Mamba-2's parameter table and the count of each logical axis (for the divisibility rules)."""
-    units = {"heads": config.num_heads, "groups": config.n_groups, "vocab": config.vocab_size,
-             "embed": config.hidden_size}
-    return MAMBA2_PARAM_AXES, units
-
-
-# Mamba-1 (easymamba/models/mamba1.py): `heads` is the inner channel axis e, `groups` does not occur (B and C are [n], shared
-# by every channel, so they are replicated activations, not parameters).
-MAMBA1_PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str | None, ...]], ...] = (
-    (("embeddings", "weight"), ("vocab", "embed")),                     # [v, d]
-    (("lm_head", "kernel"), ("embed", "vocab")),                        # [d, v]
-    # [d, 2e], HF's packed [x | z]: an even split of 2e over M devices gives the first M/2 devices x and the rest
-    # z, so the mixer re-shards x and z over e after the matmul (one exchange of [b, l, 2e] per layer on a mesh;
-    # Mamba-2 avoids it by storing in_proj in parts, docs/mamba1.md)
-    (("in_proj", "kernel"), ("embed", "heads")),
-    (("in_proj", "bias"), ("heads",)),                                  # [2e]
-    (("conv1d", "weight"), ("heads", None)),                            # [e, k]
-    (("conv1d", "bias"), ("heads",)),                                   # [e]
-    (("x_proj", "kernel"), ("heads", None)),                            # [e, r + 2n]: row-parallel
-    (("dt_proj", "kernel"), (None, "heads")),                           # [r, e]
-    (("dt_proj", "bias"), ("heads",)),                                  # [e]
-    (("mixer", "A_log"), ("heads", None)),                              # [e, n]
-    (("mixer", "D"), ("heads",)),                                       # [e]
-    (("out_proj", "kernel"), ("heads", "embed")),                       # [e, d]: row-parallel
-    (("out_proj", "bias"), ("embed",)),
-    (("norm", "weight"), ("embed",)),                                   # [d], the blocks' pre-norm
-    (("norm_f", "weight"), ("embed",)),
-)
-
-
-def mamba1_logical_axes(config) -> tuple[tuple, dict[str, int]]:
-    """Mamba-1's parameter table and the count of each logical axis: `heads` counts the inner channels e."""
-    units = {"heads": config.intermediate_size, "vocab": config.vocab_size, "embed": config.hidden_size}
-    return MAMBA1_PARAM_AXES, units
-
 
 def make_mesh(data: int | None = None, model: int = 1, *, devices=None) -> Mesh:
     """A 2-D mesh `("data", "model")` of `data * model` devices with `AxisType.Auto` axes (`jax.make_mesh`).
@@ -266,39 +198,26 @@ def constrain_spec(x: jax.Array, rules: "MeshRules | None", spec: PartitionSpec)
 
 # ---- parameters ---------------------------------------------------------------------------------------------
 
-def _logical_axes_of(model_or_class) -> Callable:
-    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
-    fn = getattr(cls, "logical_axes", None)
-    if fn is None:
-        raise TypeError(f"{cls.__name__} has no logical_axes(config) table, so easymamba does not know how to "
-                        "shard it (see MAMBA2_PARAM_AXES in easymamba/sharding.py)")
-    return fn
-
-
-def _match(table, path: tuple) -> tuple[str | None, ...] | None:
-    names = tuple(str(p) for p in path if not isinstance(p, int))
-    for suffix, axes in table:
-        if names[-len(suffix):] == suffix:
-            return axes
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class ParamRules:
-    """A model family's parameter table on one mesh: `spec(path, shape)` -> PartitionSpec."""
+    """A model's parameters on one mesh: `spec(path, shape)` -> PartitionSpec, from the logical axes each
+    parameter declares where it is made (`axes=` metadata) and the rules resolved for the mesh."""
 
-    table: tuple
+    axes: dict                # {parameter path: its logical axes}
     rules: MeshRules
 
     def logical(self, path: tuple, shape: tuple) -> tuple[str | None, ...]:
-        axes = _match(self.table, path)
         dotted = ".".join(str(p) for p in path)
-        if axes is None:
-            raise ValueError(f"parameter {dotted} matches no entry of the sharding table; add one (its "
-                             "module-path suffix and one logical axis per dimension)")
+        if path not in self.axes:
+            raise ValueError(f"parameter {dotted} declares no logical axes, so easymamba does not know how to shard "
+                             "it; give it `axes=(...)` (one logical axis or None per dimension) where it is made")
+        axes = self.axes[path]
         if len(axes) != len(shape):
-            raise ValueError(f"the sharding table gives parameter {dotted} {len(axes)} logical axes {axes}, but it "
-                             f"has shape {tuple(shape)}")
+            raise ValueError(f"parameter {dotted} declares {len(axes)} logical axes {axes}, but it has shape "
+                             f"{tuple(shape)}")
+        unknown = [a for a in axes if a is not None and a not in LOGICAL_AXES]
+        if unknown:
+            raise ValueError(f"parameter {dotted} declares logical axes {unknown}, not among {LOGICAL_AXES}")
         return axes
 
     def spec(self, path: tuple, shape: tuple) -> PartitionSpec:
@@ -308,10 +227,20 @@ class ParamRules:
         return NamedSharding(self.rules.mesh, self.spec(path, shape))
 
 
-def param_rules(model_or_class, config, mesh: Mesh, rules: ShardingRules | None = None) -> ParamRules:
-    """The parameter table of `model_or_class`'s family with `rules` (default `ShardingRules()`) on `mesh`."""
-    table, units = _logical_axes_of(model_or_class)(config)
-    return ParamRules(table, (ShardingRules() if rules is None else rules).resolve(mesh, units))
+def declared_axes(model) -> dict[tuple, tuple[str | None, ...]]:
+    """{parameter path: the logical axes it declared where it was made} for `model` (concrete or abstract)."""
+    return {path: tuple(var.get_metadata("axes"))
+            for path, var in nnx.to_flat_state(nnx.state(model)) if var.get_metadata("axes", None) is not None}
+
+
+def param_rules(model, config, mesh: Mesh, rules: ShardingRules | None = None) -> ParamRules:
+    """`model`'s parameters (concrete or `nnx.eval_shape`-abstract) with `rules` (default `ShardingRules()`) on
+    `mesh`; the divisibility rules count each logical axis by the model's `sharding_units(config)`."""
+    units = getattr(type(model), "sharding_units", None)
+    if units is None:
+        raise TypeError(f"{type(model).__name__} has no sharding_units(config), so easymamba does not know how to "
+                        "shard it (a family's causal LM has it from its record)")
+    return ParamRules(declared_axes(model), (ShardingRules() if rules is None else rules).resolve(mesh, units(config)))
 
 
 def attach(model, rules: MeshRules | None):
@@ -395,6 +324,6 @@ def shard_batch(array, mesh: Mesh, rules: ShardingRules | None = None, *, batch_
     return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda index: host[index])
 
 
-__all__ = ["LOGICAL_AXES", "MAMBA1_PARAM_AXES", "MAMBA2_PARAM_AXES", "MeshRules", "ParamRules", "ShardingRules",
-           "attach", "constrain", "init_sharded", "make_mesh", "mamba1_logical_axes", "mamba2_logical_axes",
-           "mesh_rules_of", "param_rules", "param_shardings", "shard_batch", "shard_model"]
+__all__ = ["LOGICAL_AXES", "MeshRules", "ParamRules", "ShardingRules", "attach", "constrain", "declared_axes",
+           "init_sharded", "make_mesh", "mesh_rules_of", "param_rules", "param_shardings", "shard_batch",
+           "shard_model"]

@@ -1,8 +1,9 @@
 """A new family is its own code plus one entry in the family list: a toy hybrid, written entirely in this file.
 
 The toy interleaves Mamba-2 blocks with a new block kind (a gated MLP with no state), as the hybrids do. It
-names its config, block pattern, key table, sharding table and checkpoint checks in one `ModelFamily` record and
-is added to `easymamba.models.FAMILIES` (the one list). Nothing in the library is edited, yet the shared code
+names its config, block pattern, cache kinds, key table and checkpoint checks in one `ModelFamily` record (its
+parameters declare their sharding axes where they are made) and is added to `easymamba.models.FAMILIES` (the
+one list). Nothing in the library is edited, yet the shared code
 builds it, runs prefill and `step` through its cache, generates, saves and loads it as an HF-style directory and
 an orbax checkpoint, shards it and records its hooks. The checks here are of that wiring (each path against
 another path of the library, bit for bit or to float32 rounding); the Mamba-2 mixer's numbers are tested
@@ -24,8 +25,13 @@ import easymamba as em
 from easymamba.models import FAMILIES, Backbone, CausalLM, KeySpec, ModelFamily, ResidualBlock
 from easymamba.models.common import sow_hook
 from easymamba.models.family import EffectiveAttention
-from easymamba.models.mamba2 import Mamba2Block, mamba2_key_table, mamba2_mixer_facts, mamba2_operands
-from easymamba.sharding import MAMBA2_PARAM_AXES
+from easymamba.models.mamba2 import (
+    Mamba2Block,
+    mamba2_key_table,
+    mamba2_mixer_facts,
+    mamba2_operands,
+    mamba2_sharding_units,
+)
 
 # ---- the family's own code ------------------------------------------------------------------------------------
 
@@ -79,9 +85,10 @@ class GatedMLP(nnx.Module):
     def __init__(self, config, *, layer_idx, rngs, dtype=jnp.float32, param_dtype=jnp.float32, kernel_impl="auto"):
         d, f = config.hidden_size, 2 * config.hidden_size
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = nnx.Linear(d, f, **kw)
-        self.up_proj = nnx.Linear(d, f, **kw)
-        self.down_proj = nnx.Linear(f, d, **kw)
+        # each parameter says how it shards, where it is made (the residual stream is `embed`; f stays whole here)
+        self.gate_proj = nnx.Linear(d, f, kernel_metadata={"axes": ("embed", None)}, **kw)
+        self.up_proj = nnx.Linear(d, f, kernel_metadata={"axes": ("embed", None)}, **kw)
+        self.down_proj = nnx.Linear(f, d, kernel_metadata={"axes": (None, "embed")}, **kw)
 
     def __call__(self, hidden, *, attention_mask=None, conv_state=None, ssm_state=None):
         out = self.down_proj(jax.nn.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
@@ -118,14 +125,6 @@ def toy_key_table(config) -> list[KeySpec]:
     return mixer_keys
 
 
-def toy_logical_axes(config):
-    mlp = ((("gate_proj", "kernel"), ("embed", None)), (("up_proj", "kernel"), ("embed", None)),
-           (("down_proj", "kernel"), (None, "embed")))
-    units = {"heads": config.num_heads, "groups": config.n_groups, "vocab": config.vocab_size,
-             "embed": config.hidden_size}
-    return mlp + MAMBA2_PARAM_AXES, units
-
-
 TOY = ModelFamily(
     model_type="toy_hybrid",
     config_class=ToyHybridConfig,
@@ -137,7 +136,7 @@ TOY = ModelFamily(
     cache_metadata=ToyCacheMetaData,
     key_table=toy_key_table,
     mixer_facts=mamba2_mixer_facts,
-    logical_axes=toy_logical_axes,
+    sharding_units=mamba2_sharding_units,
     effective_attention=EffectiveAttention(em.Mamba2Mixer, ("hook_conv", "hook_dt"), "heads (h)",
                                            lambda cfg: cfg.num_heads, mamba2_operands),
     hidden_states_with_embeddings=True,

@@ -262,6 +262,25 @@ def test_errors_are_sentences():
         em.init_sharded(make, em.make_mesh(2, 4), ShardingRules(groups="data"))
 
 
+def test_parameters_declare_their_axes_where_they_are_made():
+    """The sharding of a parameter is the `axes` it declared when it was made; one made without them, or with an
+    axis the rules do not know, is refused by name instead of being replicated silently."""
+    config = em.Mamba2Config(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_heads=8, head_dim=8,
+                             state_size=16, n_groups=2, chunk_size=8)
+    model = nnx.eval_shape(lambda: em.Mamba2ForCausalLM(config, rngs=nnx.Rngs(0)))
+    axes = em.sharding.declared_axes(model)
+    assert axes[("backbone", "layers", 0, "mixer", "in_proj", "B", "kernel")] == ("embed", "groups")
+    assert axes[("backbone", "layers", 0, "mixer", "out_proj", "kernel")] == ("heads", "embed")
+    assert len(axes) == len(nnx.to_flat_state(nnx.state(model)))          # every parameter declares its axes
+    mesh = em.make_mesh(4, 2)
+    model.backbone.norm_f.weight = nnx.Param(jax.ShapeDtypeStruct((32,), jnp.float32))
+    with pytest.raises(ValueError, match=r"parameter backbone\.norm_f\.weight declares no logical axes"):
+        em.sharding.param_shardings(model, mesh)
+    model.backbone.norm_f.weight = nnx.Param(jax.ShapeDtypeStruct((32,), jnp.float32), axes=("hidden",))
+    with pytest.raises(ValueError, match=r"declares logical axes \['hidden'\], not among"):
+        em.sharding.param_shardings(model, mesh)
+
+
 def test_uneven_vocab_and_custom_rules_replicate():
     config = em.Mamba2Config(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_heads=8, head_dim=8,
                              state_size=16, n_groups=8, chunk_size=8, tie_word_embeddings=True)

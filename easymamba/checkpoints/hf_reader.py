@@ -111,7 +111,7 @@ def build_from_source(config, src, config_name: str, *, dtype=None, param_dtype=
         raise AssertionError(f"key table and model disagree: {set(variables) ^ covered}")
     by_rules = None
     if mesh is not None and shardings is None:  # the default: the sharding rules (easymamba.sharding)
-        by_rules = param_rules(family.causal_lm, config, mesh, rules)
+        by_rules = param_rules(abstract, config, mesh, rules)
         shardings = lambda path: by_rules.spec(path, variables[path].get_value().shape)  # noqa: E731
     for done, spec in enumerate(table, start=1):
         name = plan[spec.hf_name]

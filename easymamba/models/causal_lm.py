@@ -157,9 +157,9 @@ class Backbone(nnx.Module):
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
 
     @classmethod
-    def logical_axes(cls, config):
-        """The family's sharding table (`easymamba.sharding`)."""
-        return cls.family.logical_axes(config)
+    def sharding_units(cls, config) -> dict[str, int]:
+        """The family's count of each logical axis, for the sharding rules (`easymamba.sharding`)."""
+        return cls.family.sharding_units(config)
 
     def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None, mesh=None):
         """A zero cache for this model: conv state in `dtype` (default the model dtype), SSM state float32.
@@ -293,12 +293,13 @@ class CausalLM(nnx.Module):
             std = config.initializer_range
             self.lm_head = nnx.Linear(
                 config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs)
+                kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs,
+                kernel_metadata={"axes": ("embed", "vocab")})
 
     @classmethod
-    def logical_axes(cls, config):
-        """The family's sharding table (`easymamba.sharding`)."""
-        return cls.family.logical_axes(config)
+    def sharding_units(cls, config) -> dict[str, int]:
+        """The family's count of each logical axis, for the sharding rules (`easymamba.sharding`)."""
+        return cls.family.sharding_units(config)
 
     @classmethod
     def key_table(cls, config):

@@ -78,7 +78,8 @@ class ModelFamily:
     key_table        config -> every HF tensor as a `KeySpec`, in HF's `state_dict()` order
     mixer_facts      (config, shape_of) -> (field, config value, tensor, implied value) for each mixer size the
                      layer-0 tensors contradict (the embedding, layer count, biases and head are shared)
-    logical_axes     config -> (parameter table, units): the sharding table (`easymamba.sharding`)
+    sharding_units   config -> {logical axis: count} for the sharding rules' divisibility checks (the parameters
+                     declare their axes where they are made; `easymamba.sharding`)
     effective_attention   what `compute_effective_attention` reads from this family's SSM mixers
     hidden_states_with_embeddings   `output_hidden_states` as the pinned transformers returns it for this family:
                      True: (embeddings, block 0 .. n-2 outputs, final normed state); False: (block 0 .. n-1
@@ -94,7 +95,7 @@ class ModelFamily:
     cache_metadata: type
     key_table: Callable[[Any], list[KeySpec]]
     mixer_facts: Callable
-    logical_axes: Callable[[Any], tuple]
+    sharding_units: Callable[[Any], dict[str, int]]
     effective_attention: EffectiveAttention
     hidden_states_with_embeddings: bool = False
 

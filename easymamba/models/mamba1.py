@@ -22,7 +22,6 @@ from easymamba.config import MambaConfig
 from easymamba.models.causal_lm import Backbone, CausalLM, ResidualBlock
 from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily, Operands
 from easymamba.models.mamba1_mixer import MambaMixer
-from easymamba.sharding import mamba1_logical_axes
 
 __all__ = ["MambaBlock", "MambaModel", "MambaForCausalLM", "mamba1_key_table", "FAMILY"]
 
@@ -116,6 +115,11 @@ def mamba1_operands(cfg: MambaConfig, x_proj, dt, A) -> Operands:
     return Operands(dt.astype(dtype), A.astype(dtype), B, C)
 
 
+def mamba1_sharding_units(config: MambaConfig) -> dict[str, int]:
+    """How many units each logical axis has, for the divisibility rules: `heads` counts the inner channels e."""
+    return {"heads": config.intermediate_size, "vocab": config.vocab_size, "embed": config.hidden_size}
+
+
 FAMILY = ModelFamily(
     model_type="mamba",
     config_class=MambaConfig,
@@ -126,7 +130,7 @@ FAMILY = ModelFamily(
     cache_metadata=MambaCacheMetaData,
     key_table=mamba1_key_table,
     mixer_facts=mamba1_mixer_facts,
-    logical_axes=mamba1_logical_axes,
+    sharding_units=mamba1_sharding_units,
     effective_attention=EffectiveAttention(MambaMixer, ("hook_x_proj", "hook_dt"), "inner channels (e)",
                                            lambda cfg: cfg.intermediate_size, mamba1_operands),
 )

@@ -89,20 +89,32 @@ class MambaMixer(nnx.Module):
                 return jax.random.uniform(key, shape, jnp.float32, -dt_std, dt_std).astype(dt)
 
         out_scale = 1.0 / math.sqrt(config.num_hidden_layers) if config.rescale_prenorm_residual else 1.0
+        # Logical axes (`easymamba.sharding`): Mamba-1 has no heads; its inner channels e (each with its own conv
+        # filter, A row, D, dt and state row) are sharded as `heads`. in_proj [d, 2e] is HF's packed [x | z]: an even
+        # split of 2e over M devices gives the first M/2 devices x and the rest z, so the mixer re-shards x and z
+        # over e after the matmul (docs/mamba1.md). x_proj and out_proj are row-parallel.
         linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.in_proj = nnx.Linear(d, 2 * e, use_bias=config.use_bias, kernel_init=normal, **linear)
+
+        def axes(*names):
+            return {"axes": names}
+
+        self.in_proj = nnx.Linear(d, 2 * e, use_bias=config.use_bias, kernel_init=normal,
+                                  kernel_metadata=axes("embed", "heads"), bias_metadata=axes("heads"), **linear)
         self.conv1d = DepthwiseConv1d(e, config.conv_kernel, use_bias=config.use_conv_bias, param_dtype=param_dtype,
-                                      rngs=rngs)
-        self.x_proj = nnx.Linear(e, config.x_proj_size, use_bias=False, kernel_init=normal, **linear)
+                                      rngs=rngs, axis="heads")
+        self.x_proj = nnx.Linear(e, config.x_proj_size, use_bias=False, kernel_init=normal,
+                                 kernel_metadata=axes("heads", None), **linear)
         self.dt_proj = nnx.Linear(r, e, use_bias=True, kernel_init=dt_weight,
-                                  bias_init=lambda key, shape, dt: init_dt_bias(key, shape[0], config, dt), **linear)
+                                  bias_init=lambda key, shape, dt: init_dt_bias(key, shape[0], config, dt),
+                                  kernel_metadata=axes(None, "heads"), bias_metadata=axes("heads"), **linear)
         # S4D-real init, as HF and mamba_ssm: A[i, j] = -(j + 1) for every channel i.
         a_row = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32))
-        self.A_log = nnx.Param(jnp.broadcast_to(a_row, (e, n)).astype(param_dtype))
-        self.D = nnx.Param(jnp.ones((e,), param_dtype))
+        self.A_log = nnx.Param(jnp.broadcast_to(a_row, (e, n)).astype(param_dtype), axes=("heads", None))
+        self.D = nnx.Param(jnp.ones((e,), param_dtype), axes=("heads",))
         self.out_proj = nnx.Linear(
             e, d, use_bias=config.use_bias,
-            kernel_init=lambda key, shape, dt: kaiming_uniform_init(key, shape, shape[0], dt, out_scale), **linear)
+            kernel_init=lambda key, shape, dt: kaiming_uniform_init(key, shape, shape[0], dt, out_scale),
+            kernel_metadata=axes("heads", "embed"), bias_metadata=axes("embed"), **linear)
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
@@ -154,7 +166,7 @@ class MambaMixer(nnx.Module):
         x, z = jnp.split(xz, 2, axis=-1)                                   # (b, l, e) each
         # On a mesh every per-channel op (conv, scan, gate) runs on each device's share of e: x and z are pinned
         # there, the packed [x | z] columns of in_proj being split over devices without regard to e
-        # (MAMBA1_PARAM_AXES); the conv kernel then runs per shard (GSPMD cannot split a Pallas call).
+        # (the `axes` in_proj declares); the conv kernel then runs per shard (GSPMD cannot split a Pallas call).
         rules = self.mesh_rules
         x, z = (constrain(a, rules, "batch", None, "heads") for a in (x, z))
         conv_shard = None if rules is None else rules.kernel_axes().for_channels(rules.heads)

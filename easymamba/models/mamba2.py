@@ -21,7 +21,6 @@ from easymamba.config import Mamba2Config
 from easymamba.models.causal_lm import Backbone, CausalLM, ResidualBlock
 from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily, Operands, packed_key
 from easymamba.models.mamba2_mixer import Mamba2Mixer
-from easymamba.sharding import mamba2_logical_axes
 
 __all__ = ["Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "mamba2_key_table", "FAMILY"]
 
@@ -113,6 +112,12 @@ def mamba2_operands(cfg: Mamba2Config, conv, dt, A) -> Operands:
     return Operands(dt.astype(dtype), A.astype(dtype), B, C)
 
 
+def mamba2_sharding_units(config: Mamba2Config) -> dict[str, int]:
+    """How many units each logical axis has, for the divisibility rules: e shards in whole heads."""
+    return {"heads": config.num_heads, "groups": config.n_groups, "vocab": config.vocab_size,
+            "embed": config.hidden_size}
+
+
 FAMILY = ModelFamily(
     model_type="mamba2",
     config_class=Mamba2Config,
@@ -123,7 +128,7 @@ FAMILY = ModelFamily(
     cache_metadata=Mamba2CacheMetaData,
     key_table=mamba2_key_table,
     mixer_facts=mamba2_mixer_facts,
-    logical_axes=mamba2_logical_axes,
+    sharding_units=mamba2_sharding_units,
     effective_attention=EffectiveAttention(Mamba2Mixer, ("hook_conv", "hook_dt"), "heads (h)",
                                            lambda cfg: cfg.num_heads, mamba2_operands),
     hidden_states_with_embeddings=True,  # transformers >= 5.25

@@ -58,24 +58,27 @@ class Mamba2Mixer(nnx.Module):
         # HF packs in_proj as [z | x | B | C | dt] and conv1d as [x | B | C]; the parts are kept apart so each can
         # be sharded on its own axis (heads, groups), which no even split of the packed axis does.
         # easymamba.checkpoints splits and re-packs them at the checkpoint boundary (docs/sharding.md).
+        # Logical axes (`easymamba.sharding`): z, x, dt and everything per head over `heads`, B and C over `groups`.
+        axes = {"z": "heads", "x": "heads", "B": "groups", "C": "groups", "dt": "heads"}
         self.in_proj = SplitLinear(
             d, {"z": e, "x": e, "B": gn, "C": gn, "dt": h}, use_bias=config.use_bias, dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=lambda key, shape, dt: (std * jax.random.normal(key, shape, jnp.float32)).astype(dt),
-            rngs=rngs)
+            rngs=rngs, axes=axes)
         self.conv1d = SplitConv1d({"x": e, "B": gn, "C": gn}, config.conv_kernel, use_bias=config.use_conv_bias,
-                                  param_dtype=param_dtype, rngs=rngs)
-        self.dt_bias = nnx.Param(init_dt_bias(rngs.params(), h, config, param_dtype))
+                                  param_dtype=param_dtype, rngs=rngs, axes=axes)
+        self.dt_bias = nnx.Param(init_dt_bias(rngs.params(), h, config, param_dtype), axes=("heads",))
         # HF's deterministic A init (A = -[1, 2, ..., h]); mamba_ssm draws A ~ U(1, 16) instead.
-        self.A_log = nnx.Param(jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32)).astype(param_dtype))
-        self.D = nnx.Param(jnp.ones((h,), param_dtype))
+        self.A_log = nnx.Param(jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32)).astype(param_dtype),
+                               axes=("heads",))
+        self.D = nnx.Param(jnp.ones((h,), param_dtype), axes=("heads",))
         self.norm = GatedRMSNorm(e, n_groups=config.n_groups, eps=config.layer_norm_epsilon,
                                  param_dtype=param_dtype)
         out_scale = 1.0 / math.sqrt(config.num_hidden_layers) if config.rescale_prenorm_residual else 1.0
-        self.out_proj = nnx.Linear(
+        self.out_proj = nnx.Linear(  # row-parallel: one all-reduce per layer on a mesh
             e, d, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
             kernel_init=lambda key, shape, dt: kaiming_uniform_init(key, shape, shape[0], dt, out_scale),
-            rngs=rngs)
+            rngs=rngs, kernel_metadata={"axes": ("heads", "embed")}, bias_metadata={"axes": ("embed",)})
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
