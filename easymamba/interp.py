@@ -27,7 +27,8 @@ Mamba-1 (`MambaMixer`, easymamba/models/mamba1_mixer.py):
     layers.i.mixer.hook_gated       (b, l, e)           hook_ssm_out * silu(z), the input of out_proj
 
 The hook points are `sow_hook` calls in the modules (`easymamba/models/`); each is a no-op unless
-`run_with_cache` asked for that name, so a plain forward traces to the same program as one without hooks, and an unrequested activation is never stored.
+`run_with_cache` asked for that name, so a plain forward traces to the same program as one without hooks, and
+an unrequested activation is never stored.
 
 Effective attention: the SSM is a linear map from its input x to its output y, y_i = sum_j M[i, j] x_j + D x_i
 (the sequence run from a zero state: no cache), one (l, l) lower-triangular matrix per decay channel.

@@ -73,7 +73,8 @@ def abstract_model(config, *, dtype=jnp.float32, param_dtype=jnp.float32, kernel
 
 
 __all__ = [
-    "FAMILIES", "family_of", "config_from_hf", "abstract_model", "ModelFamily", "KeySpec", "IGNORE_INDEX", "Backbone", "CausalLM", "ResidualBlock",
+    "FAMILIES", "family_of", "config_from_hf", "abstract_model", "ModelFamily", "KeySpec", "IGNORE_INDEX",
+    "Backbone", "CausalLM", "ResidualBlock",
     "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
     "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",

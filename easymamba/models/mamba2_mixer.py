@@ -10,8 +10,8 @@ Official implementation: `mamba_ssm/modules/mamba2.py` (`Mamba2.forward` / `Mamb
 
 in_proj and conv1d hold those parts as separate parameters (`in_proj.{z,x,B,C,dt}`, `conv1d.{x,B,C}`), so a mesh
 can shard heads and groups independently; Hugging Face's packed tensors are split and re-joined by
-`easymamba.checkpoints` (docs/sharding.md). On a mesh (`mesh_rules`, set by `easymamba.sharding`) the mixer constrains its
-activations to the rules and passes the layout to the kernels, which run Pallas per shard.
+`easymamba.checkpoints` (docs/sharding.md). On a mesh (`mesh_rules`, set by `easymamba.sharding`) the mixer
+constrains its activations to the rules and passes the layout to the kernels, which run Pallas per shard.
 
 With a cache the mixer continues from `conv_state` (the last k pre-conv inputs) and `ssm_state`
 (the SSM state, float32): one token is a decode step (window roll + one state update), several tokens are a
