@@ -17,6 +17,12 @@ Logical axes (letters of `easymamba.typing`) and the default rules (`ShardingRul
     vocab   v (embedding rows, LM head columns)                  -> "model" when vocab_size % size == 0,
                                                                     else replicated
     embed   d (the residual stream)                              -> replicated
+    attn_heads  an attention's query heads H (q_proj's outputs,  -> "model" when H % size == 0, else replicated
+            o_proj's inputs)
+    kv_heads    its key/value heads KV (k_proj, v_proj, the      -> "model" when KV % size == 0, else replicated
+            key/value cache)
+    mlp     an MLP's inner width f                               -> "model" when f % size == 0, else replicated
+    experts the experts E of a mixture of experts                -> "model" when E % size == 0, else replicated
 
 `heads` must divide its mesh axis (an error otherwise); `groups` and `vocab` fall back to replicated, by rule
 and documented (docs/sharding.md), never silently for any other axis. Everything else (the sequence, p, n, k)
@@ -51,7 +57,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from easymamba.caching.partition import AxisEntry, PartitionAxis, normalize_entry
 from easymamba.kernels import MeshAxes
 
-LOGICAL_AXES = ("batch", "heads", "groups", "vocab", "embed")
+LOGICAL_AXES = ("batch", "heads", "groups", "vocab", "embed", "attn_heads", "kv_heads", "mlp", "experts")
 
 def make_mesh(data: int | None = None, model: int = 1, *, devices=None) -> Mesh:
     """A 2-D mesh `("data", "model")` of `data * model` devices with `AxisType.Auto` axes (`jax.make_mesh`).
@@ -101,7 +107,11 @@ class ShardingRules:
     groups: AxisEntry = "model"
     vocab: AxisEntry = "model"
     embed: AxisEntry = None
-    replicate_if_uneven: tuple[str, ...] = ("groups", "vocab")
+    attn_heads: AxisEntry = "model"
+    kv_heads: AxisEntry = "model"
+    mlp: AxisEntry = "model"
+    experts: AxisEntry = "model"
+    replicate_if_uneven: tuple[str, ...] = ("groups", "vocab", "attn_heads", "kv_heads", "mlp", "experts")
 
     def __post_init__(self):
         for name in LOGICAL_AXES:
@@ -134,7 +144,8 @@ class ShardingRules:
         if resolved["groups"] is not None and resolved["groups"] != resolved["heads"]:
             raise ValueError(f"groups ({resolved['groups']!r}) must go to the heads' mesh axis "
                              f"({resolved['heads']!r}) or nowhere: B and C must sit with the heads that read them")
-        for other in ("heads", "groups", "vocab"):  # each appears beside embed in some weight ([d, e], [v, d])
+        # each appears beside embed in some weight ([d, e], [v, d], [d, H hd], [d, f])
+        for other in ("heads", "groups", "vocab", "attn_heads", "kv_heads", "mlp"):
             shared = set(_names(resolved[other])) & set(_names(resolved["embed"]))
             if shared:
                 raise ValueError(f"{other} ({resolved[other]!r}) and embed ({resolved['embed']!r}) share mesh axis "
@@ -156,6 +167,10 @@ class MeshRules:
     groups: AxisEntry = None
     vocab: AxisEntry = None
     embed: AxisEntry = None
+    attn_heads: AxisEntry = None
+    kv_heads: AxisEntry = None
+    mlp: AxisEntry = None
+    experts: AxisEntry = None
 
     def spec(self, *logical: str | None) -> PartitionSpec:
         """The PartitionSpec of an array whose dimensions have these logical names (None: replicated)."""

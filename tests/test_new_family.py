@@ -78,7 +78,7 @@ class ToyCache(em.Mamba2Cache):
 
 
 class GatedMLP(nnx.Module):
-    """A stateless block kind: down(silu(gate(h)) * up(h)). It takes and returns the layer's states unchanged."""
+    """A stateless block kind: down(silu(gate(h)) * up(h)). It takes and returns the layer's view unchanged."""
 
     HOOKS = ("hook_mlp_out",)
 
@@ -90,13 +90,17 @@ class GatedMLP(nnx.Module):
         self.up_proj = nnx.Linear(d, f, kernel_metadata={"axes": ("embed", None)}, **kw)
         self.down_proj = nnx.Linear(f, d, kernel_metadata={"axes": (None, "embed")}, **kw)
 
-    def __call__(self, hidden, *, attention_mask=None, conv_state=None, ssm_state=None):
+    def __call__(self, hidden):
         out = self.down_proj(jax.nn.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
         sow_hook(self, "hook_mlp_out", out)
-        return out, (conv_state, ssm_state)
+        return out
 
-    def step(self, hidden, conv_state, ssm_state, *, attention_mask=None, active_rows=None, decode_weights=None):
-        return self(hidden, conv_state=conv_state, ssm_state=ssm_state)
+    # the block's mixer protocol: the layer's view (unused by this stateless kind) passes through unchanged
+    def run(self, hidden, view, **_):
+        return self(hidden), view
+
+    def run_step(self, hidden, view, **_):
+        return self(hidden), view
 
     def decode_weights(self):
         return None

@@ -104,6 +104,10 @@ class BaseCache:
     def num_hidden_layers(self) -> int:
         return len(self.views)
 
+    def missing_layers(self) -> list[int]:
+        """The layers whose slot holds no view yet (an `init_empty` cache not filled)."""
+        return [i for i, view in enumerate(self.views) if view is None]
+
     def _first_view(self) -> BaseCacheView | None:
         return next((view for view in self.views if view is not None), None)
 

@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from easymamba.checkpoints.checks import FLOAT_CODES, check_source
 from easymamba.checkpoints.errors import CheckpointError
 from easymamba.models import FAMILIES, abstract_model, config_from_hf, family_of
-from easymamba.checkpoints.layout import FlaxView, split_parts
+from easymamba.checkpoints.layout import FlaxView, StackedView, split_parts
 from easymamba.checkpoints.sources import open_weights
 from easymamba.sharding import ShardingRules, attach, param_rules
 
@@ -113,15 +113,26 @@ def build_from_source(config, src, config_name: str, *, dtype=None, param_dtype=
     if mesh is not None and shardings is None:  # the default: the sharding rules (easymamba.sharding)
         by_rules = param_rules(abstract, config, mesh, rules)
         shardings = lambda path: by_rules.spec(path, variables[path].get_value().shape)  # noqa: E731
+    stacked: dict[tuple, list] = {}   # a stacked parameter's entries read so far (one tensor per expert)
     for done, spec in enumerate(table, start=1):
         name = plan[spec.hf_name]
         whole = FlaxView(lambda index, name=name: src.read_slice(name, index), spec.kind, src.shape(name))
-        for path, view in split_parts(spec, whole):
-            var = variables[path]
-            target = var.get_value()                          # ShapeDtypeStruct
-            sharding = param_sharding(path, target.shape, mesh, shardings)
-            part = f"[{path[-2]}]" if spec.parts else ""
-            var.set_value(_place(view, target.dtype, sharding, f"{name}{part} from {src.file_of(name)}"))
+        if spec.index is not None:
+            entries = stacked.setdefault(spec.path, [])
+            entries.append(whole)
+            var = variables[spec.path]
+            target = var.get_value()
+            if len(entries) == target.shape[0]:  # the table lists a parameter's entries together, in order
+                sharding = param_sharding(spec.path, target.shape, mesh, shardings)
+                var.set_value(_place(StackedView(entries), target.dtype, sharding,
+                                     f"{name} and the other entries of {'.'.join(map(str, spec.path))}"))
+        else:
+            for path, view in split_parts(spec, whole):
+                var = variables[path]
+                target = var.get_value()                          # ShapeDtypeStruct
+                sharding = param_sharding(path, target.shape, mesh, shardings)
+                part = f"[{path[-2]}]" if spec.parts else ""
+                var.set_value(_place(view, target.dtype, sharding, f"{name}{part} from {src.file_of(name)}"))
         if progress is not None:
             progress(done, len(table), spec.hf_name)
     model = nnx.merge(graphdef, state)

@@ -76,7 +76,10 @@ def packed_axis(kind: str) -> int:
 
 
 def flax_shape(model, spec: KeySpec) -> tuple:
-    """The flax-layout shape of `spec`'s tensor in `model` (the parts joined along the packed axis)."""
+    """The flax-layout shape of `spec`'s tensor in `model` (the parts joined along the packed axis; one entry of
+    a stacked parameter)."""
+    if spec.index is not None:
+        return tuple(param_at(model, spec.path).shape[1:])
     if not spec.parts:
         return tuple(param_at(model, spec.path).shape)
     shapes = [list(param_at(model, path).shape) for path in spec.targets]
@@ -127,6 +130,33 @@ class FlaxView:
         return to_flax_layout(self.kind, self._read_hf(_hf_index(self.kind, tuple(bounds))))
 
 
+class StackedView:
+    """Tensors that fill the entries of one parameter stacked along its first axis (HF's one tensor per expert),
+    seen as that parameter: `view[index]` reads only the entries and slices `index` covers."""
+
+    def __init__(self, entries: list):
+        self.entries = list(entries)
+        self.shape = (len(self.entries), *self.entries[0].shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        first, rest = (index[0] if index else slice(None)), index[1:]
+        start, stop, step = first.indices(self.shape[0])
+        return np.stack([np.asarray(self.entries[i][rest]) for i in range(start, stop, step)])
+
+
+def read_flax(model, spec: KeySpec) -> np.ndarray:
+    """`spec`'s tensor from `model` as one host array in flax layout (the parts concatenated)."""
+    if spec.index is not None:
+        return np.asarray(jax.device_get(param_at(model, spec.path)[spec.index]))
+    values = [np.asarray(jax.device_get(param_at(model, path)[...])) for path in spec.targets]
+    return values[0] if len(values) == 1 else np.concatenate(values, axis=packed_axis(spec.kind))
+
+
 def split_parts(spec: KeySpec, array) -> list[tuple[tuple, object]]:
     """(module path, view) for each parameter `spec`'s flax-layout `array` (numpy or `FlaxView`) fills;
     views, never copies."""
@@ -145,11 +175,5 @@ def split_parts(spec: KeySpec, array) -> list[tuple[tuple, object]]:
     return out
 
 
-def read_flax(model, spec: KeySpec) -> np.ndarray:
-    """`spec`'s tensor from `model` as one host array in flax layout (the parts concatenated)."""
-    values = [np.asarray(jax.device_get(param_at(model, path)[...])) for path in spec.targets]
-    return values[0] if len(values) == 1 else np.concatenate(values, axis=packed_axis(spec.kind))
-
-
-__all__ = ["FlaxView", "KeySpec", "flax_shape", "hf_shape", "packed_axis", "param_at",
+__all__ = ["FlaxView", "StackedView", "KeySpec", "flax_shape", "hf_shape", "packed_axis", "param_at",
            "read_flax", "split_parts", "to_flax_layout", "to_hf_layout"]

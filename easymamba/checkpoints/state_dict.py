@@ -24,9 +24,16 @@ def load_state_dict(model, state_dict: Mapping, *, strict: bool = True) -> None:
     """
     src = DictSource(state_dict, "the state dict")
     plan = check_source(model, src, "the model's config", strict=strict)
-    staged = []
+    staged, stacked = [], {}
     for spec in family_of(model).key_table(model.config):
         value = to_flax_layout(spec.kind, src.read(plan[spec.hf_name]))
+        if spec.index is not None:  # one entry of a stacked parameter: staged once all its entries are read
+            entries = stacked.setdefault(spec.path, [])
+            entries.append(np.asarray(value))
+            param = param_at(model, spec.path)
+            if len(entries) == param.shape[0]:
+                staged.append((param, _like(param, np.stack(entries).astype(param.dtype))))
+            continue
         for path, part in split_parts(spec, value):
             param = param_at(model, path)
             staged.append((param, _like(param, np.asarray(part).astype(param.dtype))))

@@ -3,6 +3,8 @@
     common.py   what they share: checks, `config.json` reading, infinity in JSON, harmless keys, `hf_config_dict`
     mamba2.py   `Mamba2Config` (HF `Mamba2Config`)
     mamba1.py   `MambaConfig` (HF `MambaConfig`)
+    nemotron_h.py  `NemotronHConfig` (HF `NemotronHConfig`)
+    parts.py    the settings of one layer part (Mamba-2 mixer, attention, MLP, MoE) that hybrid configs derive
 
 `easymamba.models.config_from_hf` reads a `config.json` with the config class its family names.
 """
@@ -10,5 +12,6 @@
 from easymamba.config.common import hf_config_dict
 from easymamba.config.mamba1 import MambaConfig
 from easymamba.config.mamba2 import Mamba2Config
+from easymamba.config.nemotron_h import NemotronHConfig
 
-__all__ = ["Mamba2Config", "MambaConfig", "hf_config_dict"]
+__all__ = ["Mamba2Config", "MambaConfig", "NemotronHConfig", "hf_config_dict"]

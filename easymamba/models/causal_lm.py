@@ -28,9 +28,10 @@ import numpy as np
 from flax import nnx, struct
 
 from easymamba.layers import Embedding, is_concrete, normal_init
+from easymamba.models.attention import position_ids_from_mask
 from easymamba.models.common import check_attention_mask, sow_hook
 from easymamba.norms import RMSNorm
-from easymamba.sharding import MeshRules, constrain, constrain_spec
+from easymamba.sharding import MeshRules, constrain
 
 __all__ = ["ResidualBlock", "Backbone", "CausalLM", "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss",
            "causal_lm_loss_sum", "IGNORE_INDEX"]
@@ -54,13 +55,15 @@ class Mamba2CausalLMOutput:
 
 
 class ResidualBlock(nnx.Module):
-    """Pre-norm residual block around one mixer: `h + mixer(norm(h))`, the residual kept in float32 if
-    `residual_in_fp32`. A block kind names its mixer class (`MIXER`); the mixer's state lives in the layer's
-    cache view, which this block reads and returns renewed.
+    """Pre-norm residual block around one mixer: `h + mixer(norm(h))`, the residual kept in float32 if the
+    config's `residual_in_fp32`. A block kind names its mixer class (`MIXER`) and, for a hybrid family, the
+    settings record the mixer is built from (`mixer_config(config)`; the whole config by default). The mixer's
+    state lives in the layer's cache view, which this block hands to the mixer and returns renewed.
 
-    A mixer kind offers `__call__(hidden, attention_mask=, conv_state=, ssm_state=) -> (out, states)`,
-    `step(hidden (b, 1, d), conv_state, ssm_state, attention_mask=, active_rows=, decode_weights=)` and
-    `decode_weights()`.
+    A mixer kind offers the view protocol: `run(hidden, view, attention_mask=, position_ids=) -> (out, view)`,
+    `run_step(hidden (b, 1, d), view, attention_mask=, position_ids=, active_rows=, decode_weights=)` and
+    `decode_weights()`. The SSM mixers get it from `easymamba.models.common.SSMViewMixer`, the attention from
+    `easymamba.models.attention`, the stateless parts (MLP, MoE) pass their view (None) through.
 
     Hook point: `hook_resid_post` (b, l, d), the block output (see `easymamba.interp.run_with_cache`).
     """
@@ -70,36 +73,49 @@ class ResidualBlock(nnx.Module):
 
     def __init__(self, config, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  kernel_impl: str = "auto"):
-        self.residual_in_fp32 = config.residual_in_fp32
+        self.residual_in_fp32 = bool(getattr(config, "residual_in_fp32", False))
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
-        self.mixer = self.MIXER(config, layer_idx=layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                kernel_impl=kernel_impl)
+        self.mixer = self.MIXER(self.mixer_config(config), layer_idx=layer_idx, rngs=rngs, dtype=dtype,
+                                param_dtype=param_dtype, kernel_impl=kernel_impl)
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
+
+    @classmethod
+    def mixer_config(cls, config):
+        """The settings the mixer is built from: the family config itself (Mamba-2, Mamba-1), or one of a
+        hybrid config's part records (`easymamba.config.parts`)."""
+        return config
 
     # Rematerialise this block in the backward pass (`jax.checkpoint` through `nnx.remat`): its activations are
     # recomputed from its input instead of being kept. Off by default; `easymamba.train.make_train_step(remat=True)`
     # turns it on for the copy of the model it differentiates.
     remat: bool = False
 
-    def __call__(self, hidden: jax.Array, *, attention_mask=None, view=None):
-        """hidden (b, l, d), the layer's cache view or None -> (hidden (b, l, d), the renewed view or None)."""
+    def __call__(self, hidden: jax.Array, *, attention_mask=None, view=None, position_ids=None, embeddings=None):
+        """hidden (b, l, d), the layer's cache view or None -> (hidden (b, l, d), the renewed view or None).
+        `position_ids` (b, l) reach position-aware mixers (attention); `embeddings` (the backbone's input, for
+        families whose blocks read it) is unused here."""
+        del embeddings
         if self.remat:
-            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, view)
-        return self._forward(hidden, attention_mask, view)
+            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, view, position_ids)
+        return self._forward(hidden, attention_mask, view, position_ids)
 
-    def _forward(self, hidden, attention_mask, view):
+    def _forward(self, hidden, attention_mask, view, position_ids):
         residual, normed = self._pre(hidden)
-        out, states = self.mixer(normed, attention_mask=attention_mask, **self._states_in(view))
-        return self._post(residual, out), self._view_out(view, states)
+        out, view = self.mixer.run(normed, view, attention_mask=attention_mask, position_ids=position_ids)
+        return self._post(residual, out), view
 
-    def step(self, hidden: jax.Array, view, *, attention_mask=None, active_rows=None, decode_weights=None):
+    def step(self, hidden: jax.Array, view, *, attention_mask=None, active_rows=None, decode_weights=None,
+             position_ids=None, embeddings=None):
         """One token: hidden (b, 1, d), the layer's view -> (hidden (b, 1, d), the renewed view)."""
+        del embeddings
         residual, normed = self._pre(hidden)
-        states = self._states_in(view)
-        out, states = self.mixer.step(normed, states["conv_state"], states["ssm_state"],
-                                      attention_mask=attention_mask, active_rows=active_rows,
-                                      decode_weights=decode_weights)
-        return self._post(residual, out), self._view_out(view, states)
+        out, view = self.mixer.run_step(normed, view, attention_mask=attention_mask, position_ids=position_ids,
+                                        active_rows=active_rows, decode_weights=decode_weights)
+        return self._post(residual, out), view
+
+    def decode_weights(self):
+        """The mixer's weights prepared once for a decode loop (`Backbone.decode_weights`), or None."""
+        return self.mixer.decode_weights()
 
     def _pre(self, hidden):
         residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
@@ -109,24 +125,6 @@ class ResidualBlock(nnx.Module):
         hidden = residual + out
         sow_hook(self, "hook_resid_post", hidden)
         return hidden
-
-    def _states_in(self, view) -> dict:
-        """The view's states, pinned to the cache's layout on the way in (a while_loop carry must keep it)."""
-        if view is None:
-            return {"conv_state": None, "ssm_state": None}
-        conv_spec, ssm_spec, _ = view.partition_specs
-        return {"conv_state": constrain_spec(view.conv_states, self.mesh_rules, conv_spec),
-                "ssm_state": constrain_spec(view.ssm_states, self.mesh_rules, ssm_spec)}
-
-    def _view_out(self, view, states):
-        """The view with the mixer's new states, in the cache's dtypes and layout."""
-        if view is None:
-            return None
-        conv_state, ssm_state = states
-        conv_spec, ssm_spec, _ = view.partition_specs
-        return view.replace(
-            conv_states=constrain_spec(conv_state.astype(view.conv_states.dtype), self.mesh_rules, conv_spec),
-            ssm_states=constrain_spec(ssm_state.astype(view.ssm_states.dtype), self.mesh_rules, ssm_spec))
 
 
 class Backbone(nnx.Module):
@@ -161,8 +159,12 @@ class Backbone(nnx.Module):
         """The family's count of each logical axis, for the sharding rules (`easymamba.sharding`)."""
         return cls.family.sharding_units(config)
 
-    def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None, mesh=None):
-        """A zero cache for this model: conv state in `dtype` (default the model dtype), SSM state float32.
+    def init_cache(self, batch_size: int, *, max_length: int | None = None, dtype=None, ssm_dtype=jnp.float32,
+                   partition_axis=None, mesh=None):
+        """A zero cache for this model: conv windows and key/value slots in `dtype` (default the model dtype),
+        SSM states float32. `max_length` (tokens the cache will hold, prompt included) is required by families
+        with attention layers, whose key/value views are preallocated; a pure SSM cache does not grow and
+        ignores it.
 
         A sharded model (`easymamba.sharding`) defaults `partition_axis` to its rules' and `mesh` to its mesh, so
         the cache is created sharded as the forward keeps it.
@@ -172,10 +174,20 @@ class Backbone(nnx.Module):
             partition_axis = rules.partition_axis() if partition_axis is None else partition_axis
             mesh = rules.mesh if mesh is None else mesh
         kwargs = {} if partition_axis is None else {"partition_axis": partition_axis}
-        meta = self.family.cache_metadata.from_config(self.config, batch_size, **kwargs)
-        return self.family.cache_class.init_cache(self.config.num_hidden_layers, meta,
-                                                  dtype=self.dtype if dtype is None else dtype, mesh=mesh,
-                                                  ssm_dtype=ssm_dtype)
+        dtype = self.dtype if dtype is None else dtype
+        family = self.family
+        if hasattr(self.config, "layer_cache_kinds"):  # a hybrid family: one view kind per layer part
+            meta = family.cache_metadata.from_config(self.config, batch_size, max_length=max_length, **kwargs)
+            return family.cache_class.init_cache(meta, dtype=dtype, ssm_dtype=ssm_dtype, mesh=mesh)
+        meta = family.cache_metadata.from_config(self.config, batch_size, **kwargs)
+        return family.cache_class.init_cache(self.config.num_hidden_layers, meta, dtype=dtype, mesh=mesh,
+                                             ssm_dtype=ssm_dtype)
+
+    @property
+    def uses_positions(self) -> bool:
+        """Whether some layer reads token positions (an attention layer)."""
+        kinds = getattr(self.config, "layer_cache_kinds", ())
+        return any("attention" in layer for layer in kinds)
 
     def _check_cache(self, cache, batch_size: int) -> None:
         cache_class = self.family.cache_class
@@ -183,13 +195,26 @@ class Backbone(nnx.Module):
             raise ValueError(f"cache must be a {cache_class.__name__} (model.init_cache({batch_size})) for this "
                              f"{type(self).__name__}; got {type(cache).__name__}")
         cache.check_compatible(self.config, batch_size)
-        empty = [i for i, v in enumerate(cache.views) if v is None]
+        empty = cache.missing_layers()
         if empty:
             raise ValueError(f"cache layer(s) {empty[:8]} hold no state (an init_empty cache?); build one with "
                              f"model.init_cache({batch_size})")
 
+    def _positions(self, position_ids, attention_mask, cache, b: int, l: int):
+        """The rotary positions (b, l) of this call's tokens, counted in real tokens (None when no layer needs
+        them): given, or from the mask and the real tokens the cache has seen."""
+        if not self.uses_positions:
+            return None
+        if position_ids is not None:
+            position_ids = jnp.asarray(position_ids)
+            if position_ids.shape != (b, l):
+                raise ValueError(f"position_ids must have shape {(b, l)} (batch, seq_len); got {position_ids.shape}")
+            return position_ids.astype(jnp.int32)
+        start = None if cache is None else _real_tokens(cache)
+        return position_ids_from_mask(attention_mask, b, l, start)
+
     def __call__(self, input_ids=None, *, attention_mask=None, cache=None, inputs_embeds=None,
-                 output_hidden_states: bool = False) -> Mamba2Output:
+                 output_hidden_states: bool = False, position_ids=None) -> Mamba2Output:
         """A sequence (b, l), or with `cache` its continuation from the cache's state (chunked prefill; one token
         is a decode step). `output_hidden_states` follows the pinned transformers for the family (its record's
         `hidden_states_with_embeddings`)."""
@@ -211,11 +236,14 @@ class Backbone(nnx.Module):
         hidden = self.embeddings(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)  # (b,l,d)
         hidden = constrain(hidden, rules, "batch", None, "embed")
         sow_hook(self, "hook_embed", hidden)
+        position_ids = self._positions(position_ids, attention_mask, cache, b, l)
 
+        embeddings = hidden
         outputs = [hidden] if output_hidden_states else None
         views = []
         for i, layer in enumerate(self.layers):
-            hidden, view = layer(hidden, attention_mask=attention_mask, view=None if cache is None else cache.views[i])
+            hidden, view = layer(hidden, attention_mask=attention_mask, view=None if cache is None else cache.views[i],
+                                 position_ids=position_ids, embeddings=embeddings)
             hidden = constrain(hidden, rules, "batch", None, "embed")
             views.append(view)
             if outputs is not None:
@@ -254,10 +282,13 @@ class Backbone(nnx.Module):
             rules.check_batch(b)
         hidden = constrain(self.embeddings(tokens[:, None]), rules, "batch", None, "embed")     # (b, 1, d)
         sow_hook(self, "hook_embed", hidden)
+        position_ids = None if not self.uses_positions else _real_tokens(cache)[:, None]             # (b, 1)
+        embeddings = hidden
         views = []
         for i, layer in enumerate(self.layers):
             hidden, view = layer.step(hidden, cache.views[i], attention_mask=attention_mask, active_rows=active_rows,
-                                      decode_weights=None if decode_weights is None else decode_weights[i])
+                                      decode_weights=None if decode_weights is None else decode_weights[i],
+                                      position_ids=position_ids, embeddings=embeddings)
             hidden = constrain(hidden, rules, "batch", None, "embed")
             views.append(view)
         new_cache = type(cache)(views=tuple(views))
@@ -270,8 +301,17 @@ class Backbone(nnx.Module):
         `decode_weights()`), or None when no layer has any. Compute them outside the loop (under the same jit)
         and pass them to each step as `decode_weights=`: XLA does not hoist them out of the loop by itself. They
         cost one more copy of in_proj's and out_proj's weights while they live."""
-        weights = tuple(layer.mixer.decode_weights() for layer in self.layers)
+        weights = tuple(layer.decode_weights() for layer in self.layers)
         return None if all(w is None for w in weights) else weights
+
+
+def _real_tokens(cache) -> jax.Array:
+    """(b,) int32: the real tokens the cache's attention views hold (the next token's rotary position)."""
+    for entry in cache.views:
+        for view in entry if isinstance(entry, tuple) else (entry,):
+            if hasattr(view, "real_tokens"):
+                return view.real_tokens()
+    raise ValueError("the cache has no attention view to count positions from")
 
 
 class CausalLM(nnx.Module):
@@ -310,9 +350,10 @@ class CausalLM(nnx.Module):
         """The backbone's `decode_weights()` (see `Backbone.decode_weights`)."""
         return self.backbone.decode_weights()
 
-    def init_cache(self, batch_size: int, *, dtype=None, ssm_dtype=jnp.float32, partition_axis=None, mesh=None):
+    def init_cache(self, batch_size: int, *, max_length: int | None = None, dtype=None, ssm_dtype=jnp.float32,
+                   partition_axis=None, mesh=None):
         """A zero cache for this model (`Backbone.init_cache`)."""
-        return self.backbone.init_cache(batch_size, dtype=dtype, ssm_dtype=ssm_dtype,
+        return self.backbone.init_cache(batch_size, max_length=max_length, dtype=dtype, ssm_dtype=ssm_dtype,
                                         partition_axis=partition_axis, mesh=mesh)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -323,13 +364,14 @@ class CausalLM(nnx.Module):
         return self.lm_head(hidden.astype(self.lm_head.kernel.dtype)).astype(jnp.float32)
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache=None, labels=None, inputs_embeds=None,
-                 output_hidden_states: bool = False) -> Mamba2CausalLMOutput:
+                 output_hidden_states: bool = False, position_ids=None) -> Mamba2CausalLMOutput:
         if (cache is not None and input_ids is not None and getattr(input_ids, "ndim", 0) == 2
-                and input_ids.shape[1] == 1 and labels is None and not output_hidden_states):
+                and input_ids.shape[1] == 1 and labels is None and not output_hidden_states
+                and position_ids is None):
             logits, cache = self.step(input_ids[:, 0], cache, attention_mask=attention_mask)
             return Mamba2CausalLMOutput(logits[:, None], None, cache)
         out = self.backbone(input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
-                            output_hidden_states=output_hidden_states)
+                            output_hidden_states=output_hidden_states, position_ids=position_ids)
         logits = constrain(self.logits(out.last_hidden_state), self.backbone.mesh_rules, "batch", None, "vocab")
         loss = None
         if labels is not None:

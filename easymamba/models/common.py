@@ -9,8 +9,10 @@ from flax import nnx
 
 from easymamba.kernels import check_row_mask
 from easymamba.layers import is_concrete
+from easymamba.sharding import constrain_spec
 
-__all__ = ["HookValue", "sow_hook", "init_dt_bias", "check_active_rows", "hold_rows", "check_attention_mask"]
+__all__ = ["HookValue", "sow_hook", "init_dt_bias", "check_active_rows", "hold_rows", "check_attention_mask",
+           "SSMViewMixer"]
 
 
 class HookValue(nnx.Intermediate):
@@ -69,3 +71,42 @@ def check_attention_mask(mask, b: int, l: int):
         if not np.isin(values, (0, 1)).all():
             raise ValueError(f"attention_mask must hold only 0 and 1, found values {values.tolist()[:8]}")
     return mask
+
+
+class SSMViewMixer:
+    """The mixer protocol of `easymamba.models.causal_lm.ResidualBlock` for an SSM mixer (Mamba-2, Mamba-1): the
+    layer's cache view holds its conv window and SSM state; `run` / `run_step` read them (pinned to the cache's
+    layout: a while_loop carry must keep it) and return the view renewed, in the cache's dtypes and layout.
+
+    A mixer using it offers `__call__(hidden, attention_mask=, conv_state=, ssm_state=) -> (out, states)`,
+    `step(hidden (b, 1, d), conv_state, ssm_state, attention_mask=, active_rows=, decode_weights=)` and
+    `mesh_rules`.
+    """
+
+    def run(self, hidden, view, *, attention_mask=None, **_):
+        """A sequence (b, l, d) with the layer's view (or None) -> (out (b, l, d), the renewed view or None)."""
+        out, states = self(hidden, attention_mask=attention_mask, **self._states_in(view))
+        return out, self._view_out(view, states)
+
+    def run_step(self, hidden, view, *, attention_mask=None, active_rows=None, decode_weights=None, **_):
+        """One token (b, 1, d) with the layer's view -> (out (b, 1, d), the renewed view)."""
+        states = self._states_in(view)
+        out, states = self.step(hidden, states["conv_state"], states["ssm_state"], attention_mask=attention_mask,
+                                active_rows=active_rows, decode_weights=decode_weights)
+        return out, self._view_out(view, states)
+
+    def _states_in(self, view) -> dict:
+        if view is None:
+            return {"conv_state": None, "ssm_state": None}
+        conv_spec, ssm_spec = view.partition_specs[:2]
+        return {"conv_state": constrain_spec(view.conv_states, self.mesh_rules, conv_spec),
+                "ssm_state": constrain_spec(view.ssm_states, self.mesh_rules, ssm_spec)}
+
+    def _view_out(self, view, states):
+        if view is None:
+            return None
+        conv_state, ssm_state = states
+        conv_spec, ssm_spec = view.partition_specs[:2]
+        return view.replace(
+            conv_states=constrain_spec(conv_state.astype(view.conv_states.dtype), self.mesh_rules, conv_spec),
+            ssm_states=constrain_spec(ssm_state.astype(view.ssm_states.dtype), self.mesh_rules, ssm_spec))

@@ -22,6 +22,9 @@ class KeySpec:
 
     kind: "linear" (torch `[out, in]` <-> flax kernel `[in, out]`), "conv" (torch `[c, 1, k]` <-> flax `[c, k]`)
     or "copy" (same layout).
+    index: the tensor is entry `index` of a parameter stacked along its first axis (one expert of a mixture of
+    experts, which HF saves one tensor per expert and the model keeps as one (E, ...) parameter); `kind`
+    applies to the entry.
     """
 
     hf_name: str        # e.g. "backbone.layers.3.mixer.norm.weight"
@@ -30,6 +33,7 @@ class KeySpec:
     # A tensor HF packs: (module path, length) of each part along the packed axis, in HF's order. The packed
     # axis is HF's first (out features, channels), i.e. the flax kernel's last axis for "linear".
     parts: tuple[tuple[tuple, int], ...] = ()
+    index: int | None = None
 
     @property
     def targets(self) -> tuple[tuple, ...]:

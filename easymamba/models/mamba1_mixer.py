@@ -33,7 +33,7 @@ from easymamba.kernels import (
     selective_state_update_mamba1,
 )
 from easymamba.layers import DepthwiseConv1d, kaiming_uniform_init, normal_init
-from easymamba.models.common import check_active_rows, hold_rows, init_dt_bias, sow_hook
+from easymamba.models.common import SSMViewMixer, check_active_rows, hold_rows, init_dt_bias, sow_hook
 from easymamba.sharding import MeshRules, constrain
 
 __all__ = ["MambaMixer"]
@@ -53,7 +53,7 @@ def _scan_fn(kernel_impl: str):
     return _scan_naive if resolve("selective_scan", kernel_impl).form is Form.REFERENCE else _scan_chunked
 
 
-class MambaMixer(nnx.Module):
+class MambaMixer(SSMViewMixer, nnx.Module):
     """One Mamba-1 mixer (HF `MambaMixer`), parameters named as in HF's state dict, HF's initialisation.
 
     Hook points (recorded only under `easymamba.interp.run_with_cache`; r is `time_step_rank`):

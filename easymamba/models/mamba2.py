@@ -22,7 +22,7 @@ from easymamba.models.causal_lm import Backbone, CausalLM, ResidualBlock
 from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily, Operands, packed_key
 from easymamba.models.mamba2_mixer import Mamba2Mixer
 
-__all__ = ["Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "mamba2_key_table", "FAMILY"]
+__all__ = ["Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "mamba2_key_table", "mamba2_mixer_keys", "FAMILY"]
 
 
 class Mamba2Block(ResidualBlock):
@@ -51,30 +51,37 @@ class Mamba2ForCausalLM(CausalLM):
     """
 
 
-def mamba2_key_table(config: Mamba2Config) -> list[KeySpec]:
-    """Every tensor a `Mamba2ForCausalLM` with this config has, in HF's naming and order. HF packs in_proj as
-    [z | x | B | C | dt] and conv1d as [x | B | C]; the model keeps those parts apart (`KeySpec.parts`)."""
+def mamba2_mixer_keys(config, hf: str, mixer: tuple) -> list[KeySpec]:
+    """One Mamba-2 mixer's tensors: HF names under `hf` ("backbone.layers.3.mixer."), module path `mixer`.
+    `config` is a `Mamba2Config` or a hybrid's `Mamba2MixerConfig`. HF packs in_proj as [z | x | B | C | dt] and
+    conv1d as [x | B | C]; the model keeps those parts apart (`KeySpec.parts`)."""
     e, h, gn = config.intermediate_size, config.num_heads, config.n_groups * config.state_size
     in_parts = {"z": e, "x": e, "B": gn, "C": gn, "dt": h}
     conv_parts = {"x": e, "B": gn, "C": gn}
+    table = [packed_key(hf + "in_proj.weight", "linear", mixer + ("in_proj",), "kernel", in_parts)]
+    if config.use_bias:
+        table.append(packed_key(hf + "in_proj.bias", "copy", mixer + ("in_proj",), "bias", in_parts))
+    table.append(packed_key(hf + "conv1d.weight", "conv", mixer + ("conv1d",), "weight", conv_parts))
+    if config.use_conv_bias:
+        table.append(packed_key(hf + "conv1d.bias", "copy", mixer + ("conv1d",), "bias", conv_parts))
+    for name in ("dt_bias", "A_log", "D"):
+        table.append(KeySpec(hf + name, mixer + (name,), "copy"))
+    if getattr(config, "gated_norm", True):
+        table.append(KeySpec(hf + "norm.weight", mixer + ("norm", "weight"), "copy"))
+    table.append(KeySpec(hf + "out_proj.weight", mixer + ("out_proj", "kernel"), "linear"))
+    if config.use_bias:
+        table.append(KeySpec(hf + "out_proj.bias", mixer + ("out_proj", "bias"), "copy"))
+    return table
+
+
+def mamba2_key_table(config: Mamba2Config) -> list[KeySpec]:
+    """Every tensor a `Mamba2ForCausalLM` with this config has, in HF's naming and order."""
     table = [KeySpec("backbone.embeddings.weight", ("backbone", "embeddings", "weight"), "copy")]
     for i in range(config.num_hidden_layers):
         hf = f"backbone.layers.{i}."
         at = ("backbone", "layers", i)
         table.append(KeySpec(hf + "norm.weight", at + ("norm", "weight"), "copy"))
-        mixer = at + ("mixer",)
-        table.append(packed_key(hf + "mixer.in_proj.weight", "linear", mixer + ("in_proj",), "kernel", in_parts))
-        if config.use_bias:
-            table.append(packed_key(hf + "mixer.in_proj.bias", "copy", mixer + ("in_proj",), "bias", in_parts))
-        table.append(packed_key(hf + "mixer.conv1d.weight", "conv", mixer + ("conv1d",), "weight", conv_parts))
-        if config.use_conv_bias:
-            table.append(packed_key(hf + "mixer.conv1d.bias", "copy", mixer + ("conv1d",), "bias", conv_parts))
-        for name in ("dt_bias", "A_log", "D"):
-            table.append(KeySpec(hf + f"mixer.{name}", mixer + (name,), "copy"))
-        table.append(KeySpec(hf + "mixer.norm.weight", mixer + ("norm", "weight"), "copy"))
-        table.append(KeySpec(hf + "mixer.out_proj.weight", mixer + ("out_proj", "kernel"), "linear"))
-        if config.use_bias:
-            table.append(KeySpec(hf + "mixer.out_proj.bias", mixer + ("out_proj", "bias"), "copy"))
+        table += mamba2_mixer_keys(config, hf + "mixer.", at + ("mixer",))
     table.append(KeySpec("backbone.norm_f.weight", ("backbone", "norm_f", "weight"), "copy"))
     if not config.tie_word_embeddings:
         table.append(KeySpec("lm_head.weight", ("lm_head", "kernel"), "linear"))

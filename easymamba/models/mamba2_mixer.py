@@ -29,12 +29,12 @@ from easymamba import kernels
 from easymamba.config import Mamba2Config
 from easymamba.kernels import mamba2_decode_step
 from easymamba.layers import SplitConv1d, SplitLinear, few_row_kernel, kaiming_uniform_init, linear
-from easymamba.models.common import check_active_rows, hold_rows, init_dt_bias, sow_hook
+from easymamba.models.common import SSMViewMixer, check_active_rows, hold_rows, init_dt_bias, sow_hook
 from easymamba.norms import GatedRMSNorm
 from easymamba.sharding import MeshRules, constrain
 
 
-class Mamba2Mixer(nnx.Module):
+class Mamba2Mixer(SSMViewMixer, nnx.Module):
     """One Mamba-2 SSM mixer (HF `Mamba2Mixer`), parameters named as in HF's state dict.
 
     Hook points (recorded only under `easymamba.interp.run_with_cache`): `hook_in_proj` (b, l, 2e+2gn+h),
@@ -72,8 +72,8 @@ class Mamba2Mixer(nnx.Module):
         self.A_log = nnx.Param(jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32)).astype(param_dtype),
                                axes=("heads",))
         self.D = nnx.Param(jnp.ones((h,), param_dtype), axes=("heads",))
-        self.norm = GatedRMSNorm(e, n_groups=config.n_groups, eps=config.layer_norm_epsilon,
-                                 param_dtype=param_dtype)
+        self.norm = GatedRMSNorm(e, n_groups=getattr(config, "norm_groups", config.n_groups),
+                                 eps=config.layer_norm_epsilon, param_dtype=param_dtype)
         out_scale = 1.0 / math.sqrt(config.num_hidden_layers) if config.rescale_prenorm_residual else 1.0
         self.out_proj = nnx.Linear(  # row-parallel: one all-reduce per layer on a mesh
             e, d, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
