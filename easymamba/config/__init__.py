@@ -4,14 +4,16 @@
     mamba2.py   `Mamba2Config` (HF `Mamba2Config`)
     mamba1.py   `MambaConfig` (HF `MambaConfig`)
     nemotron_h.py  `NemotronHConfig` (HF `NemotronHConfig`)
+    falcon_h1.py   `FalconH1Config` (HF `FalconH1Config`)
     parts.py    the settings of one layer part (Mamba-2 mixer, attention, MLP, MoE) that hybrid configs derive
 
 `easymamba.models.config_from_hf` reads a `config.json` with the config class its family names.
 """
 
 from easymamba.config.common import hf_config_dict
+from easymamba.config.falcon_h1 import FalconH1Config
 from easymamba.config.mamba1 import MambaConfig
 from easymamba.config.mamba2 import Mamba2Config
 from easymamba.config.nemotron_h import NemotronHConfig
 
-__all__ = ["Mamba2Config", "MambaConfig", "NemotronHConfig", "hf_config_dict"]
+__all__ = ["Mamba2Config", "MambaConfig", "NemotronHConfig", "FalconH1Config", "hf_config_dict"]

@@ -43,7 +43,9 @@ class Mamba2MixerConfig:
 
     Beyond `Mamba2Config`: `gated_norm` (False: y * silu(z), no norm; Falcon-H1's `mamba_rms_norm=False`),
     `norm_before_gate` (Falcon-H1), `norm_groups` (groups of the gated norm; default `n_groups`),
-    `zxbcdt_multipliers` (Falcon-H1's muP multipliers of in_proj's five parts, or None).
+    `zxbcdt_multipliers` (Falcon-H1's muP multipliers of in_proj's five parts, or None), `out_proj_bias` (bias of
+    out_proj; None: the same as `use_bias`. Falcon-H1 sets in_proj's from `mamba_proj_bias`, out_proj's from
+    `projectors_bias`).
     """
 
     model_type = "mamba2"  # what the SSM views of a hybrid cache are checked against (not a field)
@@ -69,6 +71,7 @@ class Mamba2MixerConfig:
     norm_before_gate: bool = False
     norm_groups: int | None = None
     zxbcdt_multipliers: tuple[float, float, float, float, float] | None = None
+    out_proj_bias: bool | None = None
 
     def __post_init__(self):
         _positive(self, "hidden_size", "num_heads", "head_dim", "state_size", "n_groups", "conv_kernel",
@@ -80,6 +83,8 @@ class Mamba2MixerConfig:
         object.__setattr__(self, "time_step_limit", (lo, hi))
         if self.norm_groups is None:
             object.__setattr__(self, "norm_groups", self.n_groups)
+        if self.out_proj_bias is None:
+            object.__setattr__(self, "out_proj_bias", self.use_bias)
         _require(_is_int(self.norm_groups) and self.norm_groups >= 1
                  and self.intermediate_size % self.norm_groups == 0,
                  f"norm_groups ({self.norm_groups}) must divide the mixer width ({self.intermediate_size})")
