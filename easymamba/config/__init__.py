@@ -3,12 +3,18 @@
     common.py   what they share: checks, `config.json` reading, infinity in JSON, harmless keys, `hf_config_dict`
     mamba2.py   `Mamba2Config` (HF `Mamba2Config`)
     mamba1.py   `MambaConfig` (HF `MambaConfig`)
+    bamba.py    `BambaConfig` (HF `BambaConfig`, Mamba-2 + attention hybrid)
+    granitemoehybrid.py   `GraniteMoeHybridConfig` (HF `GraniteMoeHybridConfig`, Granite-4.0-H)
+    parts.py    the per-part records the hybrid configs derive (Mamba2MixerConfig, AttentionConfig, ...)
+    rope.py     reading rotary-embedding settings (`rope_parameters` or the 4.x keys)
 
 `easymamba.models.config_from_hf` reads a `config.json` with the config class its family names.
 """
 
+from easymamba.config.bamba import BambaConfig
 from easymamba.config.common import hf_config_dict
+from easymamba.config.granitemoehybrid import GraniteMoeHybridConfig
 from easymamba.config.mamba1 import MambaConfig
 from easymamba.config.mamba2 import Mamba2Config
 
-__all__ = ["Mamba2Config", "MambaConfig", "hf_config_dict"]
+__all__ = ["Mamba2Config", "MambaConfig", "BambaConfig", "GraniteMoeHybridConfig", "hf_config_dict"]
