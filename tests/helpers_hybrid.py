@@ -68,9 +68,9 @@ def randomize_hf_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Redraw every floating parameter and persistent floating buffer of `model` in place; returns `model`.
 
     Matrices (and stacked expert matrices [E, out, in]) ~ N(0, 1/fan_in), fan_in their last axis, so each
-    projection keeps O(1) activations; the input embedding ~ N(0, 1), or N(0, 1/d) when the LM head shares it. Norm weights 1 + 0.1 N; biases (and any other
-    vector, router correction biases included) 0.1 N; depthwise conv kernels 0.4 N. Mamba: A = -exp(A_log) ~
-    -U(1, 16), softplus(dt_bias) ~ 0.05 * exp(0.5 N), D ~ 1 + 0.2 N.
+    projection keeps O(1) activations; the input embedding ~ N(0, 1), or N(0, 1/d) when the LM head shares it.
+    Norm weights 1 + 0.1 N; biases (and any other vector, router correction biases included) 0.1 N; depthwise
+    conv kernels 0.4 N. Mamba: A = -exp(A_log) ~ -U(1, 16), softplus(dt_bias) ~ 0.05 * exp(0.5 N), D ~ 1 + 0.2 N.
     """
     gen = torch.Generator().manual_seed(seed)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
