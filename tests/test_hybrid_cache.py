@@ -11,6 +11,7 @@ as a shape error; contents are random, never zeros, so a no-op cannot pass.
 
 import dataclasses
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from easymamba.caching import (
     Mamba2Cache,
     Mamba2CacheMetaData,
     Mamba2CacheView,
+    MambaCacheView,
     PartitionAxis,
 )
 from easymamba.config import Mamba2Config
@@ -487,9 +489,30 @@ def test_a_cache_of_the_other_kind_is_refused_by_both_names():
     with pytest.raises(ValueError, match=r"it is a Mamba2Cache, but the model keeps a HybridCache"):
         mamba2.check_compatible(make_meta())
     # a config that lists one mamba2 view per layer is a plain Mamba-2 model's: the Mamba2Cache fits
-    mamba2.check_compatible(make_config(kinds=(("mamba2",),) * 5).mixer_config, B)
+    plain = types.SimpleNamespace(**{f.name: getattr(mamba2_config, f.name) for f in dataclasses.fields(mamba2_config)},
+                                  intermediate_size=mamba2_config.intermediate_size, model_type="mamba2",
+                                  layer_cache_kinds=(("mamba2",),) * 5)  # fmt: skip
+    mamba2.check_compatible(plain, B)
     with pytest.raises(ValueError, match=r"views\[1\] must be a Mamba2CacheView .* got Mamba2Cache"):
         HybridCache.init_empty(make_meta()).update_view(1, mamba2)
+
+
+def test_mamba1_kind():
+    """"mamba" layers keep Mamba-1 views ([b, e, k], [b, e, n]) read from a MambaConfig-like mixer_config."""
+    mixer = types.SimpleNamespace(num_hidden_layers=3, intermediate_size=6, state_size=N, conv_kernel=K)
+    config = ToyConfig(((), ("mamba",), ("attention", "mamba")), mixer, make_config().attention_config)
+    meta = HybridCacheMetaData.from_config(config, B, T)
+    assert meta.layer_cache_kinds == ((), ("mamba",), ("attention", "mamba"))
+    cache = random_cache(10, meta=meta)
+    assert isinstance(cache.views[1], MambaCacheView) and cache.views[2][1].ssm_states.shape == (B, 6, N)
+    back = HybridCache.from_json(cache.to_json())
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(cache)
+    assert all(map(same_bits, jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(back)))
+    cache.check_compatible(config, B)
+    with pytest.raises(ValueError, match=r"layer 1 \(mamba\): it was built with state_size=5, but the model needs "
+                                         r"state_size=4"):  # fmt: skip
+        cache.check_compatible(dataclasses.replace(config, mixer_config=types.SimpleNamespace(
+            num_hidden_layers=3, intermediate_size=6, state_size=4, conv_kernel=K)))
 
 
 # -- sharding on 8 host devices ------------------------------------------------------------------------------

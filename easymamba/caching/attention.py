@@ -186,6 +186,9 @@ class AttentionCacheView(BaseCacheView):
         `max_length - l`: an overflowing write overwrites the newest slots instead of failing, so a caller under
         `jit` must ensure `seqlen_offset + l <= max_length` before it starts (the decode loop checks its length
         against the cache once, outside `jit`).
+
+        On a mesh, use `AxisType.Auto` axes as the models do (`easymamba.make_mesh`): under `Explicit` axes JAX
+        requires the update's sharding to equal the cache's and refuses the write.
         """
         b, t, kv, hd = self.metadata.kv_shape
         k_new, v_new, valid_new = jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(valid_new)
