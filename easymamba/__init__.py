@@ -5,6 +5,10 @@ Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notati
 """
 
 from easymamba.caching import (
+    AttentionCacheMetaData,
+    AttentionCacheView,
+    HybridCache,
+    HybridCacheMetaData,
     Mamba2Cache,
     Mamba2CacheMetaData,
     Mamba2CacheView,
@@ -56,6 +60,10 @@ __all__ = [
     "GatedRMSNorm",
     "GenerationConfig",
     "Mamba2Block",
+    "AttentionCacheMetaData",
+    "AttentionCacheView",
+    "HybridCache",
+    "HybridCacheMetaData",
     "Mamba2Cache",
     "Mamba2CacheMetaData",
     "Mamba2CacheView",

@@ -11,7 +11,7 @@ Leaves of a `MambaCacheView` (letters of `easymamba/typing.py`):
     seqlen_offset  [] int32      tokens the cache has consumed
 
 Everything else (functional updates, pytree, bit-exact dict/JSON documents, checked PartitionSpecs, sharded
-init) is the machinery of `BaseCacheMetaData` / `BaseCacheView` / `BaseCache` that the Mamba-2 cache uses too.
+init) is the machinery of `BaseCacheMetaData` / `SSMCacheView` / `BaseCache` that the Mamba-2 cache uses too.
 
 Sharding: Mamba-1 has no heads; every inner channel e has its own A row and its own state row, so e plays the
 heads' part. `PartitionAxis.head_axis` shards e in both the conv window and the SSM state (the channels of the
@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec
 from easymamba.caching.cache import BaseCache
 from easymamba.caching.metadata import BaseCacheMetaData
 from easymamba.caching.partition import POSITIONS_DIMS, PartitionAxis
-from easymamba.caching.view import BaseCacheView
+from easymamba.caching.view import SSMCacheView
 
 __all__ = ["MambaCacheMetaData", "MambaCacheView", "MambaCache"]
 
@@ -127,7 +127,7 @@ class MambaCacheMetaData(BaseCacheMetaData):
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class MambaCacheView(BaseCacheView):
+class MambaCacheView(SSMCacheView):
     """Per-layer Mamba-1 cache: conv window `[b, e, k]`, SSM state `[b, e, n]`, positions `[b]`, seqlen_offset `[]`.
 
     Same methods as `Mamba2CacheView` (`init`, `update_conv_state`, `update_ssm_state`, `update_seq`, `reset`,
@@ -135,6 +135,7 @@ class MambaCacheView(BaseCacheView):
     """
 
     METADATA: ClassVar[type] = MambaCacheMetaData
+    KIND: ClassVar[str] = "mamba"
 
 
 @jax.tree_util.register_pytree_with_keys_class
