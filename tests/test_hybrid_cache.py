@@ -551,7 +551,7 @@ def test_sharded_init_checks_specs(mesh):
         HybridCache.init_cache(make_meta(batch_size=4, num_heads=8, head_dim=1), mesh=mesh)
     with pytest.raises(ValueError, match=r"layer 1 \(mamba2\): dim 0 \(b\) of conv_states \[b, c, k\] has size 3"):
         HybridCache.init_cache(make_meta(batch_size=3, num_key_value_heads=4, num_heads=8, head_dim=1), mesh=mesh)
-    unsharded_heads = make_meta(batch_size=4, partition_axis=PartitionAxis(head_axis=None))
+    unsharded_heads = make_meta(batch_size=4, partition_axis=PartitionAxis(head_axis=None, kv_head_axis=None))
     cache = HybridCache.init_cache(unsharded_heads, mesh=mesh)  # kv heads replicated: any count fits
     assert cache.views[2].keys.sharding.spec == P("data", None, None, None)
     doc = HybridCache.init_cache(make_meta(batch_size=4, num_heads=8, head_dim=1)).to_dict()

@@ -18,9 +18,9 @@ step. A row's real tokens so far, `valid.sum(-1)` (`real_tokens()`), is the rota
 `write` puts new slots at `seqlen_offset` and does not advance it: the caller advances every view of the cache
 together with `update_seq` / `advance`, as for the SSM views, so all layers' counters stay equal.
 
-Sharding (`PartitionAxis`): `batch_axis` shards b of every leaf, `head_axis` shards kv (as the attention's key
-and value projections are sharded by head); t and hd stay whole. A head axis that does not divide kv is refused
-when the cache is made on a mesh.
+Sharding (`PartitionAxis`): `batch_axis` shards b of every leaf, `kv_head_axis` shards kv (as the attention's key
+and value projections are sharded by head; a sharded model's rules replicate kv when it does not divide the mesh
+axis); t and hd stay whole. An axis that does not divide kv is refused when the cache is made on a mesh.
 """
 
 import dataclasses
@@ -125,7 +125,7 @@ class AttentionCacheMetaData(BaseCacheMetaData):
         """keys, values `[b, t, kv, hd]` -> (batch, None, head, None); valid `[b, t]` -> (batch, None);
         positions `[b]` -> (batch,)."""
         axis = self.partition_axis
-        kv = PartitionSpec(axis.batch_axis, None, axis.head_axis, None)
+        kv = PartitionSpec(axis.batch_axis, None, axis.kv_head_axis, None)
         return kv, kv, PartitionSpec(axis.batch_axis, None), axis.positions_spec()
 
     def check_compatible(self, other: Any, batch_size: int | None = None, max_length: int | None = None) -> None:

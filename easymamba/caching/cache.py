@@ -111,10 +111,6 @@ class BaseCache:
     def num_hidden_layers(self) -> int:
         return len(self.views)
 
-    def missing_layers(self) -> list[int]:
-        """The layers whose slot holds no view yet (an `init_empty` cache not filled)."""
-        return [i for i, view in enumerate(self.views) if view is None]
-
     def _first_view(self) -> BaseCacheView | None:
         return next((view for view in self.views if view is not None), None)
 
@@ -146,10 +142,11 @@ class BaseCache:
     def _with_view(self, layer_idx: int, view: Any):
         views = list(self.views)
         views[self._index(layer_idx)] = view
-        return self._replace_views(views)
+        return self.with_views(views)
 
-    def _replace_views(self, views: Any):
-        """A cache of this kind holding `views` (a subclass with static fields beside `views` keeps them)."""
+    def with_views(self, views: Any):
+        """A cache of this kind holding `views` (the per-layer entries; a subclass with static fields beside
+        `views` keeps them): how a forward returns its renewed cache."""
         return type(self)(tuple(views))
 
     def _map_views(self, fn: Any) -> tuple:
@@ -209,15 +206,15 @@ class BaseCache:
     def update_seq(self, num: Any, active_rows: Any = None):
         """Advance every view's `positions` and `seqlen_offset` by `num` (an int or an integer scalar array,
         traced or not, e.g. inside `lax.while_loop`); with `active_rows` (b,) bool only those rows' positions."""
-        return self._replace_views(self._map_views(lambda v: v.update_seq(num, active_rows)))
+        return self.with_views(self._map_views(lambda v: v.update_seq(num, active_rows)))
 
     def advance(self, row_steps: Any, batch_steps: Any):
         """Every view's `positions` + `row_steps` (b,) and `seqlen_offset` + `batch_steps` (`BaseCacheView.advance`)."""
-        return self._replace_views(self._map_views(lambda v: v.advance(row_steps, batch_steps)))
+        return self.with_views(self._map_views(lambda v: v.advance(row_steps, batch_steps)))
 
     def reset(self):
         """Zero states, positions and offsets in every view; empty slots stay empty."""
-        return self._replace_views(self._map_views(lambda v: v.reset()))
+        return self.with_views(self._map_views(lambda v: v.reset()))
 
     def check_compatible(self, other: Any, batch_size: int | None = None) -> None:
         """Raise `ValueError` naming the first size where this cache does not fit `other` (a model config or a

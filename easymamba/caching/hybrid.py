@@ -437,7 +437,7 @@ class HybridCache(BaseCache):
         parts[self.cache_metadata.layer_cache_kinds[index].index(kind)] = view
         return self._with_view(index, _entry(parts))
 
-    def _replace_views(self, views: Any) -> "HybridCache":
+    def with_views(self, views: Any) -> "HybridCache":
         return type(self)(tuple(views), self.cache_metadata)
 
     def _map_views(self, fn: Any) -> tuple:

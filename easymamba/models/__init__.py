@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config import hf_config_dict
-from easymamba.models import mamba1, mamba2
+from easymamba.models import mamba1, mamba2, nemotron_h
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
     Backbone,
@@ -31,6 +31,7 @@ from easymamba.models.mamba2_mixer import Mamba2Mixer
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     mamba2.FAMILY,
     mamba1.FAMILY,
+    nemotron_h.FAMILY,
 )}
 
 
