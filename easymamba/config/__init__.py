@@ -3,12 +3,14 @@
     common.py   what they share: checks, `config.json` reading, infinity in JSON, harmless keys, `hf_config_dict`
     mamba2.py   `Mamba2Config` (HF `Mamba2Config`)
     mamba1.py   `MambaConfig` (HF `MambaConfig`)
+    falcon_mamba.py   `FalconMambaConfig` (HF `FalconMambaConfig`): Mamba-1's fields and `mixer_rms_eps`
 
 `easymamba.models.config_from_hf` reads a `config.json` with the config class its family names.
 """
 
 from easymamba.config.common import hf_config_dict
+from easymamba.config.falcon_mamba import FalconMambaConfig
 from easymamba.config.mamba1 import MambaConfig
 from easymamba.config.mamba2 import Mamba2Config
 
-__all__ = ["Mamba2Config", "MambaConfig", "hf_config_dict"]
+__all__ = ["Mamba2Config", "MambaConfig", "FalconMambaConfig", "hf_config_dict"]
