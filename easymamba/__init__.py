@@ -1,4 +1,4 @@
-"""easymamba: Mamba-2 (and Mamba-1) language models in JAX / flax.nnx, exact against Hugging Face.
+"""easymamba: Mamba-2 (and Mamba-1, Falcon-Mamba) language models in JAX / flax.nnx, exact against Hugging Face.
 
 Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notation used everywhere is in
 `easymamba.typing`.
@@ -9,6 +9,9 @@ from easymamba.caching import (
     AttentionCacheView,
     HybridCache,
     HybridCacheMetaData,
+    FalconMambaCache,
+    FalconMambaCacheMetaData,
+    FalconMambaCacheView,
     Mamba2Cache,
     Mamba2CacheMetaData,
     Mamba2CacheView,
@@ -28,10 +31,14 @@ from easymamba.checkpoints import (
     save_train_state,
     state_dict,
 )
-from easymamba.config import Mamba2Config, MambaConfig
+from easymamba.config import FalconMambaConfig, Mamba2Config, MambaConfig
 from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
+    FalconMambaBlock,
+    FalconMambaForCausalLM,
+    FalconMambaMixer,
+    FalconMambaModel,
     Mamba2Block,
     Mamba2CausalLMOutput,
     Mamba2ForCausalLM,
@@ -57,6 +64,14 @@ __all__ = [
     "shard_batch",
     "shard_model",
     "CheckpointError",
+    "FalconMambaBlock",
+    "FalconMambaCache",
+    "FalconMambaCacheMetaData",
+    "FalconMambaCacheView",
+    "FalconMambaConfig",
+    "FalconMambaForCausalLM",
+    "FalconMambaMixer",
+    "FalconMambaModel",
     "GatedRMSNorm",
     "GenerationConfig",
     "Mamba2Block",

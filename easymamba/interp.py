@@ -26,6 +26,10 @@ Mamba-1 (`MambaMixer`, easymamba/models/mamba1_mixer.py):
     layers.i.mixer.hook_ssm_out     (b, l, e)           selective-scan output incl. the D skip, before the gate
     layers.i.mixer.hook_gated       (b, l, e)           hook_ssm_out * silu(z), the input of out_proj
 
+Falcon-Mamba (`FalconMambaMixer`, easymamba/models/falcon_mamba.py): Mamba-1's hooks; hook_x_proj is x_proj's
+output before the weightless norms of dt, B and C, hook_dt the step size after them, and the effective
+attention normalises B and C from hook_x_proj as the mixer does.
+
 The hook points are `sow_hook` calls in the modules (`easymamba/models/`); each is a no-op unless
 `run_with_cache` asked for that name, so a plain forward traces to the same program as one without hooks, and
 an unrequested activation is never stored.
@@ -61,7 +65,7 @@ from flax import nnx
 
 from easymamba.kernels import segsum
 from easymamba.layers import check_token_ids
-from easymamba.models import FAMILIES
+from easymamba.models import FAMILIES, ModelFamily
 from easymamba.models.common import HookValue, check_attention_mask
 from easymamba.models.family import EffectiveAttention, Operands
 
@@ -166,6 +170,11 @@ def _family(backbone) -> EffectiveAttention:
     """What the effective attention reads from this model's SSM mixers: the family record's answer (the one place
     where the family matters; everything after `operands` is the same math for every family)."""
     mixer = backbone.layers[0].mixer
+    # The backbone's own record first: a family whose mixer subclasses another's (Falcon-Mamba's MambaMixer)
+    # reads its operands its own way.
+    family = getattr(backbone, "family", None)
+    if isinstance(family, ModelFamily) and isinstance(mixer, family.effective_attention.mixer):
+        return family.effective_attention
     for family in FAMILIES.values():
         if isinstance(mixer, family.effective_attention.mixer):
             return family.effective_attention

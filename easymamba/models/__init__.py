@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config import hf_config_dict
-from easymamba.models import mamba1, mamba2, nemotron_h
+from easymamba.models import falcon_mamba, mamba1, mamba2, nemotron_h
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
     Backbone,
@@ -20,6 +20,13 @@ from easymamba.models.causal_lm import (
     ResidualBlock,
     causal_lm_loss,
     causal_lm_loss_sum,
+)
+from easymamba.models.falcon_mamba import (
+    FalconMambaBlock,
+    FalconMambaForCausalLM,
+    FalconMambaMixer,
+    FalconMambaModel,
+    falcon_mamba_key_table,
 )
 from easymamba.models.family import KeySpec, ModelFamily
 from easymamba.models.mamba1 import MambaBlock, MambaForCausalLM, MambaModel, mamba1_key_table
@@ -32,6 +39,7 @@ FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     mamba2.FAMILY,
     mamba1.FAMILY,
     nemotron_h.FAMILY,
+    falcon_mamba.FAMILY,
 )}
 
 
@@ -79,4 +87,5 @@ __all__ = [
     "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
     "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",
+    "FalconMambaBlock", "FalconMambaModel", "FalconMambaForCausalLM", "FalconMambaMixer", "falcon_mamba_key_table",
 ]

@@ -144,6 +144,10 @@ class Backbone(nnx.Module):
         if not isinstance(config, family.config_class):
             raise TypeError(f"{type(self).__name__} needs a {family.config_class.__name__}, got "
                             f"{type(config).__name__}")
+        if config.model_type != family.model_type:  # a subclass's config is another family's (FalconMambaConfig)
+            raise TypeError(f"{type(self).__name__} needs a {family.config_class.__name__} of model_type "
+                            f"{family.model_type!r}, got a {type(config).__name__} of model_type "
+                            f"{config.model_type!r}")
         self.config = config
         self.dtype = dtype
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
