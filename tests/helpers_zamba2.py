@@ -2,8 +2,9 @@
 
 `randomize_zamba2_` draws every floating parameter afresh at a scale that keeps the logits O(1): matrices (the
 LoRA adapters included, which HF initialises like any linear but which a zero draw would hide) ~ N(0, 1/fan_in),
-the embedding ~ N(0, 0.3^2) (as a tied LM head it gives logits of std ~ 0.3 sqrt(d)), RMSNorm weights (the gated one included) 1 +- 0.1, A_log = log U(1, 16), dt_bias so that
-softplus(dt_bias) ~ 0.05, D ~ 1 +- 0.1, biases ~ N(0, 0.05^2). Persistent floating buffers would be drawn too;
+the embedding ~ N(0, 0.3^2) (as a tied LM head it gives logits of std ~ 0.3 sqrt(d)), RMSNorm weights (the gated
+one included) 1 +- 0.1, A_log = log U(1, 16), dt_bias so that softplus(dt_bias) ~ 0.05, D ~ 1 +- 0.1, biases
+~ N(0, 0.05^2). Persistent floating buffers would be drawn too;
 Zamba2 has none. Its only floating buffers are the rotary `inv_freq` / `original_inv_freq` (non-persistent, not
 in the checkpoint), which are functions of the config: they are checked against `rope_theta` and left alone,
 since a model rebuilt from the config recomputes them.
