@@ -17,7 +17,7 @@ import transformers
 
 # Two tiny shapes that between them cover what the family varies: layer patterns (hybrid first / last / adjacent),
 # one and two shared blocks, one and two mamba groups, with and without the attention adapters and the rotary
-# embedding, tied and untied LM head, GQA (only without attention adapters: HF's k/v adapters write 2 * d
+# embedding, GQA (only without attention adapters: HF's k/v adapters write 2 * d
 # channels, the full q width, so they need num_key_value_heads == num_attention_heads), MLP and mixer biases.
 TINY_A = dict(
     vocab_size=97, hidden_size=32, num_hidden_layers=5,
@@ -25,7 +25,7 @@ TINY_A = dict(
     mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_ngroups=1, n_mamba_heads=4, chunk_size=8,
     intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_mem_blocks=1,
     use_shared_attention_adapter=False, adapter_rank=6, use_mem_rope=False, hidden_act="gelu",
-    add_bias_linear=True, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    add_bias_linear=True, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 TINY_B = dict(
     vocab_size=89, hidden_size=24, num_hidden_layers=6,
@@ -34,7 +34,7 @@ TINY_B = dict(
     intermediate_size=40, num_attention_heads=3, num_key_value_heads=3, num_mem_blocks=2,
     use_shared_attention_adapter=True, adapter_rank=5, use_mem_rope=True,
     rope_parameters={"rope_type": "default", "rope_theta": 500.0}, hidden_act="gelu",
-    add_bias_linear=False, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    add_bias_linear=False, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 TINY_CONFIGS = {"a": TINY_A, "b": TINY_B}
 

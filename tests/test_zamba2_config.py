@@ -171,6 +171,13 @@ def test_part_records_match_the_hf_modules(name):
     assert type(ff.act_fn).__name__ == "GELUActivation" and mlp.activation == "gelu"
     blocks = [getattr(model.model.layers[i], "shared_transformer").block_id for i in c.hybrid_layer_ids]
     assert blocks == [c.shared_block_index(i) for i in c.hybrid_layer_ids]
+    for i in c.hybrid_layer_ids:  # which layer's tensors each hybrid layer runs (the same Parameter objects)
+        ours = model.model.layers[i].shared_transformer.self_attn.q_proj.weight
+        owner = model.model.layers[c.shared_block_owner(i)].shared_transformer.self_attn.q_proj.weight
+        others = [model.model.layers[j].shared_transformer.self_attn.q_proj.weight for j in c.hybrid_layer_ids
+                  if c.shared_block_owner(j) != c.shared_block_owner(i)]
+        assert ours is owner and all(ours is not w for w in others)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == c.tie_word_embeddings
     cache = transformers.DynamicCache(config=model.config)
     kinds = {"LinearAttentionLayer": ("mamba2",), "LinearAttentionAndFullAttentionLayer": ("attention", "mamba2")}
     assert tuple(kinds[type(lay).__name__] for lay in cache.layers) == c.layer_cache_kinds
@@ -242,4 +249,8 @@ def test_refusals(changes, message):
 def test_shared_block_index_of_a_mamba_layer():
     with pytest.raises(ValueError, match=r"layer 1 is not a hybrid layer; the hybrid layers are \[0, 2, 3, 5\]"):
         Zamba2Config.from_hf(BASE).shared_block_index(1)
-    assert [Zamba2Config.from_hf(BASE).shared_block_index(i) for i in (0, 2, 3, 5)] == [0, 1, 0, 1]
+    c = Zamba2Config.from_hf(BASE)
+    assert [c.shared_block_index(i) for i in (0, 2, 3, 5)] == [0, 1, 0, 1]
+    assert [c.shared_block_owner(i) for i in (0, 2, 3, 5)] == [0, 2, 0, 2]
+    untied = c.replace(tie_word_embeddings=False)
+    assert [untied.shared_block_owner(i) for i in (0, 2, 3, 5)] == [0, 2, 3, 5]

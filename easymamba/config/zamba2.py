@@ -8,7 +8,8 @@ Layers
     layers_block_type   per layer "linear_attention" (a Mamba-2 layer; "mamba" is read as this, as HF does) or
                         "hybrid" (the shared transformer block, a per-layer linear d -> d, then the layer's own
                         Mamba-2 layer). None: HF's 54-layer pattern. `hybrid_layer_ids` lists the hybrid layers.
-    num_mem_blocks      shared blocks; the i-th hybrid layer (counting hybrid layers only) uses block i % num_mem_blocks
+    num_mem_blocks      shared blocks; the i-th hybrid layer (counting hybrid layers only) uses block i % num_mem_blocks.
+                        Shared only with tie_word_embeddings: HF 5.25 ties nothing without it (`shared_block_owner`).
 Mamba-2 mixer (every layer)
     mamba_d_state n, mamba_d_conv k, mamba_expand (e = mamba_expand * d), mamba_ngroups g, n_mamba_heads h;
     `mamba_headdim` p = e // h. chunk_size. The conv always has a bias (HF ignores use_conv_bias); the gated
@@ -211,6 +212,16 @@ class Zamba2Config(_ConfigIO):
         if layer not in ids:
             raise ValueError(f"layer {layer} is not a hybrid layer; the hybrid layers are {list(ids)}")
         return ids.index(layer) % self.num_mem_blocks
+
+    def shared_block_owner(self, layer: int) -> int:
+        """The hybrid layer whose `shared_transformer` weights hybrid layer `layer` runs (the checkpoint stores
+        them there only). With tie_word_embeddings, the first hybrid layer of the same shared block; without it,
+        `layer` itself: HF 5.25 applies none of its tied-weight keys when tie_word_embeddings is False, so every
+        hybrid layer then has a block of its own (its adapters still sit at the slot of its hybrid rank)."""
+        block = self.shared_block_index(layer)
+        if not self.tie_word_embeddings:
+            return layer
+        return next(i for i in self.hybrid_layer_ids if self.shared_block_index(i) == block)
 
     @property
     def attention_hidden_size(self) -> int:
