@@ -10,6 +10,7 @@ import transformers
 from helpers_zamba2 import TINY_CONFIGS, random_hf_zamba2, tiny_hf_zamba2_config
 
 from easymamba.config import Zamba2Config
+from easymamba.config.parts import Mamba2MixerConfig
 from easymamba.config.zamba2 import GATED_NORM_EPS
 
 M, H = "mamba", "hybrid"
@@ -254,3 +255,12 @@ def test_shared_block_index_of_a_mamba_layer():
     assert [c.shared_block_owner(i) for i in (0, 2, 3, 5)] == [0, 2, 0, 2]
     untied = c.replace(tie_word_embeddings=False)
     assert [untied.shared_block_owner(i) for i in (0, 2, 3, 5)] == [0, 2, 3, 5]
+
+
+def test_step_time_step_limit_of_the_mixer_record():
+    sizes = dict(hidden_size=8, num_heads=2, head_dim=8, state_size=4, n_groups=1, conv_kernel=4, num_hidden_layers=1)
+    assert Mamba2MixerConfig(**sizes).step_time_step_limit is None          # the Mamba-2 families: as before
+    assert Zamba2Config().mixer_config.step_time_step_limit == (0.0, float("inf"))
+    assert Zamba2Config().mixer_config.time_step_limit == (0.001, float("inf"))
+    with pytest.raises(ValueError, match=r"step_time_step_limit \(0.5, 0.1\) must satisfy 0 <= lo <= hi"):
+        Mamba2MixerConfig(**sizes, step_time_step_limit=(0.5, 0.1))

@@ -8,8 +8,9 @@ Layers
     layers_block_type   per layer "linear_attention" (a Mamba-2 layer; "mamba" is read as this, as HF does) or
                         "hybrid" (the shared transformer block, a per-layer linear d -> d, then the layer's own
                         Mamba-2 layer). None: HF's 54-layer pattern. `hybrid_layer_ids` lists the hybrid layers.
-    num_mem_blocks      shared blocks; the i-th hybrid layer (counting hybrid layers only) uses block i % num_mem_blocks.
-                        Shared only with tie_word_embeddings: HF 5.25 ties nothing without it (`shared_block_owner`).
+    num_mem_blocks      shared blocks; the i-th hybrid layer (counting hybrid layers only) uses block
+                        i % num_mem_blocks. Shared only with tie_word_embeddings: HF 5.25 ties nothing
+                        without it (`shared_block_owner`).
 Mamba-2 mixer (every layer)
     mamba_d_state n, mamba_d_conv k, mamba_expand (e = mamba_expand * d), mamba_ngroups g, n_mamba_heads h;
     `mamba_headdim` p = e // h. chunk_size. The conv always has a bias (HF ignores use_conv_bias); the gated
