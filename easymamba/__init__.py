@@ -1,4 +1,5 @@
-"""easymamba: Mamba-2 (and Mamba-1, Falcon-Mamba) language models in JAX / flax.nnx, exact against Hugging Face.
+"""easymamba: Mamba-2, Mamba-1 and the hybrids built on them (Nemotron-H, Falcon-Mamba, ...) in JAX / flax.nnx,
+exact against Hugging Face.
 
 Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notation used everywhere is in
 `easymamba.typing`.
@@ -31,10 +32,24 @@ from easymamba.checkpoints import (
     save_train_state,
     state_dict,
 )
-from easymamba.config import FalconMambaConfig, Mamba2Config, MambaConfig
+from easymamba.config import (
+    BambaConfig,
+    FalconH1Config,
+    FalconMambaConfig,
+    GraniteMoeHybridConfig,
+    Mamba2Config,
+    MambaConfig,
+    NemotronHConfig,
+    Zamba2Config,
+)
 from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
+    MLP,
+    Attention,
+    MoE,
+    NemotronHForCausalLM,
+    NemotronHModel,
     FalconMambaBlock,
     FalconMambaForCausalLM,
     FalconMambaMixer,
@@ -58,6 +73,16 @@ from easymamba.train import TokenBatcher, TrainState, make_eval_step, make_optim
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Attention",
+    "MLP",
+    "MoE",
+    "NemotronHConfig",
+    "NemotronHForCausalLM",
+    "NemotronHModel",
+    "BambaConfig",
+    "FalconH1Config",
+    "GraniteMoeHybridConfig",
+    "Zamba2Config",
     "ShardingRules",
     "init_sharded",
     "make_mesh",

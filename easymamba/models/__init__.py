@@ -28,11 +28,14 @@ from easymamba.models.falcon_mamba import (
     FalconMambaModel,
     falcon_mamba_key_table,
 )
+from easymamba.models.attention import Attention
 from easymamba.models.family import KeySpec, ModelFamily
 from easymamba.models.mamba1 import MambaBlock, MambaForCausalLM, MambaModel, mamba1_key_table
 from easymamba.models.mamba1_mixer import MambaMixer
 from easymamba.models.mamba2 import Mamba2Block, Mamba2ForCausalLM, Mamba2Model, mamba2_key_table
 from easymamba.models.mamba2_mixer import Mamba2Mixer
+from easymamba.models.mlp import MLP, MoE
+from easymamba.models.nemotron_h import NemotronHForCausalLM, NemotronHModel, nemotron_h_key_table
 
 # The families easymamba knows, by HF `model_type`.
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
@@ -87,5 +90,6 @@ __all__ = [
     "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
     "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",
+    "Attention", "MLP", "MoE", "NemotronHModel", "NemotronHForCausalLM", "nemotron_h_key_table",
     "FalconMambaBlock", "FalconMambaModel", "FalconMambaForCausalLM", "FalconMambaMixer", "falcon_mamba_key_table",
 ]
