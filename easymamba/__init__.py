@@ -1,4 +1,4 @@
-"""easymamba: Mamba-2 (and Mamba-1, Falcon-Mamba) language models in JAX / flax.nnx, exact against Hugging Face.
+"""easymamba: Mamba-2 (and Mamba-1, Falcon-Mamba, Jamba) language models in JAX / flax.nnx, exact against Hugging Face.
 
 Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notation used everywhere is in
 `easymamba.typing`.
@@ -31,7 +31,7 @@ from easymamba.checkpoints import (
     save_train_state,
     state_dict,
 )
-from easymamba.config import FalconMambaConfig, Mamba2Config, MambaConfig
+from easymamba.config import FalconMambaConfig, JambaConfig, Mamba2Config, MambaConfig
 from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
@@ -39,6 +39,9 @@ from easymamba.models import (
     FalconMambaForCausalLM,
     FalconMambaMixer,
     FalconMambaModel,
+    JambaForCausalLM,
+    JambaMambaMixer,
+    JambaModel,
     Mamba2Block,
     Mamba2CausalLMOutput,
     Mamba2ForCausalLM,
@@ -74,6 +77,10 @@ __all__ = [
     "FalconMambaModel",
     "GatedRMSNorm",
     "GenerationConfig",
+    "JambaConfig",
+    "JambaForCausalLM",
+    "JambaMambaMixer",
+    "JambaModel",
     "Mamba2Block",
     "AttentionCacheMetaData",
     "AttentionCacheView",

@@ -171,9 +171,11 @@ def _family(backbone) -> EffectiveAttention:
     where the family matters; everything after `operands` is the same math for every family)."""
     mixer = backbone.layers[0].mixer
     # The backbone's own record first: a family whose mixer subclasses another's (Falcon-Mamba's MambaMixer)
-    # reads its operands its own way.
+    # reads its operands its own way; a hybrid's first layer may be attention, so any layer of its kind counts.
     family = getattr(backbone, "family", None)
-    if isinstance(family, ModelFamily) and isinstance(mixer, family.effective_attention.mixer):
+    if isinstance(family, ModelFamily) and any(isinstance(getattr(layer, "mixer", None),
+                                                          family.effective_attention.mixer)
+                                               for layer in backbone.layers):
         return family.effective_attention
     for family in FAMILIES.values():
         if isinstance(mixer, family.effective_attention.mixer):
@@ -301,6 +303,11 @@ def compute_effective_attention(model, inputs, *, layer: int | None = None, incl
             raise ValueError(f"layer must be an int in [-{n_layers}, {n_layers}) or None, got {layer!r}")
         layer %= n_layers
     layers = list(range(n_layers)) if layer is None else [layer]
+    others = [i for i in layers if not isinstance(getattr(backbone.layers[i], "mixer", None), family.mixer)]
+    if others:
+        ssm = [i for i in range(n_layers) if i not in others]
+        raise ValueError(f"layer(s) {others[:8]} have no {family.mixer.__name__} (attention or another part); "
+                         f"effective attention is the SSM layers': pass layer= one of {ssm}")
     num = family.num_channels(cfg)
     index = np.arange(num, dtype=np.int32) if channels is None else _check_channels(channels, num,
                                                                                     family.channel_axis)
