@@ -7,7 +7,8 @@ at a scale where activations and logits stay O(1). Non-persistent buffers (the r
 from the config and never saved, so they are left alone: changing them would test a model no config describes.
 
 Tiny configs, two per family, differ in layer pattern, Mamba groups, tied embeddings, biases and (Granite) in
-experts and rotary embedding (Jamba: periods and offsets of attention and experts); `random_hf_model(model_type, seed, variant=..., **overrides)` builds one.
+experts and rotary embedding (Jamba: periods and offsets of attention and experts);
+`random_hf_model(model_type, seed, variant=..., **overrides)` builds one.
 """
 
 import math

@@ -21,7 +21,8 @@ import math
 
 from easymamba.config.common import _INF, _is_int, _is_real, _require
 
-__all__ = ["Mamba2MixerConfig", "MambaMixerConfig", "AttentionConfig", "MLPConfig", "MoEConfig", "ACTIVATIONS", "ROUTERS"]
+__all__ = ["Mamba2MixerConfig", "MambaMixerConfig", "AttentionConfig", "MLPConfig", "MoEConfig", "ACTIVATIONS",
+           "ROUTERS"]
 
 # Activations the MLPs and experts know (HF `ACT2FN` names).
 ACTIVATIONS = ("silu", "relu2", "gelu", "gelu_pytorch_tanh", "relu")
