@@ -199,7 +199,9 @@ class JambaConfig(_ConfigIO):
             raise ValueError(f"model_type ({model_type!r}) must be 'jamba' for JambaConfig")
         if "num_local_experts" in cfg:  # HF's attribute_map alias
             value = cfg.pop("num_local_experts")
-            cfg.setdefault("num_experts", value)
+            if cfg.setdefault("num_experts", value) != value:
+                raise ValueError(f"num_local_experts ({value!r}) and num_experts ({cfg['num_experts']!r}) are two "
+                                 "names for one field and disagree")
         if cfg.get("num_key_value_heads", 0) is None:  # HF: None means one KV head per query head
             cfg["num_key_value_heads"] = cfg.get("num_attention_heads", cls.num_attention_heads)
         fields = {f.name for f in dataclasses.fields(cls)}
