@@ -1,5 +1,5 @@
-"""easymamba: Mamba-2, Mamba-1 and the hybrids built on them (Nemotron-H, Falcon-Mamba, ...) in JAX / flax.nnx,
-exact against Hugging Face.
+"""easymamba: Mamba-2, Mamba-1 and the hybrids built on them (Nemotron-H, Jamba, Falcon-Mamba, ...) in JAX /
+flax.nnx, exact against Hugging Face.
 
 Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notation used everywhere is in
 `easymamba.typing`.
@@ -37,6 +37,7 @@ from easymamba.config import (
     FalconH1Config,
     FalconMambaConfig,
     GraniteMoeHybridConfig,
+    JambaConfig,
     Mamba2Config,
     MambaConfig,
     NemotronHConfig,
@@ -54,6 +55,9 @@ from easymamba.models import (
     FalconMambaForCausalLM,
     FalconMambaMixer,
     FalconMambaModel,
+    JambaForCausalLM,
+    JambaMambaMixer,
+    JambaModel,
     Mamba2Block,
     Mamba2CausalLMOutput,
     Mamba2ForCausalLM,
@@ -99,6 +103,10 @@ __all__ = [
     "FalconMambaModel",
     "GatedRMSNorm",
     "GenerationConfig",
+    "JambaConfig",
+    "JambaForCausalLM",
+    "JambaMambaMixer",
+    "JambaModel",
     "Mamba2Block",
     "AttentionCacheMetaData",
     "AttentionCacheView",

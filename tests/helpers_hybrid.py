@@ -7,7 +7,8 @@ at a scale where activations and logits stay O(1). Non-persistent buffers (the r
 from the config and never saved, so they are left alone: changing them would test a model no config describes.
 
 Tiny configs, two per family, differ in layer pattern, Mamba groups, tied embeddings, biases and (Granite) in
-experts and rotary embedding; `random_hf_model(model_type, seed, variant=..., **overrides)` builds one.
+experts and rotary embedding (Jamba: periods and offsets of attention and experts);
+`random_hf_model(model_type, seed, variant=..., **overrides)` builds one.
 """
 
 import math
@@ -62,6 +63,21 @@ TINY_CONFIGS: dict[str, tuple[dict, ...]] = {
              attention_bias=True, mamba_proj_bias=True, embedding_multiplier=3.0, residual_multiplier=0.4,
              attention_multiplier=0.2, logits_scaling=1.5, tie_word_embeddings=True, rms_norm_eps=1e-6,
              pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    ),
+    "jamba": (
+        # attention at layers 1 and 4, experts at 1 and 3 (every kind of block), untied head, dt rank "auto"
+        dict(vocab_size=97, hidden_size=32, intermediate_size=24, num_hidden_layers=5, num_attention_heads=4,
+             num_key_value_heads=2, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2,
+             expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_d_conv=4,
+             mamba_expand=2, mamba_dt_rank="auto", tie_word_embeddings=False, rms_norm_eps=1e-6, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2),
+        # attention first (layers 0 and 2), experts at layer 2 only, tied head, in/out_proj biases and no conv
+        # bias, one KV head, an explicit dt rank
+        dict(vocab_size=89, hidden_size=32, intermediate_size=20, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=1, attn_layer_period=2, attn_layer_offset=0, expert_layer_period=3,
+             expert_layer_offset=2, num_experts=3, num_experts_per_tok=2, mamba_d_state=6, mamba_d_conv=3,
+             mamba_expand=2, mamba_dt_rank=4, mamba_proj_bias=True, mamba_conv_bias=False,
+             tie_word_embeddings=True, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     ),
 }
 

@@ -1,18 +1,19 @@
-"""The settings of one part of a layer: a Mamba-2 mixer, an attention, an MLP, a mixture of experts.
+"""The settings of one part of a layer: a Mamba-2 or Mamba-1 mixer, an attention, an MLP, a mixture of experts.
 
 A hybrid family's config (`easymamba/config/<family>.py`) reads its `config.json` with Hugging Face's names and
 derives these small frozen records from it; the shared parts (`easymamba/models/attention.py`, `mlp.py`,
 `moe.py`, `mamba2_mixer.py`) take them and nothing else, so one implementation of each part serves every family.
 The hybrid cache reads the same records (`easymamba.caching.hybrid`): `Mamba2MixerConfig` has the attribute names
-`Mamba2CacheMetaData.from_config` reads, `AttentionConfig` gives the key/value view's sizes.
+`Mamba2CacheMetaData.from_config` reads (`MambaMixerConfig` those of `MambaCacheMetaData`), `AttentionConfig` gives
+the key/value view's sizes.
 
 A hybrid family config offers, as properties:
-    mixer_config        Mamba2MixerConfig (or None when no layer has an SSM mixer)
+    mixer_config        Mamba2MixerConfig or MambaMixerConfig (or None when no layer has an SSM mixer)
     attention_config    AttentionConfig (or None)
     mlp_config          MLPConfig (or None)
     moe_config          MoEConfig (or None)
     layer_cache_kinds   per layer, the cache views it keeps, in order: () for a layer without state,
-                        ("mamba2",), ("attention",), or several for a layer with parallel parts
+                        ("mamba2",), ("mamba",), ("attention",), or several for a layer with parallel parts
 """
 
 import dataclasses
@@ -20,7 +21,8 @@ import math
 
 from easymamba.config.common import _INF, _is_int, _is_real, _require
 
-__all__ = ["Mamba2MixerConfig", "AttentionConfig", "MLPConfig", "MoEConfig", "ACTIVATIONS", "ROUTERS"]
+__all__ = ["Mamba2MixerConfig", "MambaMixerConfig", "AttentionConfig", "MLPConfig", "MoEConfig", "ACTIVATIONS",
+           "ROUTERS"]
 
 # Activations the MLPs and experts know (HF `ACT2FN` names).
 ACTIVATIONS = ("silu", "relu2", "gelu", "gelu_pytorch_tanh", "relu")
@@ -110,6 +112,62 @@ class Mamba2MixerConfig:
     def conv_dim(self) -> int:
         """Channels of the causal conv: [x (e) | B (g*n) | C (g*n)]."""
         return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MambaMixerConfig:
+    """One Mamba-1 mixer's sizes and settings: the `MambaConfig` attributes `MambaMixer` and `MambaCacheMetaData`
+    read, under the same names (a `MambaConfig` itself also serves), and the dt / B / C norms.
+
+    `intermediate_size` e (the inner width), `state_size` n, `conv_kernel` k, `time_step_rank` r (an int: resolved
+    by the family config), `use_bias` (in_proj and out_proj), `use_conv_bias`; the rest initialisation only.
+    `bcdt_rms_eps`: x_proj's three parts dt_low_rank (r), B (n) and C (n) are each RMS-normalised with this eps
+    before dt_proj and the scan (None: no norms, Mamba-1). `bcdt_norm_weights`: those norms have weights
+    (`dt_layernorm` [r], `b_layernorm` [n], `c_layernorm` [n]: Jamba's `JambaRMSNorm`s) or not (Falcon-Mamba's
+    weightless norms).
+    """
+
+    model_type = "mamba"  # what the SSM views of a hybrid cache are checked against (not a field)
+
+    hidden_size: int
+    intermediate_size: int
+    state_size: int
+    conv_kernel: int
+    time_step_rank: int
+    num_hidden_layers: int
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    bcdt_rms_eps: float | None = None
+    bcdt_norm_weights: bool = False
+    initializer_range: float = 0.02
+    time_step_scale: float = 1.0
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    time_step_init_scheme: str = "random"
+    rescale_prenorm_residual: bool = False
+
+    def __post_init__(self):
+        _positive(self, "hidden_size", "intermediate_size", "state_size", "conv_kernel", "time_step_rank",
+                  "num_hidden_layers")
+        if self.bcdt_rms_eps is not None:
+            _require(_is_real(self.bcdt_rms_eps) and self.bcdt_rms_eps > 0,
+                     f"bcdt_rms_eps ({self.bcdt_rms_eps!r}) must be a positive number or None")
+            object.__setattr__(self, "bcdt_rms_eps", float(self.bcdt_rms_eps))
+        _require(not self.bcdt_norm_weights or self.bcdt_rms_eps is not None,
+                 "bcdt_norm_weights needs the dt / B / C norms (bcdt_rms_eps, their eps)")
+        _require(self.time_step_init_scheme in ("random", "constant"),
+                 f"time_step_init_scheme ({self.time_step_init_scheme!r}) must be 'random' or 'constant'")
+
+    @property
+    def resolved_time_step_rank(self) -> int:
+        """r (already resolved here; the name `MambaConfig` offers)."""
+        return self.time_step_rank
+
+    @property
+    def x_proj_size(self) -> int:
+        """Output width of x_proj: [dt (r) | B (n) | C (n)]."""
+        return self.time_step_rank + 2 * self.state_size
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config import hf_config_dict
-from easymamba.models import falcon_mamba, mamba1, mamba2, nemotron_h
+from easymamba.models import falcon_mamba, jamba, mamba1, mamba2, nemotron_h
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
     Backbone,
@@ -30,6 +30,7 @@ from easymamba.models.falcon_mamba import (
 )
 from easymamba.models.attention import Attention
 from easymamba.models.family import KeySpec, ModelFamily
+from easymamba.models.jamba import JambaForCausalLM, JambaMambaMixer, JambaModel, jamba_key_table
 from easymamba.models.mamba1 import MambaBlock, MambaForCausalLM, MambaModel, mamba1_key_table
 from easymamba.models.mamba1_mixer import MambaMixer
 from easymamba.models.mamba2 import Mamba2Block, Mamba2ForCausalLM, Mamba2Model, mamba2_key_table
@@ -43,6 +44,7 @@ FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     mamba1.FAMILY,
     nemotron_h.FAMILY,
     falcon_mamba.FAMILY,
+    jamba.FAMILY,
 )}
 
 
@@ -92,4 +94,5 @@ __all__ = [
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",
     "Attention", "MLP", "MoE", "NemotronHModel", "NemotronHForCausalLM", "nemotron_h_key_table",
     "FalconMambaBlock", "FalconMambaModel", "FalconMambaForCausalLM", "FalconMambaMixer", "falcon_mamba_key_table",
+    "JambaModel", "JambaForCausalLM", "JambaMambaMixer", "jamba_key_table",
 ]

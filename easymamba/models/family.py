@@ -94,6 +94,8 @@ class ModelFamily:
     hidden_states_with_embeddings   `output_hidden_states` as the pinned transformers returns it for this family:
                      True: (embeddings, block 0 .. n-2 outputs, final normed state); False: (block 0 .. n-1
                      outputs, final normed state). n + 1 entries either way.
+    hf_embeddings    the HF name of the input embedding, and the prefix of layer i's tensors (`hf_layers` + i);
+    hf_layers        the checkpoint checks read the embedding's shape, the layer count and the tied head there
     """
 
     model_type: str
@@ -108,6 +110,8 @@ class ModelFamily:
     sharding_units: Callable[[Any], dict[str, int]]
     effective_attention: EffectiveAttention
     hidden_states_with_embeddings: bool = False
+    hf_embeddings: str = "backbone.embeddings.weight"
+    hf_layers: str = "backbone.layers."
 
     def __post_init__(self):
         # The classes find their record here: the record is written after them, in the family's own file.

@@ -8,7 +8,8 @@ reproduces. Letters as in `easymamba.typing`; r is `time_step_rank`.
     hidden (b, l, d) --in_proj--> [ x (e) | z (e) ]
     x --conv1d (depthwise, causal), silu--> x                          (b, l, e)
     x --x_proj--> [ dt (r) | B (n) | C (n) ];  dt --dt_proj.weight--> (b, l, e)
-        (Falcon-Mamba, `bcdt_rms_eps`: dt, B and C each RMS-normalised first, with no weight)
+        (Falcon-Mamba, `bcdt_rms_eps`: dt, B and C each RMS-normalised first, with no weight;
+         Jamba, `bcdt_norm_weights` too: the same norms with weights dt_layernorm, b_layernorm, c_layernorm)
     y = S6(x, dt + dt_proj.bias -> softplus, A = -exp(A_log) [e, n], B, C) + D x     (b, l, e) float32
     out = out_proj(y * silu(z))                                          (b, l, d)
 
@@ -35,6 +36,7 @@ from easymamba.kernels import (
 )
 from easymamba.layers import DepthwiseConv1d, kaiming_uniform_init, normal_init
 from easymamba.models.common import SSMViewMixer, check_active_rows, hold_rows, init_dt_bias, sow_hook
+from easymamba.norms import RMSNorm
 from easymamba.sharding import MeshRules, constrain
 
 __all__ = ["MambaMixer", "weightless_rms_norm"]
@@ -67,15 +69,27 @@ class MambaMixer(SSMViewMixer, nnx.Module):
     B (n) and C (n) are each RMS-normalised over their own last axis before dt_proj and the scan,
     `v * rsqrt(mean(v^2) + eps)`, in float32 and rounded back to x_proj's dtype, with no weight (HF's
     `FalconMambaWeightlessRMSNorm`). `hook_x_proj` records x_proj's output before these norms.
+    `bcdt_norm_weights` (Jamba, HF `JambaMambaMixer`): the same norms, each then times its weight (`dt_layernorm`
+    [r], `b_layernorm` [n], `c_layernorm` [n], HF's `JambaRMSNorm`: normalised in float32, rounded to x_proj's
+    dtype, times the weight). Both options default to the config's attributes of those names (absent: off), so a
+    `MambaMixerConfig` carries them. `hook_bc` (b, l, 2n), [B | C] as the scan reads them (after the norms), is
+    recorded for mixer kinds that list it in their HOOKS (Jamba's, whose effective attention needs it).
     """
 
     HOOKS = ("hook_in_proj", "hook_conv", "hook_x_proj", "hook_dt", "hook_ssm_out", "hook_gated", "hook_out_proj")
 
     def __init__(self, config: MambaConfig, *, layer_idx: int = 0, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, kernel_impl: str = "auto", bcdt_rms_eps: float | None = None):
+                 param_dtype=jnp.float32, kernel_impl: str = "auto", bcdt_rms_eps: float | None = None,
+                 bcdt_norm_weights: bool | None = None):
         resolve_impl(kernel_impl, "causal_conv1d")  # validate the name now, not at the first call
+        if bcdt_rms_eps is None:
+            bcdt_rms_eps = getattr(config, "bcdt_rms_eps", None)
+        if bcdt_norm_weights is None:
+            bcdt_norm_weights = bool(getattr(config, "bcdt_norm_weights", False))
         if bcdt_rms_eps is not None and not (isinstance(bcdt_rms_eps, float) and bcdt_rms_eps > 0.0):
             raise ValueError(f"bcdt_rms_eps ({bcdt_rms_eps!r}) must be a positive float or None")
+        if bcdt_norm_weights and bcdt_rms_eps is None:
+            raise ValueError("bcdt_norm_weights needs the dt / B / C norms: pass their eps as bcdt_rms_eps")
         self.config = config
         self.bcdt_rms_eps = bcdt_rms_eps
         self.layer_idx = layer_idx
@@ -124,6 +138,12 @@ class MambaMixer(SSMViewMixer, nnx.Module):
             e, d, use_bias=config.use_bias,
             kernel_init=lambda key, shape, dt: kaiming_uniform_init(key, shape, shape[0], dt, out_scale),
             kernel_metadata=axes("heads", "embed"), bias_metadata=axes("embed"), **linear)
+        if bcdt_norm_weights:  # Jamba: replicated (r and n are small and not sharded)
+            def norm(dim):
+                return RMSNorm(dim, eps=bcdt_rms_eps, param_dtype=param_dtype, axis=None)
+            self.dt_layernorm, self.b_layernorm, self.c_layernorm = norm(r), norm(n), norm(n)
+        else:
+            self.dt_layernorm = self.b_layernorm = self.c_layernorm = None
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
@@ -194,8 +214,12 @@ class MambaMixer(SSMViewMixer, nnx.Module):
         x_proj = self.x_proj(x)                                            # (b, l, r + 2n)
         sow_hook(self, "hook_x_proj", x_proj)
         dt, B, C = jnp.split(x_proj, [r, r + n], axis=-1)                  # (b,l,r) (b,l,n) (b,l,n)
-        if self.bcdt_rms_eps is not None:                                  # Falcon-Mamba
+        if self.dt_layernorm is not None:                                  # Jamba: norms with weights
+            dt, B, C = (norm(v).astype(v.dtype) for norm, v in ((self.dt_layernorm, dt), (self.b_layernorm, B),
+                                                                 (self.c_layernorm, C)))
+        elif self.bcdt_rms_eps is not None:                                # Falcon-Mamba
             dt, B, C = (weightless_rms_norm(v, self.bcdt_rms_eps) for v in (dt, B, C))
+        sow_hook(self, "hook_bc", lambda: jnp.concatenate([B, C], axis=-1))
         # dt_proj's weight only: HF adds the bias inside the scan, in float32, before the softplus.
         dt = dt @ self.dt_proj.kernel[...].astype(dt.dtype)                # (b, l, e)
 
