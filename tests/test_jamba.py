@@ -191,7 +191,7 @@ def test_hooks_and_effective_attention(pair):
     D = np.asarray(model.backbone.layers[mamba].mixer.D[...])
     y = np.einsum("bcij,bjc->bic", M, x) + D * x
     assert rel_err(y, np.asarray(acts[m + "hook_ssm_out"])) < TOL
-    with pytest.raises(ValueError, match="no JambaMambaMixer"):
+    with pytest.raises(ValueError, match="has no SSM mixer"):
         compute_effective_attention(model, jnp.asarray(ids), layer=att)
 
 
