@@ -24,10 +24,13 @@ from easymamba.checkpoints import (
     save_train_state,
     state_dict,
 )
-from easymamba.config import Mamba2Config, MambaConfig
+from easymamba.config import FalconH1Config, Mamba2Config, MambaConfig
 from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
+    FalconH1Block,
+    FalconH1ForCausalLM,
+    FalconH1Model,
     Mamba2Block,
     Mamba2CausalLMOutput,
     Mamba2ForCausalLM,
@@ -53,6 +56,10 @@ __all__ = [
     "shard_batch",
     "shard_model",
     "CheckpointError",
+    "FalconH1Block",
+    "FalconH1Config",
+    "FalconH1ForCausalLM",
+    "FalconH1Model",
     "GatedRMSNorm",
     "GenerationConfig",
     "Mamba2Block",

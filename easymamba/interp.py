@@ -165,7 +165,11 @@ def _run_hooked(graphdef, state, input_ids, attention_mask, *, selected: tuple[s
 def _family(backbone) -> EffectiveAttention:
     """What the effective attention reads from this model's SSM mixers: the family record's answer (the one place
     where the family matters; everything after `operands` is the same math for every family)."""
-    mixer = backbone.layers[0].mixer
+    own = getattr(backbone, "family", None)  # the model's own record first: a hybrid's mixer is a shared class
+    if own is not None and isinstance(getattr(backbone.layers[0], own.effective_attention.attr, None),
+                                      own.effective_attention.mixer):
+        return own.effective_attention
+    mixer = getattr(backbone.layers[0], "mixer", None)
     for family in FAMILIES.values():
         if isinstance(mixer, family.effective_attention.mixer):
             return family.effective_attention
@@ -295,7 +299,7 @@ def compute_effective_attention(model, inputs, *, layer: int | None = None, incl
     num = family.num_channels(cfg)
     index = np.arange(num, dtype=np.int32) if channels is None else _check_channels(channels, num,
                                                                                     family.channel_axis)
-    wanted = [f"layers.{i}.mixer.{hook}" for i in layers for hook in family.hooks]
+    wanted = [f"layers.{i}.{family.attr}.{hook}" for i in layers for hook in family.hooks]
 
     if isinstance(inputs, Mapping):
         missing = [name for name in wanted if name not in inputs]
@@ -313,12 +317,13 @@ def compute_effective_attention(model, inputs, *, layer: int | None = None, incl
         b, l = inputs.shape
     out_shape = (b, index.size, l, l) if layer is not None else (n_layers, b, index.size, l, l)
     _check_size(out_shape, max_elements)
-    A = jnp.stack([-jnp.exp(backbone.layers[i].mixer.A_log[...].astype(jnp.float32)) for i in layers])  # (z, h[, n])
+    A = jnp.stack([-jnp.exp(getattr(backbone.layers[i], family.attr).A_log[...].astype(jnp.float32))
+                   for i in layers])                                                   # (z, h[, n])
     block = None if A.ndim == 2 else _channel_block(b, A.shape[-1], l, index.size, max_elements)
     if not isinstance(inputs, Mapping):
         _, acts = run_with_cache(model, inputs, names=wanted, attention_mask=attention_mask)
 
-    hooks = tuple(jnp.stack([acts[f"layers.{i}.mixer.{hook}"] for i in layers]) for hook in family.hooks)
+    hooks = tuple(jnp.stack([acts[f"layers.{i}.{family.attr}.{hook}"] for i in layers]) for hook in family.hooks)
     M = _effective_attention_layers(hooks, A, jnp.asarray(index), operands=family.operands, config=cfg,
                                     include_dt_scaling=bool(include_dt_scaling), block=block)  # (z, b, s, l, l)
     return M[0] if layer is not None else M

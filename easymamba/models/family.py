@@ -59,12 +59,14 @@ class Operands(NamedTuple):
 class EffectiveAttention:
     """What the effective attention (`easymamba.interp`) reads from one SSM mixer kind: the mixer hooks its
     operands come from (in the order `operands` takes them, after the config and before A = -exp(A_log)), the
-    name of M's channel axis and how many channels a config has."""
+    name of M's channel axis and how many channels a config has. `attr`: the block attribute holding the SSM
+    mixer (`layers.i.<attr>.hook_conv`; Falcon-H1's blocks call it `mamba`)."""
     mixer: type
     hooks: tuple[str, ...]
     channel_axis: str
     num_channels: Callable[[Any], int]
     operands: Callable[..., Operands]
+    attr: str = "mixer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,9 @@ class ModelFamily:
     hidden_states_with_embeddings   `output_hidden_states` as the pinned transformers returns it for this family:
                      True: (embeddings, block 0 .. n-2 outputs, final normed state); False: (block 0 .. n-1
                      outputs, final normed state). n + 1 entries either way.
+    embedding_multiplier   config -> the factor the looked-up embedding rows are multiplied by (muP; not applied
+                     to `inputs_embeds`, as HF), or None for none
+    logits_multiplier      config -> the factor the output head's logits are multiplied by, or None for none
     """
 
     model_type: str
@@ -102,6 +107,8 @@ class ModelFamily:
     sharding_units: Callable[[Any], dict[str, int]]
     effective_attention: EffectiveAttention
     hidden_states_with_embeddings: bool = False
+    embedding_multiplier: Callable[[Any], float] | None = None
+    logits_multiplier: Callable[[Any], float] | None = None
 
     def __post_init__(self):
         # The classes find their record here: the record is written after them, in the family's own file.
