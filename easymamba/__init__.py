@@ -1,10 +1,17 @@
-"""easymamba: Mamba-2 (and Mamba-1) language models in JAX / flax.nnx, exact against Hugging Face.
+"""easymamba: Mamba-2 (and Mamba-1, Falcon-Mamba) language models in JAX / flax.nnx, exact against Hugging Face.
 
 Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notation used everywhere is in
 `easymamba.typing`.
 """
 
 from easymamba.caching import (
+    AttentionCacheMetaData,
+    AttentionCacheView,
+    HybridCache,
+    HybridCacheMetaData,
+    FalconMambaCache,
+    FalconMambaCacheMetaData,
+    FalconMambaCacheView,
     Mamba2Cache,
     Mamba2CacheMetaData,
     Mamba2CacheView,
@@ -24,13 +31,17 @@ from easymamba.checkpoints import (
     save_train_state,
     state_dict,
 )
-from easymamba.config import FalconH1Config, Mamba2Config, MambaConfig
+from easymamba.config import FalconH1Config, FalconMambaConfig, Mamba2Config, MambaConfig
 from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
     FalconH1Block,
     FalconH1ForCausalLM,
     FalconH1Model,
+    FalconMambaBlock,
+    FalconMambaForCausalLM,
+    FalconMambaMixer,
+    FalconMambaModel,
     Mamba2Block,
     Mamba2CausalLMOutput,
     Mamba2ForCausalLM,
@@ -60,9 +71,21 @@ __all__ = [
     "FalconH1Config",
     "FalconH1ForCausalLM",
     "FalconH1Model",
+    "FalconMambaBlock",
+    "FalconMambaCache",
+    "FalconMambaCacheMetaData",
+    "FalconMambaCacheView",
+    "FalconMambaConfig",
+    "FalconMambaForCausalLM",
+    "FalconMambaMixer",
+    "FalconMambaModel",
     "GatedRMSNorm",
     "GenerationConfig",
     "Mamba2Block",
+    "AttentionCacheMetaData",
+    "AttentionCacheView",
+    "HybridCache",
+    "HybridCacheMetaData",
     "Mamba2Cache",
     "Mamba2CacheMetaData",
     "Mamba2CacheView",

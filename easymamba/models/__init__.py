@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config import hf_config_dict
-from easymamba.models import falcon_h1, mamba1, mamba2
+from easymamba.models import falcon_h1, falcon_mamba, mamba1, mamba2, nemotron_h
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
     Backbone,
@@ -22,6 +22,13 @@ from easymamba.models.causal_lm import (
     causal_lm_loss_sum,
 )
 from easymamba.models.falcon_h1 import FalconH1Block, FalconH1ForCausalLM, FalconH1Model, falcon_h1_key_table
+from easymamba.models.falcon_mamba import (
+    FalconMambaBlock,
+    FalconMambaForCausalLM,
+    FalconMambaMixer,
+    FalconMambaModel,
+    falcon_mamba_key_table,
+)
 from easymamba.models.family import KeySpec, ModelFamily
 from easymamba.models.mamba1 import MambaBlock, MambaForCausalLM, MambaModel, mamba1_key_table
 from easymamba.models.mamba1_mixer import MambaMixer
@@ -32,6 +39,8 @@ from easymamba.models.mamba2_mixer import Mamba2Mixer
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     mamba2.FAMILY,
     mamba1.FAMILY,
+    nemotron_h.FAMILY,
+    falcon_mamba.FAMILY,
     falcon_h1.FAMILY,
 )}
 
@@ -80,5 +89,6 @@ __all__ = [
     "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
     "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",
+    "FalconMambaBlock", "FalconMambaModel", "FalconMambaForCausalLM", "FalconMambaMixer", "falcon_mamba_key_table",
     "FalconH1Block", "FalconH1Model", "FalconH1ForCausalLM", "falcon_h1_key_table",
 ]

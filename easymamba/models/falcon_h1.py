@@ -36,6 +36,7 @@ agree with transformers exactly when the limit is (0, inf), the default and ever
 import jax
 from flax import nnx
 
+from easymamba.caching import HybridCache, HybridCacheMetaData
 from easymamba.config.falcon_h1 import FalconH1Config
 from easymamba.models.attention import Attention
 from easymamba.models.causal_lm import Backbone, CausalLM
@@ -46,11 +47,6 @@ from easymamba.models.mamba2_mixer import Mamba2Mixer
 from easymamba.models.mlp import MLP
 from easymamba.norms import RMSNorm
 from easymamba.sharding import MeshRules
-
-try:  # the hybrid cache (easymamba.caching.hybrid) is merged separately; the model runs without it
-    from easymamba.caching import HybridCache, HybridCacheMetaData
-except ImportError:  # pragma: no cover - until the hybrid cache is on this branch
-    HybridCache = HybridCacheMetaData = None
 
 __all__ = ["FalconH1Block", "FalconH1Model", "FalconH1ForCausalLM", "falcon_h1_key_table", "FAMILY"]
 
@@ -221,8 +217,7 @@ FAMILY = ModelFamily(
     sharding_units=falcon_h1_sharding_units,
     effective_attention=EffectiveAttention(Mamba2Mixer, ("hook_conv", "hook_dt"), "heads (h)",
                                            lambda cfg: cfg.mamba_n_heads,
-                                           lambda cfg, *args: mamba2_operands(cfg.mixer_config, *args),
-                                           attr="mamba"),
+                                           lambda cfg, *args: mamba2_operands(cfg.mixer_config, *args)),
     hidden_states_with_embeddings=True,  # (embeddings * multiplier, layers 0 .. n-2, final normed state)
     embedding_multiplier=lambda config: config.embedding_multiplier,
     logits_multiplier=lambda config: config.lm_head_multiplier,

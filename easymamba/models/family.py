@@ -13,7 +13,13 @@ from typing import Any, NamedTuple
 
 import jax
 
-__all__ = ["KeySpec", "packed_key", "Operands", "EffectiveAttention", "ModelFamily"]
+__all__ = ["KeySpec", "packed_key", "Operands", "EffectiveAttention", "ModelFamily", "ties_lm_head"]
+
+
+def ties_lm_head(config) -> bool:
+    """Whether the model's LM head reuses the embedding matrix: `tie_word_embeddings`, unless the family's
+    config says otherwise (`ties_lm_head`: transformers' Nemotron-H keeps its own head whatever the flag)."""
+    return bool(getattr(config, "ties_lm_head", config.tie_word_embeddings))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +65,12 @@ class Operands(NamedTuple):
 class EffectiveAttention:
     """What the effective attention (`easymamba.interp`) reads from one SSM mixer kind: the mixer hooks its
     operands come from (in the order `operands` takes them, after the config and before A = -exp(A_log)), the
-    name of M's channel axis and how many channels a config has. `attr`: the block attribute holding the SSM
-    mixer (`layers.i.<attr>.hook_conv`; Falcon-H1's blocks call it `mamba`)."""
+    name of M's channel axis and how many channels a config has."""
     mixer: type
     hooks: tuple[str, ...]
     channel_axis: str
     num_channels: Callable[[Any], int]
     operands: Callable[..., Operands]
-    attr: str = "mixer"
 
 
 @dataclasses.dataclass(frozen=True)
