@@ -39,16 +39,20 @@ class GatedRMSNorm(nnx.Module):
     channel vector, so group `g` covers heads `g * h/g ... (g+1) * h/g - 1`: the same head -> group map the
     SSD uses for B and C. With `n_groups == 1` this is an ordinary RMS norm over all channels.
     (mamba_ssm `RMSNorm(group_size=e // g, norm_before_gate=False)`; HF `MambaRMSNormGated` >= 5.23.)
+
+    `norm_before_gate=True` normalises first and gates after: `y = (weight * rmsnorm_per_group(x)) * silu(z)`
+    (HF `FalconH1RMSNormGated`'s default; the gate multiplies in float32, then the result takes x's dtype).
     """
 
     def __init__(self, dim: int, *, n_groups: int = 1, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32,
-                 axis: str = "heads"):
+                 axis: str = "heads", norm_before_gate: bool = False):
         if dim % n_groups != 0:
             raise ValueError(f"GatedRMSNorm dim ({dim}) must be divisible by n_groups ({n_groups})")
         self.dim = dim
         self.n_groups = n_groups
         self.eps = eps
         self.dtype = dtype
+        self.norm_before_gate = norm_before_gate
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))  # groups of whole heads
 
     def __call__(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:  # (..., e), (..., e)
@@ -56,9 +60,15 @@ class GatedRMSNorm(nnx.Module):
             raise ValueError(f"GatedRMSNorm expects a last axis of {self.dim}, got shape {x.shape}")
         input_dtype = x.dtype
         h = x.astype(jnp.float32)
-        if gate is not None:
+        if gate is not None and not self.norm_before_gate:
             h = h * jax.nn.silu(gate.astype(jnp.float32))
         grouped = h.reshape(*h.shape[:-1], self.n_groups, self.dim // self.n_groups)  # (..., g, e/g)
         h = _rms_normalize(grouped, self.eps).reshape(h.shape)
-        out = self.weight[...] * h.astype(input_dtype)
+        if self.norm_before_gate:
+            out = self.weight[...] * h
+            if gate is not None:
+                out = out * jax.nn.silu(gate.astype(jnp.float32))
+            out = out.astype(input_dtype)
+        else:
+            out = self.weight[...] * h.astype(input_dtype)
         return out if self.dtype is None else out.astype(self.dtype)

@@ -52,8 +52,8 @@ def _config_contradictions(family: ModelFamily, config, src, names: dict[str, st
     mixer = "backbone.layers.0.mixer."
     for field, tensor in (("use_bias", "in_proj.bias"), ("use_conv_bias", "conv1d.bias")):
         has = mixer + tensor in names
-        # the families whose layer 0 is a Mamba mixer under this name; the others' key tables check their biases
-        if layers and hasattr(config, field) and family.hf_layers == "backbone.layers." \
+        # where layer 0 is a Mamba mixer under this name; elsewhere the key tables check the biases
+        if layers and hasattr(config, field) and mixer + "in_proj.weight" in names \
                 and has != getattr(config, field):
             where = src.file_of(names[mixer + tensor]) if has else src.description
             out.append(f"{config_name} says {field} = {str(getattr(config, field)).lower()}, but {where} "

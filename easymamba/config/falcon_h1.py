@@ -226,6 +226,11 @@ class FalconH1Config(_ConfigIO):
         return self.hidden_size // self.num_attention_heads if self.head_dim is None else self.head_dim
 
     @property
+    def layer_norm_epsilon(self) -> float:
+        """The eps of the model's plain RMSNorms under the name the shared backbone reads: rms_norm_eps."""
+        return self.rms_norm_eps
+
+    @property
     def rope_theta(self) -> float:
         return self.rope_parameters["rope_theta"]
 

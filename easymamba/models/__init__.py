@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config import hf_config_dict
-from easymamba.models import falcon_mamba, jamba, mamba1, mamba2, nemotron_h
+from easymamba.models import falcon_h1, falcon_mamba, jamba, mamba1, mamba2, nemotron_h
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
     Backbone,
@@ -21,6 +21,7 @@ from easymamba.models.causal_lm import (
     causal_lm_loss,
     causal_lm_loss_sum,
 )
+from easymamba.models.falcon_h1 import FalconH1Block, FalconH1ForCausalLM, FalconH1Model, falcon_h1_key_table
 from easymamba.models.falcon_mamba import (
     FalconMambaBlock,
     FalconMambaForCausalLM,
@@ -45,6 +46,7 @@ FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     nemotron_h.FAMILY,
     falcon_mamba.FAMILY,
     jamba.FAMILY,
+    falcon_h1.FAMILY,
 )}
 
 
@@ -95,4 +97,5 @@ __all__ = [
     "Attention", "MLP", "MoE", "NemotronHModel", "NemotronHForCausalLM", "nemotron_h_key_table",
     "FalconMambaBlock", "FalconMambaModel", "FalconMambaForCausalLM", "FalconMambaMixer", "falcon_mamba_key_table",
     "JambaModel", "JambaForCausalLM", "JambaMambaMixer", "jamba_key_table",
+    "FalconH1Block", "FalconH1Model", "FalconH1ForCausalLM", "falcon_h1_key_table",
 ]

@@ -164,6 +164,12 @@ class Backbone(nnx.Module):
         """The family's count of each logical axis, for the sharding rules (`easymamba.sharding`)."""
         return cls.family.sharding_units(config)
 
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        """The embedding rows of `input_ids`, times the family's `embedding_multiplier` when it has one."""
+        hidden = self.embeddings(input_ids)
+        multiplier = self.family.embedding_multiplier
+        return hidden if multiplier is None else hidden * multiplier(self.config)
+
     def init_cache(self, batch_size: int, *, max_length: int | None = None, dtype=None, ssm_dtype=jnp.float32,
                    partition_axis=None, mesh=None):
         """A zero cache for this model: conv windows and key/value slots in `dtype` (default the model dtype),
@@ -238,7 +244,7 @@ class Backbone(nnx.Module):
         rules = self.mesh_rules
         if rules is not None:
             rules.check_batch(b)
-        hidden = self.embeddings(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)  # (b,l,d)
+        hidden = self._embed(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)  # (b, l, d)
         hidden = constrain(hidden, rules, "batch", None, "embed")
         sow_hook(self, "hook_embed", hidden)
         position_ids = self._positions(position_ids, attention_mask, cache, b, l)
@@ -285,7 +291,7 @@ class Backbone(nnx.Module):
         rules = self.mesh_rules
         if rules is not None:
             rules.check_batch(b)
-        hidden = constrain(self.embeddings(tokens[:, None]), rules, "batch", None, "embed")     # (b, 1, d)
+        hidden = constrain(self._embed(tokens[:, None]), rules, "batch", None, "embed")         # (b, 1, d)
         sow_hook(self, "hook_embed", hidden)
         position_ids = None if not self.uses_positions else _real_tokens(cache)[:, None]             # (b, 1)
         embeddings = hidden
@@ -362,11 +368,17 @@ class CausalLM(nnx.Module):
                                         partition_axis=partition_axis, mesh=mesh)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """The output head: hidden (..., d) -> logits (..., v) float32."""
+        """The output head: hidden (..., d) -> logits (..., v) float32 (times the family's `logits_multiplier`,
+        in the model dtype, when it has one)."""
         if self.lm_head is None:
             emb = self.backbone.embeddings
-            return emb.attend(hidden.astype(emb.weight.dtype)).astype(jnp.float32)
-        return self.lm_head(hidden.astype(self.lm_head.kernel.dtype)).astype(jnp.float32)
+            logits = emb.attend(hidden.astype(emb.weight.dtype))
+        else:
+            logits = self.lm_head(hidden.astype(self.lm_head.kernel.dtype))
+        multiplier = self.family.logits_multiplier
+        if multiplier is not None:
+            logits = logits * multiplier(self.config)
+        return logits.astype(jnp.float32)
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache=None, labels=None, inputs_embeds=None,
                  output_hidden_states: bool = False, position_ids=None) -> Mamba2CausalLMOutput:

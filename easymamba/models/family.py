@@ -96,6 +96,9 @@ class ModelFamily:
                      outputs, final normed state). n + 1 entries either way.
     hf_embeddings    the HF name of the input embedding, and the prefix of layer i's tensors (`hf_layers` + i);
     hf_layers        the checkpoint checks read the embedding's shape, the layer count and the tied head there
+    embedding_multiplier   config -> the factor the looked-up embedding rows are multiplied by (muP; not applied
+                     to `inputs_embeds`, as HF), or None for none
+    logits_multiplier      config -> the factor the output head's logits are multiplied by, or None for none
     """
 
     model_type: str
@@ -112,6 +115,8 @@ class ModelFamily:
     hidden_states_with_embeddings: bool = False
     hf_embeddings: str = "backbone.embeddings.weight"
     hf_layers: str = "backbone.layers."
+    embedding_multiplier: Callable[[Any], float] | None = None
+    logits_multiplier: Callable[[Any], float] | None = None
 
     def __post_init__(self):
         # The classes find their record here: the record is written after them, in the family's own file.

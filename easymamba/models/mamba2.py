@@ -69,7 +69,8 @@ def mamba2_mixer_keys(config, hf: str, mixer: tuple) -> list[KeySpec]:
     if getattr(config, "gated_norm", True):
         table.append(KeySpec(hf + "norm.weight", mixer + ("norm", "weight"), "copy"))
     table.append(KeySpec(hf + "out_proj.weight", mixer + ("out_proj", "kernel"), "linear"))
-    if config.use_bias:
+    out_proj_bias = getattr(config, "out_proj_bias", None)  # Mamba2MixerConfig's (Falcon-H1: projectors_bias)
+    if config.use_bias if out_proj_bias is None else out_proj_bias:
         table.append(KeySpec(hf + "out_proj.bias", mixer + ("out_proj", "bias"), "copy"))
     return table
 

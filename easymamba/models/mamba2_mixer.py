@@ -8,6 +8,12 @@ Official implementation: `mamba_ssm/modules/mamba2.py` (`Mamba2.forward` / `Mamb
     y = SSD(x, dt, A, B, C, D)                       (b, l, h, p), float32
     out = out_proj(gated_rms_norm(y, z))             (b, l, d)
 
+Options of a hybrid's `Mamba2MixerConfig` (all off for `Mamba2Config`, whose numbers they leave untouched):
+`zxbcdt_multipliers` scale in_proj's five output parts (bias included) before the conv and before dt_bias
+(Falcon-H1's muP vector); `norm_before_gate` normalises y before the gate; `gated_norm=False` drops the norm
+(out = out_proj(y * silu(z)), no norm weight); `out_proj_bias` gives out_proj a bias apart from in_proj's. The
+fused decode-step kernel computes the default mixer only; with any option set a step runs op by op.
+
 in_proj and conv1d hold those parts as separate parameters (`in_proj.{z,x,B,C,dt}`, `conv1d.{x,B,C}`), so a mesh
 can shard heads and groups independently; Hugging Face's packed tensors are split and re-joined by
 `easymamba.checkpoints` (docs/sharding.md). On a mesh (`mesh_rules`, set by `easymamba.sharding`) the mixer
@@ -72,11 +78,20 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         self.A_log = nnx.Param(jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32)).astype(param_dtype),
                                axes=("heads",))
         self.D = nnx.Param(jnp.ones((h,), param_dtype), axes=("heads",))
+        # Options of `Mamba2MixerConfig` (a `Mamba2Config` has none of them: its mixer is the default one).
+        self.gated_norm = bool(getattr(config, "gated_norm", True))
+        multipliers = getattr(config, "zxbcdt_multipliers", None)
+        self.zxbcdt_multipliers = None if multipliers is None else tuple(float(m) for m in multipliers)
+        out_proj_bias = getattr(config, "out_proj_bias", None)
+        out_proj_bias = config.use_bias if out_proj_bias is None else bool(out_proj_bias)
+        # gated_norm False: y * silu(z), no norm and no parameter (Falcon-H1's mamba_rms_norm=False).
         self.norm = GatedRMSNorm(e, n_groups=getattr(config, "norm_groups", config.n_groups),
-                                 eps=config.layer_norm_epsilon, param_dtype=param_dtype)
+                                 eps=config.layer_norm_epsilon, param_dtype=param_dtype,
+                                 norm_before_gate=bool(getattr(config, "norm_before_gate", False))) \
+            if self.gated_norm else None
         out_scale = 1.0 / math.sqrt(config.num_hidden_layers) if config.rescale_prenorm_residual else 1.0
         self.out_proj = nnx.Linear(  # row-parallel: one all-reduce per layer on a mesh
-            e, d, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
+            e, d, use_bias=out_proj_bias, dtype=dtype, param_dtype=param_dtype,
             kernel_init=lambda key, shape, dt: kaiming_uniform_init(key, shape, shape[0], dt, out_scale),
             rngs=rngs, kernel_metadata={"axes": ("heads", "embed")}, bias_metadata={"axes": ("embed",)})
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
@@ -146,7 +161,10 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
                 chunk_size=cfg.chunk_size, initial_state=ssm_state, impl=self.kernel_impl, shard=shard,
                 **ssm_kwargs)
         sow_hook(self, "hook_ssm_out", y)                                  # (b, l, h, p)
-        y = self.norm(y.reshape(b, l, e), z)                               # (b, l, e)
+        if self.norm is None:  # y (float32) * silu(z) (z in the model dtype), as HF's Falcon-H1 without the norm
+            y = y.reshape(b, l, e) * jax.nn.silu(z)                       # (b, l, e)
+        else:
+            y = self.norm(y.reshape(b, l, e), z)                           # (b, l, e)
         sow_hook(self, "hook_inner_norm", y)
         out = self.out_proj(y.astype(self.dtype))                          # (b, l, d)
         sow_hook(self, "hook_out_proj", out)
@@ -156,7 +174,9 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         """Whether a one-token step (no mask) takes the fused decode-step kernel: unsharded, unhooked, and the
         kernel is what `kernel_impl` resolves to here."""
         cfg = self.config
-        return (self.mesh_rules is None and not getattr(self, "__hooks__", ())
+        # The kernel computes the default mixer only: the gated norm after the gate, no muP multipliers.
+        default = (self.norm is not None and not self.norm.norm_before_gate and self.zxbcdt_multipliers is None)
+        return (default and self.mesh_rules is None and not getattr(self, "__hooks__", ())
                 and kernels.resolve("decode_step", self.kernel_impl, dims=dict(
                     p=cfg.head_dim, n=cfg.state_size, k=cfg.conv_kernel)).form.is_pallas)
 
@@ -211,6 +231,8 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         cfg = self.config
         e, g, n = cfg.intermediate_size, cfg.n_groups, cfg.state_size
         z, x, B, C, dt = self.in_proj(hidden)                              # (b,l,e) (b,l,e) (b,l,gn) x2 (b,l,h)
+        if self.zxbcdt_multipliers is not None:  # the same products as the packed path's, part by part
+            z, x, B, C, dt = (a * jnp.asarray(m, a.dtype) for a, m in zip((z, x, B, C, dt), self.zxbcdt_multipliers))
         if decode:
             # One-row matmuls: left alone, XLA fuses each part's dot into the conv window's concatenate as a slow
             # reduction (measured 3.6 ms per 130M decode step on an H100 instead of ~0.7); the barrier keeps
@@ -263,6 +285,8 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         cfg = self.config
         e, g, n = cfg.intermediate_size, cfg.n_groups, cfg.state_size
         zxbcdt = self.in_proj.packed(hidden)                               # (b, l, 2e + 2gn + h)
+        if self.zxbcdt_multipliers is not None:
+            zxbcdt = zxbcdt * self._mup_vector(zxbcdt.dtype)
         sow_hook(self, "hook_in_proj", zxbcdt)
         z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)     # (b,l,e) (b,l,c) (b,l,h)
         weight, bias = self.conv1d.packed(xbc.dtype)
@@ -278,6 +302,14 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         sow_hook(self, "hook_conv", xbc)
         x, B, C = jnp.split(xbc, [e, e + g * n], axis=-1)                   # (b,l,e) (b,l,gn) (b,l,gn)
         return z, x, B, C, dt, conv_state
+
+    def _mup_vector(self, dtype) -> jax.Array:
+        """(2e + 2gn + h,) the muP multipliers of in_proj's parts [z | x | B | C | dt] (HF Falcon-H1's
+        `mup_vector`, in the activations' dtype as HF casts the buffer with the model)."""
+        cfg = self.config
+        e, gn, h = cfg.intermediate_size, cfg.n_groups * cfg.state_size, cfg.num_heads
+        return jnp.concatenate([jnp.full((size,), m, jnp.float32) for size, m in
+                                zip((e, e, gn, gn, h), self.zxbcdt_multipliers)]).astype(dtype)
 
 
 def _step_size(dt, dt_bias, dt_limit, x_dtype) -> jax.Array:
