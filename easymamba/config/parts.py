@@ -155,11 +155,9 @@ class AttentionConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MLPConfig:
     """A feed-forward block: gated `down(act(gate(x) * gate_multiplier) * up(x)) * down_multiplier`, or plain
-    `down(act(up(x)))` (Nemotron-H's relu2 MLP).
-
-    packed_gate_up      gate and up are one projection d -> 2 * intermediate_size whose output is [gate | up]
-                        (Granite-4.0-H's `shared_mlp.input_linear`, output `output_linear`); the same arithmetic
-                        as separate gate and up, another parameter layout
+    `down(act(up(x)))` (Nemotron-H's relu2 MLP). A checkpoint that packs gate and up into one tensor
+    (Granite-4.0-H's `shared_mlp.input_linear`, [gate | up]) is a matter of its family's key table (`packed_key`),
+    not of this record.
     """
 
     hidden_size: int
@@ -169,12 +167,10 @@ class MLPConfig:
     bias: bool = False
     gate_multiplier: float = 1.0
     down_multiplier: float = 1.0
-    packed_gate_up: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self):
         _positive(self, "hidden_size", "intermediate_size")
-        _require(not self.packed_gate_up or self.gated, "packed_gate_up needs a gated MLP (gated=True)")
         _require(self.activation in ACTIVATIONS,
                  f"MLP activation {self.activation!r} is not one easymamba has; known: {list(ACTIVATIONS)}")
 

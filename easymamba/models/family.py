@@ -20,8 +20,9 @@ __all__ = ["KeySpec", "packed_key", "Operands", "EffectiveAttention", "ModelFami
 class KeySpec:
     """One tensor of a checkpoint: its Hugging Face name, the module path that holds it here, its layout kind.
 
-    kind: "linear" (torch `[out, in]` <-> flax kernel `[in, out]`), "conv" (torch `[c, 1, k]` <-> flax `[c, k]`)
-    or "copy" (same layout).
+    kind: "linear" (torch `[out, in]` <-> flax kernel `[in, out]`), "stacked_linear" (torch `[E, out, in]` <->
+    flax `[E, in, out]`: experts stacked in one tensor), "conv" (torch `[c, 1, k]` <-> flax `[c, k]`) or "copy"
+    (same layout).
     index: the tensor is entry `index` of a parameter stacked along its first axis (one expert of a mixture of
     experts, which HF saves one tensor per expert and the model keeps as one (E, ...) parameter); `kind`
     applies to the entry.
@@ -29,9 +30,9 @@ class KeySpec:
 
     hf_name: str        # e.g. "backbone.layers.3.mixer.norm.weight"
     path: tuple         # attribute path in the flax model, ints index nnx.List; () for a packed tensor
-    kind: str           # "linear" | "conv" | "copy"
+    kind: str           # "linear" | "stacked_linear" | "conv" | "copy"
     # A tensor HF packs: (module path, length) of each part along the packed axis, in HF's order. The packed
-    # axis is HF's first (out features, channels), i.e. the flax kernel's last axis for "linear".
+    # axis is HF's out features or channels, i.e. the flax kernel's last axis for "linear" and "stacked_linear".
     parts: tuple[tuple[tuple, int], ...] = ()
     index: int | None = None
 
