@@ -131,6 +131,9 @@ class Backbone(nnx.Module):
     """Embeddings, the family's blocks and the final norm (HF `Mamba2Model`, `MambaModel`). A family's backbone
     (`Mamba2Model`, ...) is this class with the family's record as `family`.
 
+    The embeddings (or `inputs_embeds`) are multiplied by the config's `embedding_multiplier` when it has one
+    (default 1).
+
     Hook point: `hook_embed` (b, l, d), the embeddings (or `inputs_embeds`) entering layer 0.
     """
 
@@ -158,6 +161,12 @@ class Backbone(nnx.Module):
     def sharding_units(cls, config) -> dict[str, int]:
         """The family's count of each logical axis, for the sharding rules (`easymamba.sharding`)."""
         return cls.family.sharding_units(config)
+
+    def _scale_embeddings(self, hidden: jax.Array) -> jax.Array:
+        """The embeddings (or `inputs_embeds`) times the config's `embedding_multiplier` (default 1: none), in
+        their dtype, as the families that have one (Granite-4.0-H) scale them before anything else."""
+        multiplier = getattr(self.config, "embedding_multiplier", 1.0)
+        return hidden if multiplier == 1.0 else hidden * jnp.asarray(multiplier, hidden.dtype)
 
     def init_cache(self, batch_size: int, *, max_length: int | None = None, dtype=None, ssm_dtype=jnp.float32,
                    partition_axis=None, mesh=None):
@@ -234,7 +243,7 @@ class Backbone(nnx.Module):
         if rules is not None:
             rules.check_batch(b)
         hidden = self.embeddings(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)  # (b,l,d)
-        hidden = constrain(hidden, rules, "batch", None, "embed")
+        hidden = constrain(self._scale_embeddings(hidden), rules, "batch", None, "embed")
         sow_hook(self, "hook_embed", hidden)
         position_ids = self._positions(position_ids, attention_mask, cache, b, l)
 
@@ -280,7 +289,8 @@ class Backbone(nnx.Module):
         rules = self.mesh_rules
         if rules is not None:
             rules.check_batch(b)
-        hidden = constrain(self.embeddings(tokens[:, None]), rules, "batch", None, "embed")     # (b, 1, d)
+        hidden = constrain(self._scale_embeddings(self.embeddings(tokens[:, None])), rules, "batch", None,
+                           "embed")                                                               # (b, 1, d)
         sow_hook(self, "hook_embed", hidden)
         position_ids = None if not self.uses_positions else _real_tokens(cache)[:, None]             # (b, 1)
         embeddings = hidden
@@ -357,11 +367,17 @@ class CausalLM(nnx.Module):
                                         partition_axis=partition_axis, mesh=mesh)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """The output head: hidden (..., d) -> logits (..., v) float32."""
+        """The output head: hidden (..., d) -> logits (..., v) float32, times the config's `logits_multiplier`
+        (default 1: none; Granite-4.0-H's is 1 / logits_scaling) in the head's dtype before the cast."""
         if self.lm_head is None:
             emb = self.backbone.embeddings
-            return emb.attend(hidden.astype(emb.weight.dtype)).astype(jnp.float32)
-        return self.lm_head(hidden.astype(self.lm_head.kernel.dtype)).astype(jnp.float32)
+            logits = emb.attend(hidden.astype(emb.weight.dtype))
+        else:
+            logits = self.lm_head(hidden.astype(self.lm_head.kernel.dtype))
+        multiplier = getattr(self.config, "logits_multiplier", 1.0)
+        if multiplier != 1.0:
+            logits = logits * jnp.asarray(multiplier, logits.dtype)
+        return logits.astype(jnp.float32)
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache=None, labels=None, inputs_embeds=None,
                  output_hidden_states: bool = False, position_ids=None) -> Mamba2CausalLMOutput:
