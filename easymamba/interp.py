@@ -61,7 +61,6 @@ from flax import nnx
 
 from easymamba.kernels import segsum
 from easymamba.layers import check_token_ids
-from easymamba.models import FAMILIES
 from easymamba.models.common import HookValue, check_attention_mask
 from easymamba.models.family import EffectiveAttention, Operands
 
@@ -165,12 +164,15 @@ def _run_hooked(graphdef, state, input_ids, attention_mask, *, selected: tuple[s
 def _family(backbone) -> EffectiveAttention:
     """What the effective attention reads from this model's SSM mixers: the family record's answer (the one place
     where the family matters; everything after `operands` is the same math for every family)."""
-    mixer = backbone.layers[0].mixer
-    for family in FAMILIES.values():
-        if isinstance(mixer, family.effective_attention.mixer):
-            return family.effective_attention
-    known = ", ".join(f.effective_attention.mixer.__name__ for f in FAMILIES.values())
-    raise TypeError(f"effective attention knows {known} layers, not {type(mixer).__name__}")
+    family = getattr(type(backbone), "family", None)
+    if family is None:
+        raise TypeError(f"{type(backbone).__name__} has no family record, so its SSM mixers are unknown")
+    return family.effective_attention
+
+
+def _ssm_layers(backbone, family: EffectiveAttention) -> list[int]:
+    """The layers whose mixer is the family's SSM mixer (all of them, except a hybrid's attention, MLP, ...)."""
+    return [i for i, block in enumerate(backbone.layers) if isinstance(getattr(block, "mixer", None), family.mixer)]
 
 
 def _effective_attention(op: Operands, channels: jax.Array, *, include_dt_scaling: bool,
@@ -268,8 +270,9 @@ def compute_effective_attention(model, inputs, *, layer: int | None = None, incl
                                 channels: Sequence[int] | None = None, attention_mask=None,
                                 max_elements: int | None = DEFAULT_MAX_ELEMENTS) -> jax.Array:
     """The SSM's effective attention matrices M (module docstring), float32, zero above the diagonal:
-    Mamba-2 (b, h, l, l) per head, Mamba-1 (b, e, l, l) per inner channel; (n_layers, b, ., l, l) with
-    `layer=None`.
+    Mamba-2 (b, h, l, l) per head, Mamba-1 (b, e, l, l) per inner channel; with `layer=None`, (z, b, ., l, l)
+    over the z SSM layers in order (every layer of a Mamba model; a hybrid's Mamba-2 layers, its attention and
+    feed-forward layers left out). A `layer` that is not an SSM layer is refused.
 
     `inputs`: token ids (b, l) — the forward is run here, recording only the hooks needed (Mamba-2 `hook_conv`
     and `hook_dt`, Mamba-1 `hook_x_proj` and `hook_dt`) of the layers needed (`attention_mask` applies) — or the
@@ -287,11 +290,18 @@ def compute_effective_attention(model, inputs, *, layer: int | None = None, incl
     cfg = model.config
     family = _family(backbone)
     n_layers = len(backbone.layers)
+    ssm_layers = _ssm_layers(backbone, family)
     if layer is not None:
         if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
             raise ValueError(f"layer must be an int in [-{n_layers}, {n_layers}) or None, got {layer!r}")
         layer %= n_layers
-    layers = list(range(n_layers)) if layer is None else [layer]
+        if layer not in ssm_layers:
+            raise ValueError(f"layer {layer} has a {type(getattr(backbone.layers[layer], 'mixer', None)).__name__}, "
+                             f"not a {family.mixer.__name__}: the effective attention is that of the SSM layers, "
+                             f"{ssm_layers}")
+    elif not ssm_layers:
+        raise ValueError(f"the model has no {family.mixer.__name__} layer, so no effective attention")
+    layers = ssm_layers if layer is None else [layer]
     num = family.num_channels(cfg)
     index = np.arange(num, dtype=np.int32) if channels is None else _check_channels(channels, num,
                                                                                     family.channel_axis)
@@ -311,7 +321,7 @@ def compute_effective_attention(model, inputs, *, layer: int | None = None, incl
             raise ValueError(f"inputs must be token ids (b, l) or the acts dict of run_with_cache, got "
                              f"{type(inputs).__name__} of shape {getattr(inputs, 'shape', None)}")
         b, l = inputs.shape
-    out_shape = (b, index.size, l, l) if layer is not None else (n_layers, b, index.size, l, l)
+    out_shape = (b, index.size, l, l) if layer is not None else (len(layers), b, index.size, l, l)
     _check_size(out_shape, max_elements)
     A = jnp.stack([-jnp.exp(backbone.layers[i].mixer.A_log[...].astype(jnp.float32)) for i in layers])  # (z, h[, n])
     block = None if A.ndim == 2 else _channel_block(b, A.shape[-1], l, index.size, max_elements)
