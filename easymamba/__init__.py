@@ -24,10 +24,15 @@ from easymamba.checkpoints import (
     save_train_state,
     state_dict,
 )
-from easymamba.config import Mamba2Config, MambaConfig
+from easymamba.config import BambaConfig, GraniteMoeHybridConfig, Mamba2Config, MambaConfig
 from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
+    BambaForCausalLM,
+    BambaModel,
+    GraniteMoeHybridForCausalLM,
+    GraniteMoeHybridModel,
+    HybridDecoderLayer,
     Mamba2Block,
     Mamba2CausalLMOutput,
     Mamba2ForCausalLM,
@@ -53,8 +58,15 @@ __all__ = [
     "shard_batch",
     "shard_model",
     "CheckpointError",
+    "BambaConfig",
+    "BambaForCausalLM",
+    "BambaModel",
     "GatedRMSNorm",
     "GenerationConfig",
+    "GraniteMoeHybridConfig",
+    "GraniteMoeHybridForCausalLM",
+    "GraniteMoeHybridModel",
+    "HybridDecoderLayer",
     "Mamba2Block",
     "Mamba2Cache",
     "Mamba2CacheMetaData",

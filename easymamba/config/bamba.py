@@ -209,6 +209,11 @@ class BambaConfig(_ConfigIO):
     layer_types = layers_block_type  # HF's attribute_map alias
 
     @property
+    def layer_norm_epsilon(self) -> float:
+        """The eps of every RMSNorm (`rms_norm_eps`), under the name the shared blocks read."""
+        return self.rms_norm_eps
+
+    @property
     def layer_cache_kinds(self) -> tuple[tuple[str, ...], ...]:
         return tuple(("attention",) if t == ATTENTION else ("mamba2",) for t in self.layers_block_type)
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config import hf_config_dict
-from easymamba.models import mamba1, mamba2
+from easymamba.models import bamba, granitemoehybrid, mamba1, mamba2
+from easymamba.models.bamba import BambaForCausalLM, BambaModel, HybridDecoderLayer, bamba_key_table
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
     Backbone,
@@ -22,6 +23,11 @@ from easymamba.models.causal_lm import (
     causal_lm_loss_sum,
 )
 from easymamba.models.family import KeySpec, ModelFamily
+from easymamba.models.granitemoehybrid import (
+    GraniteMoeHybridForCausalLM,
+    GraniteMoeHybridModel,
+    granitemoehybrid_key_table,
+)
 from easymamba.models.mamba1 import MambaBlock, MambaForCausalLM, MambaModel, mamba1_key_table
 from easymamba.models.mamba1_mixer import MambaMixer
 from easymamba.models.mamba2 import Mamba2Block, Mamba2ForCausalLM, Mamba2Model, mamba2_key_table
@@ -31,6 +37,8 @@ from easymamba.models.mamba2_mixer import Mamba2Mixer
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     mamba2.FAMILY,
     mamba1.FAMILY,
+    bamba.FAMILY,
+    granitemoehybrid.FAMILY,
 )}
 
 
@@ -78,4 +86,6 @@ __all__ = [
     "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
     "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",
+    "HybridDecoderLayer", "BambaModel", "BambaForCausalLM", "bamba_key_table",
+    "GraniteMoeHybridModel", "GraniteMoeHybridForCausalLM", "granitemoehybrid_key_table",
 ]
