@@ -5,7 +5,9 @@
     PYTHONPATH=. python3 benchmarks/generate.py --prefill-lens 512,1024,2048 --out results.json   # + a sweep
 
 Models are random (HF initialisation) in bfloat16: a 130M-shaped one (d 768, 24 layers, 24 heads of 64,
-state 128) and a 1.3B-shaped one (d 2048, 48 layers, 64 heads). For each batch size, `new` tokens are
+state 128) and a 1.3B-shaped one (d 2048, 48 layers, 64 heads), and a hybrid, `nemotron-h-8b`: Nemotron-H-8B's
+shape (52 layers: 24 Mamba-2 (128 heads of 64, 8 groups, state 128), 24 relu2 MLPs of 21504, 4 attention layers
+of 32 query / 8 key-value heads of 128; d 4096, vocabulary 131072). For each batch size, `new` tokens are
 generated greedily after a 16-token prompt with EOS disabled, so every row runs every step.
 
 * easymamba: `generate(...)` after a warm-up call with the same shapes (compiled once; the decode loop is one
@@ -40,6 +42,26 @@ SHAPES = {
     "1.3B": dict(hidden_size=2048, num_hidden_layers=48, num_heads=64),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=32, state_size=16),
 }
+
+
+# The hybrid shapes: Nemotron-H (model_type nemotron_h). Nemotron-H-8B's layer pattern is four blocks of
+# "M-M-M-M*-M-M-" (M Mamba-2, - MLP, * attention).
+HYBRID_SHAPES = {
+    "nemotron-h-8b": dict(vocab_size=131072, hidden_size=4096, layers_block_type=list("M-M-M-M*-M-M-" * 4),
+                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=21504,
+                          mamba_num_heads=128, mamba_head_dim=64, n_groups=8, ssm_state_size=128, conv_kernel=4,
+                          chunk_size=128),
+    "nemotron-h-tiny": dict(vocab_size=512, hidden_size=64, layers_block_type=list("M-M*"), num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, intermediate_size=128, mamba_num_heads=4,
+                            mamba_head_dim=32, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=32),
+}
+_LETTERS = {"M": "mamba", "-": "mlp", "*": "attention", "E": "moe"}
+
+
+def hybrid_kwargs(name):
+    kw = dict(HYBRID_SHAPES[name], pad_token_id=0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    kw["layers_block_type"] = [_LETTERS[c] for c in kw["layers_block_type"]]
+    return kw
 
 
 def config_kwargs(name):
@@ -79,8 +101,13 @@ def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats, prefil
 
     import easymamba as em
 
-    cfg = em.Mamba2Config(**config_kwargs(name))
-    model = em.Mamba2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    if name in HYBRID_SHAPES:
+        kw = hybrid_kwargs(name)
+        cfg = em.NemotronHConfig(**dict(kw, layers_block_type=tuple(kw["layers_block_type"])))
+        model = em.NemotronHForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    else:
+        cfg = em.Mamba2Config(**config_kwargs(name))
+        model = em.Mamba2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     rows = {}
     for b in batches:
         ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (b, prompt_len)), jnp.int32)
@@ -99,7 +126,7 @@ def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats, prefil
 
     def prefill_ms(length):
         ids = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (1, length)), jnp.int32)
-        cache = model.init_cache(1)
+        cache = model.init_cache(1, max_length=length)
         return timed(lambda: jax.block_until_ready(prefill(state, ids, cache)), repeats) * 1e3
 
     return {"decode_tok_s": rows, "prefill_ms": sweep_lengths(prefill_ms, [prefill_len])[prefill_len],
@@ -115,9 +142,15 @@ def bench_transformers(name, batches, new, prompt_len, prefill_len, repeats, pre
         return {"skipped": f"transformers/torch not importable: {exc}"}
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device for torch"}
-    kw = config_kwargs(name)
     torch.manual_seed(0)
-    model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**kw)).to("cuda", torch.bfloat16).eval()
+    if name in HYBRID_SHAPES:
+        kw = hybrid_kwargs(name)
+        with torch.device("cuda"):  # an 8B model built on the host in float32 takes minutes
+            model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**kw))
+    else:
+        kw = config_kwargs(name)
+        model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**kw))
+    model = model.to("cuda", torch.bfloat16).eval()
     rows = {}
     for b in batches:
         ids = torch.randint(1, kw["vocab_size"], (b, prompt_len), device="cuda")
@@ -146,6 +179,8 @@ def bench_transformers(name, batches, new, prompt_len, prefill_len, repeats, pre
 
 
 def bench_mamba2_jax(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None):
+    if name in HYBRID_SHAPES:
+        return {"skipped": "mamba2-jax has no hybrid models"}
     if os.path.isdir(PEERS) and PEERS not in sys.path:
         sys.path.insert(0, PEERS)
     try:
@@ -219,7 +254,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.tiny:
-        args.shapes, args.batches, args.new, args.prefill_len, args.repeats = "tiny", "1,4", 8, 64, 1
+        args.shapes, args.batches, args.new, args.prefill_len, args.repeats = "tiny,nemotron-h-tiny", "1,4", 8, 64, 1
     prefill_lens = [int(v) for v in args.prefill_lens.split(",")] if args.prefill_lens else None
     import jax
 

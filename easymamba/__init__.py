@@ -1,10 +1,18 @@
-"""easymamba: Mamba-2 (and Mamba-1) language models in JAX / flax.nnx, exact against Hugging Face.
+"""easymamba: Mamba-2, Mamba-1 and the hybrids built on them (Nemotron-H, Falcon-Mamba, ...) in JAX / flax.nnx,
+exact against Hugging Face.
 
 Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notation used everywhere is in
 `easymamba.typing`.
 """
 
 from easymamba.caching import (
+    AttentionCacheMetaData,
+    AttentionCacheView,
+    HybridCache,
+    HybridCacheMetaData,
+    FalconMambaCache,
+    FalconMambaCacheMetaData,
+    FalconMambaCacheView,
     Mamba2Cache,
     Mamba2CacheMetaData,
     Mamba2CacheView,
@@ -24,7 +32,16 @@ from easymamba.checkpoints import (
     save_train_state,
     state_dict,
 )
-from easymamba.config import BambaConfig, GraniteMoeHybridConfig, Mamba2Config, MambaConfig
+from easymamba.config import (
+    BambaConfig,
+    FalconH1Config,
+    FalconMambaConfig,
+    GraniteMoeHybridConfig,
+    Mamba2Config,
+    MambaConfig,
+    NemotronHConfig,
+    Zamba2Config,
+)
 from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
@@ -33,6 +50,15 @@ from easymamba.models import (
     GraniteMoeHybridForCausalLM,
     GraniteMoeHybridModel,
     HybridDecoderLayer,
+    MLP,
+    Attention,
+    MoE,
+    NemotronHForCausalLM,
+    NemotronHModel,
+    FalconMambaBlock,
+    FalconMambaForCausalLM,
+    FalconMambaMixer,
+    FalconMambaModel,
     Mamba2Block,
     Mamba2CausalLMOutput,
     Mamba2ForCausalLM,
@@ -52,22 +78,42 @@ from easymamba.train import TokenBatcher, TrainState, make_eval_step, make_optim
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Attention",
+    "MLP",
+    "MoE",
+    "NemotronHConfig",
+    "NemotronHForCausalLM",
+    "NemotronHModel",
+    "BambaConfig",
+    "FalconH1Config",
+    "GraniteMoeHybridConfig",
+    "Zamba2Config",
     "ShardingRules",
     "init_sharded",
     "make_mesh",
     "shard_batch",
     "shard_model",
     "CheckpointError",
-    "BambaConfig",
     "BambaForCausalLM",
     "BambaModel",
+    "FalconMambaBlock",
+    "FalconMambaCache",
+    "FalconMambaCacheMetaData",
+    "FalconMambaCacheView",
+    "FalconMambaConfig",
+    "FalconMambaForCausalLM",
+    "FalconMambaMixer",
+    "FalconMambaModel",
     "GatedRMSNorm",
     "GenerationConfig",
-    "GraniteMoeHybridConfig",
     "GraniteMoeHybridForCausalLM",
     "GraniteMoeHybridModel",
     "HybridDecoderLayer",
     "Mamba2Block",
+    "AttentionCacheMetaData",
+    "AttentionCacheView",
+    "HybridCache",
+    "HybridCacheMetaData",
     "Mamba2Cache",
     "Mamba2CacheMetaData",
     "Mamba2CacheView",

@@ -368,12 +368,17 @@ def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     result: the rows' tokens are pads, their states are held (the model's `active_rows`) and so is
     `seqlen_offset`."""
     m = settings.max_new_tokens
+    model = _merge(graphdef, state)
     # made once, outside the loop (GenerationConfig.decode_weights)
-    weights = _merge(graphdef, state).decode_weights() if settings.decode_weights else None
-    step = lambda c: _step(graphdef, settings, state, c, rng, params, update_seq=False,  # noqa: E731
+    weights = model.decode_weights() if settings.decode_weights else None
+    # A model with attention layers writes each token's key and value at the cache's `seqlen_offset`, so its
+    # counters advance every step; a pure SSM model leaves them to `_advance` at the end.
+    per_step = model.backbone.uses_positions
+    advance = (lambda c: c) if per_step else _advance  # noqa: E731
+    step = lambda c: _step(graphdef, settings, state, c, rng, params, update_seq=per_step,  # noqa: E731
                            decode_weights=weights)
     if not settings.eos_token_ids:
-        return _advance(jax.lax.fori_loop(0, m, lambda _, c: step(c), carry))  # the carry is fresh: step 0
+        return advance(jax.lax.fori_loop(0, m, lambda _, c: step(c), carry))  # the carry is fresh: step 0
 
     def running(c: _Carry, ahead: int = 1):
         return (c.step + ahead <= m) & ~jnp.all(c.done)
@@ -381,7 +386,7 @@ def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     group = min(STEPS_PER_CHECK, m)
     carry = jax.lax.while_loop(lambda c: running(c, group),
                                lambda c: jax.lax.fori_loop(0, group, lambda _, c: step(c), c), carry)
-    return _advance(jax.lax.while_loop(running, step, carry))
+    return advance(jax.lax.while_loop(running, step, carry))
 
 
 def _advance(carry: _Carry) -> _Carry:
@@ -510,6 +515,8 @@ def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is not None:
         attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if cache is None and model.backbone.uses_positions:  # key/value slots for the prompt and every new token
+        cache = model.init_cache(input_ids.shape[0], max_length=input_ids.shape[1] + config.max_new_tokens)
     next_logits, cache = entry.prefill(state, input_ids, attention_mask, cache)
     carry = fns.start(next_logits, cache, input_ids, attention_mask, params)
     return _Run(fns, state, carry, rng, params, input_ids)

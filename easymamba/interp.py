@@ -26,6 +26,10 @@ Mamba-1 (`MambaMixer`, easymamba/models/mamba1_mixer.py):
     layers.i.mixer.hook_ssm_out     (b, l, e)           selective-scan output incl. the D skip, before the gate
     layers.i.mixer.hook_gated       (b, l, e)           hook_ssm_out * silu(z), the input of out_proj
 
+Falcon-Mamba (`FalconMambaMixer`, easymamba/models/falcon_mamba.py): Mamba-1's hooks; hook_x_proj is x_proj's
+output before the weightless norms of dt, B and C, hook_dt the step size after them, and the effective
+attention normalises B and C from hook_x_proj as the mixer does.
+
 The hook points are `sow_hook` calls in the modules (`easymamba/models/`); each is a no-op unless
 `run_with_cache` asked for that name, so a plain forward traces to the same program as one without hooks, and
 an unrequested activation is never stored.
@@ -61,6 +65,7 @@ from flax import nnx
 
 from easymamba.kernels import segsum
 from easymamba.layers import check_token_ids
+from easymamba.models import ModelFamily
 from easymamba.models.common import HookValue, check_attention_mask
 from easymamba.models.family import EffectiveAttention, Operands
 
@@ -162,17 +167,26 @@ def _run_hooked(graphdef, state, input_ids, attention_mask, *, selected: tuple[s
 
 
 def _family(backbone) -> EffectiveAttention:
-    """What the effective attention reads from this model's SSM mixers: the family record's answer (the one place
+    """What the effective attention reads from this model's SSM mixers: its family record's answer (the one place
     where the family matters; everything after `operands` is the same math for every family)."""
-    family = getattr(type(backbone), "family", None)
-    if family is None:
-        raise TypeError(f"{type(backbone).__name__} has no family record, so its SSM mixers are unknown")
+    family = getattr(backbone, "family", None)
+    if not isinstance(family, ModelFamily):
+        raise TypeError(f"effective attention reads a family's model; {type(backbone).__name__} has no family record")
     return family.effective_attention
 
 
-def _ssm_layers(backbone, family: EffectiveAttention) -> list[int]:
-    """The layers whose mixer is the family's SSM mixer (all of them, except a hybrid's attention, MLP, ...)."""
-    return [i for i, block in enumerate(backbone.layers) if isinstance(getattr(block, "mixer", None), family.mixer)]
+def _ssm_mixer(layer, mixer_class) -> tuple[str, object] | None:
+    """(attribute name, module) of the layer's SSM mixer (`mixer` in Mamba-2, Mamba-1 and Nemotron-H blocks,
+    `mamba` in Bamba's), or None for a layer without one (attention, MLP, MoE)."""
+    for name, value in vars(layer).items():
+        if isinstance(value, mixer_class):
+            return name, value
+    return None
+
+
+def _ssm_layers(backbone, mixer_class) -> list[tuple[str, object]]:
+    """Per layer, the `_ssm_mixer` entry, or None (a list as long as the layers)."""
+    return [_ssm_mixer(layer, mixer_class) for layer in backbone.layers]
 
 
 def _effective_attention(op: Operands, channels: jax.Array, *, include_dt_scaling: bool,
@@ -270,9 +284,8 @@ def compute_effective_attention(model, inputs, *, layer: int | None = None, incl
                                 channels: Sequence[int] | None = None, attention_mask=None,
                                 max_elements: int | None = DEFAULT_MAX_ELEMENTS) -> jax.Array:
     """The SSM's effective attention matrices M (module docstring), float32, zero above the diagonal:
-    Mamba-2 (b, h, l, l) per head, Mamba-1 (b, e, l, l) per inner channel; with `layer=None`, (z, b, ., l, l)
-    over the z SSM layers in order (every layer of a Mamba model; a hybrid's Mamba-2 layers, its attention and
-    feed-forward layers left out). A `layer` that is not an SSM layer is refused.
+    Mamba-2 (b, h, l, l) per head, Mamba-1 (b, e, l, l) per inner channel; (z, b, ., l, l) with `layer=None`, z
+    the model's SSM layers (every layer of a pure SSM model; a hybrid's attention, MLP and MoE layers have none).
 
     `inputs`: token ids (b, l) — the forward is run here, recording only the hooks needed (Mamba-2 `hook_conv`
     and `hook_dt`, Mamba-1 `hook_x_proj` and `hook_dt`) of the layers needed (`attention_mask` applies) — or the
@@ -290,23 +303,20 @@ def compute_effective_attention(model, inputs, *, layer: int | None = None, incl
     cfg = model.config
     family = _family(backbone)
     n_layers = len(backbone.layers)
-    ssm_layers = _ssm_layers(backbone, family)
+    ssm = _ssm_layers(backbone, family.mixer)
     if layer is not None:
         if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
             raise ValueError(f"layer must be an int in [-{n_layers}, {n_layers}) or None, got {layer!r}")
         layer %= n_layers
-        if layer not in ssm_layers:
-            raise ValueError(f"layer {layer} has a {type(getattr(backbone.layers[layer], 'mixer', None)).__name__}, "
-                             f"not a {family.mixer.__name__}: the effective attention is that of the SSM layers, "
-                             f"{ssm_layers}")
-    elif not ssm_layers:
-        raise ValueError(f"the model has no {family.mixer.__name__} layer, so no effective attention")
-    layers = ssm_layers if layer is None else [layer]
+        if ssm[layer] is None:
+            kinds = [i for i, entry in enumerate(ssm) if entry is not None]
+            raise ValueError(f"layer {layer} ({type(backbone.layers[layer]).__name__}) has no SSM mixer; the "
+                             f"effective attention is defined for the SSM layers {kinds}")
+    layers = [i for i, entry in enumerate(ssm) if entry is not None] if layer is None else [layer]
     num = family.num_channels(cfg)
     index = np.arange(num, dtype=np.int32) if channels is None else _check_channels(channels, num,
                                                                                     family.channel_axis)
-    wanted = [f"layers.{i}.mixer.{hook}" for i in layers for hook in family.hooks]
-
+    wanted = [f"layers.{i}.{ssm[i][0]}.{hook}" for i in layers for hook in family.hooks]
     if isinstance(inputs, Mapping):
         missing = [name for name in wanted if name not in inputs]
         if missing:
@@ -323,12 +333,12 @@ def compute_effective_attention(model, inputs, *, layer: int | None = None, incl
         b, l = inputs.shape
     out_shape = (b, index.size, l, l) if layer is not None else (len(layers), b, index.size, l, l)
     _check_size(out_shape, max_elements)
-    A = jnp.stack([-jnp.exp(backbone.layers[i].mixer.A_log[...].astype(jnp.float32)) for i in layers])  # (z, h[, n])
+    A = jnp.stack([-jnp.exp(ssm[i][1].A_log[...].astype(jnp.float32)) for i in layers])  # (z, h[, n])
     block = None if A.ndim == 2 else _channel_block(b, A.shape[-1], l, index.size, max_elements)
     if not isinstance(inputs, Mapping):
         _, acts = run_with_cache(model, inputs, names=wanted, attention_mask=attention_mask)
 
-    hooks = tuple(jnp.stack([acts[f"layers.{i}.mixer.{hook}"] for i in layers]) for hook in family.hooks)
+    hooks = tuple(jnp.stack([acts[f"layers.{i}.{ssm[i][0]}.{hook}"] for i in layers]) for hook in family.hooks)
     M = _effective_attention_layers(hooks, A, jnp.asarray(index), operands=family.operands, config=cfg,
                                     include_dt_scaling=bool(include_dt_scaling), block=block)  # (z, b, s, l, l)
     return M[0] if layer is not None else M

@@ -185,7 +185,7 @@ class MeshRules:
     def partition_axis(self) -> PartitionAxis:
         """The cache's axes: rows over `batch`, the SSM state's heads over `heads`; conv channels replicated
         (the packed `[x | B | C]` channel axis does not split evenly along heads)."""
-        return PartitionAxis(batch_axis=self.batch, head_axis=self.heads)
+        return PartitionAxis(batch_axis=self.batch, head_axis=self.heads, kv_head_axis=self.kv_heads)
 
     def kernel_axes(self) -> MeshAxes:
         return MeshAxes(self.mesh, batch=self.batch, heads=self.heads, groups=self.groups)

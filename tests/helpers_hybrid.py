@@ -19,6 +19,23 @@ import transformers
 # Two tiny configs per family: HF constructor keywords. Sizes are small but every divisibility is non-trivial:
 # GQA (4 query heads over 2 KV heads), Mamba heads over groups, partial rotary (Bamba rotates 4 of 8 channels).
 TINY_CONFIGS: dict[str, tuple[dict, ...]] = {
+    "nemotron_h": (
+        # every kind of layer, 2 Mamba groups, 2 expert groups of which a token may use 1, untied head
+        dict(vocab_size=97, hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "moe", "mamba",
+             "attention"], num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_num_heads=8,
+             mamba_head_dim=8, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=8, intermediate_size=48,
+             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+             moe_shared_expert_intermediate_size=24, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+             tie_word_embeddings=False, layer_norm_epsilon=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        # one Mamba group, latent experts, biased MLPs, unnormalised top-k, tied head, a different pattern
+        dict(vocab_size=89, hidden_size=32, layers_block_type=["mamba", "moe", "mamba", "attention", "mlp"],
+             num_attention_heads=4, num_key_value_heads=1, head_dim=16, mamba_num_heads=4, mamba_head_dim=16,
+             n_groups=1, ssm_state_size=8, conv_kernel=3, chunk_size=4, intermediate_size=40, mlp_bias=True,
+             use_bias=True, n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=12,
+             moe_shared_expert_intermediate_size=20, moe_latent_size=16, norm_topk_prob=False,
+             routed_scaling_factor=2.5, tie_word_embeddings=True, layer_norm_epsilon=1e-6, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2),
+    ),
     "bamba": (
         dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, attn_layer_indices=[1, 3],
              num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1,

@@ -1,7 +1,8 @@
 """The whole model's cache: one view per layer, as an immutable JAX pytree.
 
-`BaseCache` holds the machinery every family shares; `Mamba2Cache` holds `Mamba2CacheView`s, and
-`easymamba.caching.mamba1.MambaCache` holds `MambaCacheView`s.
+`BaseCache` holds the machinery every family shares; `Mamba2Cache` holds `Mamba2CacheView`s,
+`easymamba.caching.mamba1.MambaCache` holds `MambaCacheView`s, and `easymamba.caching.hybrid.HybridCache` holds,
+per layer, nothing, one view or several views of the kinds its model's layers keep.
 
 The names follow EasyDeL's `Mamba2Cache` so its users feel at home; unlike it, every update returns a new cache
 (safe under `jit`, `lax.while_loop` and buffer donation), the documents round-trip bit for bit, and every
@@ -17,7 +18,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from easymamba.caching import serialization
-from easymamba.caching.view import LEAVES, BaseCacheView, Mamba2CacheView, ViewSpecs
+from easymamba.caching.view import BaseCacheView, Mamba2CacheView, ViewSpecs
+
+
+def _kinds_summary(kinds: Any) -> str:
+    """`layer_cache_kinds` in a few words: its distinct entries, in order of first appearance."""
+    seen = list(dict.fromkeys(tuple(k) for k in kinds))
+    return ", ".join(map(repr, seen[:6])) + (", ..." if len(seen) > 6 else "")
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -104,10 +111,6 @@ class BaseCache:
     def num_hidden_layers(self) -> int:
         return len(self.views)
 
-    def missing_layers(self) -> list[int]:
-        """The layers whose slot holds no view yet (an `init_empty` cache not filled)."""
-        return [i for i, view in enumerate(self.views) if view is None]
-
     def _first_view(self) -> BaseCacheView | None:
         return next((view for view in self.views if view is not None), None)
 
@@ -136,10 +139,23 @@ class BaseCache:
             raise ValueError(f"layer {layer_idx} has no view (an init_empty slot); set one with update_view")
         return view
 
-    def _with_view(self, layer_idx: int, view: BaseCacheView):
+    def _with_view(self, layer_idx: int, view: Any):
         views = list(self.views)
         views[self._index(layer_idx)] = view
+        return self.with_views(views)
+
+    def with_views(self, views: Any):
+        """A cache of this kind holding `views` (the per-layer entries; a subclass with static fields beside
+        `views` keeps them): how a forward returns its renewed cache."""
         return type(self)(tuple(views))
+
+    def _map_views(self, fn: Any) -> tuple:
+        """`views` with `fn` applied to every view (empty slots stay `None`)."""
+        return tuple(None if v is None else fn(v) for v in self.views)
+
+    def missing_layers(self) -> list[int]:
+        """Indices of the layers whose slot should hold a view but is empty (`None`, from `init_empty`)."""
+        return [i for i, view in enumerate(self.views) if view is None]
 
     # -- updates ----------------------------------------------------------------------------------------------
     def update_conv_state(self, layer_idx: int, new_conv_state: Any, cache_position: Any = None):
@@ -179,7 +195,7 @@ class BaseCache:
                     f"the view's partition_specs {view.partition_specs} differ from slot {index}'s "
                     f"{current.partition_specs}"
                 )
-            for name in LEAVES:
+            for name in view.LEAVES:
                 new, old = jnp.dtype(getattr(view, name).dtype), jnp.dtype(getattr(current, name).dtype)
                 if new != old:
                     raise ValueError(f"the view's {name} has dtype {new}; slot {index} holds {old}")
@@ -190,19 +206,29 @@ class BaseCache:
     def update_seq(self, num: Any, active_rows: Any = None):
         """Advance every view's `positions` and `seqlen_offset` by `num` (an int or an integer scalar array,
         traced or not, e.g. inside `lax.while_loop`); with `active_rows` (b,) bool only those rows' positions."""
-        return type(self)(tuple(None if v is None else v.update_seq(num, active_rows) for v in self.views))
+        return self.with_views(self._map_views(lambda v: v.update_seq(num, active_rows)))
 
     def advance(self, row_steps: Any, batch_steps: Any):
         """Every view's `positions` + `row_steps` (b,) and `seqlen_offset` + `batch_steps` (`BaseCacheView.advance`)."""
-        return type(self)(tuple(None if v is None else v.advance(row_steps, batch_steps) for v in self.views))
+        return self.with_views(self._map_views(lambda v: v.advance(row_steps, batch_steps)))
 
     def reset(self):
         """Zero states, positions and offsets in every view; empty slots stay empty."""
-        return type(self)(tuple(None if v is None else v.reset() for v in self.views))
+        return self.with_views(self._map_views(lambda v: v.reset()))
 
     def check_compatible(self, other: Any, batch_size: int | None = None) -> None:
         """Raise `ValueError` naming the first size where this cache does not fit `other` (a model config or a
-        metadata of this cache's kind) called with `batch_size` rows (`None`: any)."""
+        metadata of this cache's kind) called with `batch_size` rows (`None`: any).
+
+        A model whose config (or metadata) lists `layer_cache_kinds` other than this cache's one view per layer
+        keeps a `HybridCache`; this cache is refused by both names before any size is compared.
+        """
+        kinds = getattr(other, "layer_cache_kinds", None)
+        if kinds is not None and any(tuple(k) != (self.VIEW.KIND,) for k in kinds):
+            raise ValueError(
+                f"the cache does not fit this model: it is a {type(self).__name__}, but the model keeps a HybridCache "
+                f"(its layers' cache kinds are {_kinds_summary(kinds)})"
+            )
         expected_layers = getattr(other, "num_hidden_layers", None)
         if expected_layers is not None and expected_layers != len(self.views):
             raise ValueError(
@@ -215,7 +241,8 @@ class BaseCache:
 
     def shardings(self, mesh: Mesh):
         """The cache's structure with a `NamedSharding` per leaf, for `jax.jit(..., out_shardings=...)`."""
-        return type(self).tree_unflatten(None, (tuple(None if v is None else v.shardings(mesh) for v in self.views),))
+        aux = self.tree_flatten()[1]
+        return type(self).tree_unflatten(aux, (self._map_views(lambda v: v.shardings(mesh)),))
 
     # -- documents --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -237,7 +264,7 @@ class BaseCache:
             d = json.loads(s)
         except (TypeError, json.JSONDecodeError) as err:
             raise ValueError(f"cache JSON does not parse: {err}") from None
-        return cls.from_dict(serialization.jsonable_to_dict(d), mesh)
+        return cls.from_dict(serialization.jsonable_to_dict(d, cls.VIEW.LEAVES), mesh)
 
     def __repr__(self) -> str:
         filled = sum(view is not None for view in self.views)

@@ -1,4 +1,5 @@
-"""The Mamba-1 inference cache: metadata, per-layer view and whole-model cache, in the Mamba-2 cache's form.
+"""The Mamba-1 inference cache: metadata, per-layer view and whole-model cache, in the Mamba-2 cache's form; and
+Falcon-Mamba's, the same classes under its own model_type and document format.
 
 Leaves of a `MambaCacheView` (letters of `easymamba/typing.py`):
 
@@ -11,7 +12,7 @@ Leaves of a `MambaCacheView` (letters of `easymamba/typing.py`):
     seqlen_offset  [] int32      tokens the cache has consumed
 
 Everything else (functional updates, pytree, bit-exact dict/JSON documents, checked PartitionSpecs, sharded
-init) is the machinery of `BaseCacheMetaData` / `BaseCacheView` / `BaseCache` that the Mamba-2 cache uses too.
+init) is the machinery of `BaseCacheMetaData` / `SSMCacheView` / `BaseCache` that the Mamba-2 cache uses too.
 
 Sharding: Mamba-1 has no heads; every inner channel e has its own A row and its own state row, so e plays the
 heads' part. `PartitionAxis.head_axis` shards e in both the conv window and the SSM state (the channels of the
@@ -28,9 +29,10 @@ from jax.sharding import PartitionSpec
 from easymamba.caching.cache import BaseCache
 from easymamba.caching.metadata import BaseCacheMetaData
 from easymamba.caching.partition import POSITIONS_DIMS, PartitionAxis
-from easymamba.caching.view import BaseCacheView
+from easymamba.caching.view import SSMCacheView
 
-__all__ = ["MambaCacheMetaData", "MambaCacheView", "MambaCache"]
+__all__ = ["MambaCacheMetaData", "MambaCacheView", "MambaCache", "FalconMambaCacheMetaData", "FalconMambaCacheView",
+           "FalconMambaCache"]
 
 MAMBA1_CONV_DIMS = ("b", "e", "k")
 MAMBA1_SSM_DIMS = ("b", "e", "n")
@@ -127,7 +129,7 @@ class MambaCacheMetaData(BaseCacheMetaData):
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class MambaCacheView(BaseCacheView):
+class MambaCacheView(SSMCacheView):
     """Per-layer Mamba-1 cache: conv window `[b, e, k]`, SSM state `[b, e, n]`, positions `[b]`, seqlen_offset `[]`.
 
     Same methods as `Mamba2CacheView` (`init`, `update_conv_state`, `update_ssm_state`, `update_seq`, `reset`,
@@ -135,6 +137,7 @@ class MambaCacheView(BaseCacheView):
     """
 
     METADATA: ClassVar[type] = MambaCacheMetaData
+    KIND: ClassVar[str] = "mamba"
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -144,3 +147,32 @@ class MambaCache(BaseCache):
 
     VIEW: ClassVar[type] = MambaCacheView
     FORMAT: ClassVar[str] = FORMAT
+
+
+# ---- Falcon-Mamba --------------------------------------------------------------------------------------------
+# Falcon-Mamba keeps exactly Mamba-1's states (its mixer adds weightless norms, no state). Its cache is Mamba-1's
+# under its own model_type and document format, so that a cache built for one family is refused by name by the
+# other (the compatibility check compares model_type before any size).
+
+
+@dataclasses.dataclass(frozen=True)
+class FalconMambaCacheMetaData(MambaCacheMetaData):
+    """`MambaCacheMetaData` for Falcon-Mamba configs (`model_type` "falcon_mamba"): the same sizes and shapes."""
+
+    MODEL_TYPE: ClassVar[str] = "falcon_mamba"
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class FalconMambaCacheView(MambaCacheView):
+    """One Falcon-Mamba layer's cache: `MambaCacheView`'s leaves, with `FalconMambaCacheMetaData`."""
+
+    METADATA: ClassVar[type] = FalconMambaCacheMetaData
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class FalconMambaCache(MambaCache):
+    """The Falcon-Mamba cache: `MambaCache` of `FalconMambaCacheView`s; documents carry the format name
+    `easymamba.FalconMambaCache`."""
+
+    VIEW: ClassVar[type] = FalconMambaCacheView
+    FORMAT: ClassVar[str] = "easymamba.FalconMambaCache"

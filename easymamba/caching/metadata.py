@@ -1,8 +1,10 @@
 """The static description of a cache: sizes and partition axes, checked once at construction.
 
 `BaseCacheMetaData` holds what every family's metadata does (validation of the sizes, reading them from a model
-config, the compatibility check that names the first size that differs, lossless dicts); `Mamba2CacheMetaData`
-adds the Mamba-2 sizes and shapes, and `easymamba.caching.mamba1.MambaCacheMetaData` the Mamba-1 ones.
+config, the compatibility check that names the first size that differs, lossless dicts, and each leaf's shape,
+dimension letters and dtype role, from which the views are built); `Mamba2CacheMetaData` adds the Mamba-2 sizes
+and shapes, `easymamba.caching.mamba1.MambaCacheMetaData` the Mamba-1 ones and
+`easymamba.caching.attention.AttentionCacheMetaData` an attention layer's key/value sizes.
 
 Metadata is hashable and lives in the pytree's static part, so two caches with equal metadata share one compiled
 function, and a cache built for another model or batch is refused by name.
@@ -26,9 +28,14 @@ class BaseCacheMetaData:
         SIZE_FIELDS   the size fields, in order (all positive ints)
         CONFIG_ATTRS  metadata field -> model config attribute it is read from (all but batch_size)
         LEAF_DIMS     leaf name -> dimension letters (for shape checks, specs and error messages)
+        LEAF_DTYPES   leaf name -> dtype role: "dtype" (the cache dtype the view is built with), "ssm_dtype" (the
+                      SSM state's), or a fixed "int32" / "bool"
         MODEL_TYPE    the `model_type` of the configs it fits ("mamba2", "mamba"); a config that states another
                       one is refused even if the sizes happen to agree
-    and defines `conv_state_shape`, `ssm_state_shape`, `view_specs()` and, if it has any, `_check_sizes()`.
+    and defines `view_specs()` (one PartitionSpec per leaf its view lists in `SPEC_LEAVES`, in that order) and,
+    if it has any, `_check_sizes()`. The defaults of `LEAF_DTYPES` and `leaf_shapes()` are the SSM views' (conv
+    window, SSM state, positions, offset from `conv_state_shape` / `ssm_state_shape`); a family with other
+    leaves overrides both.
     """
 
     partition_axis: PartitionAxis
@@ -36,6 +43,12 @@ class BaseCacheMetaData:
     SIZE_FIELDS: ClassVar[tuple[str, ...]] = ()
     CONFIG_ATTRS: ClassVar[dict[str, str]] = {}
     LEAF_DIMS: ClassVar[dict[str, tuple[str, ...]]] = {}
+    LEAF_DTYPES: ClassVar[dict[str, str]] = {
+        "conv_states": "dtype",
+        "ssm_states": "ssm_dtype",
+        "positions": "int32",
+        "seqlen_offset": "int32",
+    }
     MODEL_TYPE: ClassVar[str] = ""
 
     def __post_init__(self):
@@ -74,8 +87,18 @@ class BaseCacheMetaData:
     def positions_shape(self) -> tuple[int]:
         return (self.batch_size,)  # (b,)
 
-    def view_specs(self) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec]:
-        """The default `(conv, ssm, positions)` PartitionSpecs from `partition_axis`."""
+    def leaf_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Leaf name -> shape, for every leaf in `LEAF_DIMS` (the SSM views' leaves by default)."""
+        return {
+            "conv_states": self.conv_state_shape,
+            "ssm_states": self.ssm_state_shape,
+            "positions": self.positions_shape,
+            "seqlen_offset": (),
+        }
+
+    def view_specs(self) -> tuple[PartitionSpec, ...]:
+        """The default PartitionSpecs from `partition_axis`, one per leaf of the view's `SPEC_LEAVES` (for the SSM
+        views `(conv, ssm, positions)`)."""
         raise NotImplementedError
 
     def check_compatible(self, other: Any, batch_size: int | None = None) -> None:

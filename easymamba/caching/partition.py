@@ -50,6 +50,8 @@ class PartitionAxis:
             concatenation `[x | B | C]` of `e + 2 * g * n` columns, so an even split over devices does not
             line up with heads; shard it only if the model shards the conv weights the same way.
         conv_kernel_axis: shards `k` of the conv state (rarely useful: `k` is 4).
+        kv_head_axis: shards `kv`, the key/value heads of an attention layer's view (`easymamba.caching.attention`).
+            A document written before this field existed reads it as the default.
     """
 
     batch_axis: AxisEntry = "data"
@@ -58,6 +60,7 @@ class PartitionAxis:
     state_axis: AxisEntry = None
     conv_channel_axis: AxisEntry = None
     conv_kernel_axis: AxisEntry = None
+    kv_head_axis: AxisEntry = "model"
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -91,10 +94,10 @@ class PartitionAxis:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"{where} has unknown fields {unknown}; expected {names}")
-        missing = [name for name in names if name not in d]
+        missing = [name for name in names if name not in d and name != "kv_head_axis"]
         if missing:
             raise ValueError(f"{where} is missing fields {missing}")
-        return cls(**{name: normalize_entry(d[name], f"{where}.{name}") for name in names})
+        return cls(**{name: normalize_entry(d[name], f"{where}.{name}") for name in names if name in d})
 
 
 def _names(entry: str | tuple[str, ...]) -> tuple[str, ...]:

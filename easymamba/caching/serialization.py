@@ -1,11 +1,12 @@
 """Lossless cache documents: a plain dict of numpy arrays, and JSON with arrays as base64 of their bytes.
 
-A view's document:
+A view's document (a Mamba-2 one here; any view class is written the same way from its `LEAVES`, `SPEC_LEAVES`
+and its metadata's dtype roles):
 
     {"layer_index": 3 | None, "metadata": {...sizes, "partition_axis": {...}},
-     "partition_specs": {"conv_states": [...], "ssm_states": [...], "positions": [...]},
-     "dtype": "bfloat16", "ssm_dtype": "float32",
-     "conv_states": array, "ssm_states": array, "positions": array, "seqlen_offset": array}
+     "partition_specs": {"conv_states": [...], "ssm_states": [...], "positions": [...]},   # one per SPEC_LEAVES
+     "dtype": "bfloat16", "ssm_dtype": "float32",          # the float dtype roles the view's leaves use
+     "conv_states": array, "ssm_states": array, "positions": array, "seqlen_offset": array}   # its LEAVES
 
 Spec entries are `None`, a name, or a list of names. In JSON an array is
 `{"dtype": "bfloat16", "shape": [2, 3], "data": base64(raw little-endian bytes)}`, so NaN payloads, infinities
@@ -26,15 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from easymamba.caching import partition
-from easymamba.caching.view import (
-    LEAVES,
-    BaseCacheView,
-    Mamba2CacheView,
-    check_specs_on_mesh,
-    expected_shapes,
-    normalize_specs,
-    place_leaf,
-)
+from easymamba.caching.view import FIXED_DTYPES, FLOAT_ROLES, LEAVES, BaseCacheView, Mamba2CacheView, place_leaf
 
 FORMAT = "easymamba.Mamba2Cache"  # the Mamba-2 document's format; each cache class names its own
 VERSION = 1
@@ -50,10 +43,19 @@ DTYPES = {
         "float8_e5m2": ml_dtypes.float8_e5m2,
         "int64": np.int64,
         "int32": np.int32,
+        "bool": np.bool_,
     }.items()
 }
-_SPEC_FIELDS = ("conv_states", "ssm_states", "positions")
-_VIEW_FIELDS = ("layer_index", "metadata", "partition_specs", "dtype", "ssm_dtype", *LEAVES)
+
+
+def dtype_roles(view_cls: type[BaseCacheView]) -> tuple[str, ...]:
+    """The float dtype roles (`"dtype"`, `"ssm_dtype"`) that `view_cls`'s leaves use: the document's dtype fields."""
+    roles = set(view_cls.METADATA.LEAF_DTYPES[name] for name in view_cls.LEAVES)
+    return tuple(role for role in FLOAT_ROLES if role in roles)
+
+
+def _view_fields(view_cls: type[BaseCacheView]) -> tuple[str, ...]:
+    return ("layer_index", "metadata", "partition_specs", *dtype_roles(view_cls), *view_cls.LEAVES)
 
 
 def dtype_from_name(name: Any, where: str) -> np.dtype:
@@ -110,48 +112,48 @@ def array_from_json(obj: Any, where: str) -> np.ndarray:
             f"{where}.data holds {len(raw)} bytes, but shape {tuple(shape)} of {dtype.name} needs {expected}"
         )
     words = np.frombuffer(raw, dtype=_uint(dtype.itemsize, "<")).astype(_uint(dtype.itemsize, "="))
+    if dtype == np.bool_ and np.any(words > 1):
+        raise ValueError(f"{where}.data holds a byte other than 0 and 1, which is no bool")
     return words.view(dtype).reshape(tuple(shape))
 
 
 # -- one view -------------------------------------------------------------------------------------------------
 def view_to_dict(view: BaseCacheView) -> dict[str, Any]:
     where = f"layer {view.layer_index}"
+    roles = view.metadata.LEAF_DTYPES
     d: dict[str, Any] = {
         "layer_index": view.layer_index,
         "metadata": view.metadata.to_dict(),
-        "partition_specs": {n: partition.spec_to_json(s) for n, s in zip(_SPEC_FIELDS, view.partition_specs)},
-        "dtype": np.dtype(view.conv_states.dtype).name,
-        "ssm_dtype": np.dtype(view.ssm_states.dtype).name,
+        "partition_specs": {n: partition.spec_to_json(s) for n, s in zip(view.SPEC_LEAVES, view.partition_specs)},
     }
-    d.update({name: to_host(getattr(view, name), f"{where} {name}") for name in LEAVES})
+    for role in dtype_roles(type(view)):  # the dtype of the first leaf of that role (they all share it)
+        d[role] = np.dtype(getattr(view, next(n for n in view.LEAVES if roles[n] == role)).dtype).name
+    d.update({name: to_host(getattr(view, name), f"{where} {name}") for name in view.LEAVES})
     return d
 
 
 def view_from_dict(d: Any, where: str, mesh: Mesh | None = None,
                    view_cls: type[BaseCacheView] = Mamba2CacheView) -> BaseCacheView:
-    _require(d, _VIEW_FIELDS, where)
+    _require(d, _view_fields(view_cls), where)
     index = d["layer_index"]
     if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
         raise ValueError(f"{where}.layer_index must be an int or None; got {index!r}")
     metadata = view_cls.METADATA.from_dict(d["metadata"], f"{where}.metadata")
-    _require(d["partition_specs"], _SPEC_FIELDS, f"{where}.partition_specs")
+    _require(d["partition_specs"], view_cls.SPEC_LEAVES, f"{where}.partition_specs")
     specs = tuple(
         partition.spec_from_json(d["partition_specs"][name], f"{where}.partition_specs.{name}")
-        for name in _SPEC_FIELDS
+        for name in view_cls.SPEC_LEAVES
     )
-    specs = normalize_specs(specs, metadata)
-    dtypes = {
-        "conv_states": dtype_from_name(d["dtype"], f"{where}.dtype"),
-        "ssm_states": dtype_from_name(d["ssm_dtype"], f"{where}.ssm_dtype"),
-        "positions": np.dtype(np.int32),
-        "seqlen_offset": np.dtype(np.int32),
-    }
-    for name in ("conv_states", "ssm_states"):
-        if not jnp.issubdtype(dtypes[name], jnp.floating):
+    specs = view_cls.normalize_specs(specs, metadata)
+    chosen = {role: dtype_from_name(d[role], f"{where}.{role}") for role in dtype_roles(view_cls)}
+    chosen.update({role: np.dtype(dtype) for role, dtype in FIXED_DTYPES.items()})
+    dtypes = {name: chosen[metadata.LEAF_DTYPES[name]] for name in view_cls.LEAVES}
+    for name in view_cls.LEAVES:
+        if metadata.LEAF_DTYPES[name] in FLOAT_ROLES and not jnp.issubdtype(dtypes[name], jnp.floating):
             raise ValueError(f"{where} declares {name} of dtype {dtypes[name].name}; it must be a float type")
-    shapes = expected_shapes(metadata)
+    shapes = metadata.leaf_shapes()
     leaves = {}
-    for name in LEAVES:
+    for name in view_cls.LEAVES:
         value = d[name]
         if isinstance(value, jax.Array):
             value = to_host(value, f"{where}.{name}")
@@ -163,9 +165,21 @@ def view_from_dict(d: Any, where: str, mesh: Mesh | None = None,
             raise ValueError(f"{where}.{name} must have dtype {dtypes[name].name}; found {value.dtype.name}")
         leaves[name] = np.array(value, copy=True)  # device_put may alias host memory; own what it aliases
     if mesh is not None:
-        check_specs_on_mesh(metadata, specs, mesh)
-    placed = {name: place_leaf(value, name, specs, mesh) for name, value in leaves.items()}
+        view_cls.check_specs_on_mesh(metadata, specs, mesh)
+    placed = {name: place_leaf(value, name, view_cls.leaf_spec(specs, name), mesh) for name, value in leaves.items()}
     return view_cls(**placed, metadata=metadata, partition_specs=specs, layer_index=index)
+
+
+def view_to_jsonable(v: dict[str, Any]) -> dict[str, Any]:
+    """A view document with every array replaced by `array_to_json`."""
+    return {k: array_to_json(x) if isinstance(x, np.ndarray) else x for k, x in v.items()}
+
+
+def view_from_jsonable(v: Any, leaves: tuple[str, ...], where: str) -> Any:
+    """Inverse of `view_to_jsonable` for a view with `leaves`; structure errors are left to `view_from_dict`."""
+    if not isinstance(v, dict):
+        return v
+    return {k: array_from_json(x, f"{where}.{k}") if k in leaves else x for k, x in v.items()}
 
 
 # -- a whole cache's documents --------------------------------------------------------------------------------
@@ -178,11 +192,17 @@ def views_to_dict(views: tuple[BaseCacheView | None, ...], fmt: str = FORMAT) ->
     }
 
 
+def check_format(d: Any, fmt: str) -> None:
+    """A document of another cache class is refused by both formats' names, before its fields are read (they
+    differ between the classes)."""
+    if isinstance(d, dict) and "format" in d and d["format"] != fmt:
+        raise ValueError(f"cache document has format {d['format']!r}; expected {fmt!r}")
+
+
 def views_from_dict(d: Any, mesh: Mesh | None = None, view_cls: type[BaseCacheView] = Mamba2CacheView,
                     fmt: str = FORMAT) -> tuple[BaseCacheView | None, ...]:
+    check_format(d, fmt)
     _require(d, ("format", "version", "num_hidden_layers", "views"), "cache document")
-    if d["format"] != fmt:
-        raise ValueError(f"cache document has format {d['format']!r}; expected {fmt!r}")
     if d["version"] != VERSION:
         raise ValueError(f"cache document has version {d['version']!r}; this easymamba reads version {VERSION}")
     views = d["views"]
@@ -198,21 +218,15 @@ def views_from_dict(d: Any, mesh: Mesh | None = None, view_cls: type[BaseCacheVi
 def dict_to_jsonable(d: dict[str, Any]) -> dict[str, Any]:
     """`views_to_dict`'s output with every array replaced by `array_to_json`."""
     out = dict(d)
-    out["views"] = [
-        None if v is None else {k: array_to_json(x) if k in LEAVES else x for k, x in v.items()} for v in d["views"]
-    ]
+    out["views"] = [None if v is None else view_to_jsonable(v) for v in d["views"]]
     return out
 
 
-def jsonable_to_dict(d: Any) -> Any:
-    """Inverse of `dict_to_jsonable`; structure errors are left to `views_from_dict`, which names them."""
+def jsonable_to_dict(d: Any, leaves: tuple[str, ...] = LEAVES) -> Any:
+    """Inverse of `dict_to_jsonable` for views with `leaves`; structure errors are left to `views_from_dict`,
+    which names them."""
     if not isinstance(d, dict) or not isinstance(d.get("views"), list):
         return d
     out = dict(d)
-    out["views"] = [
-        {k: array_from_json(x, f"views[{i}].{k}") if k in LEAVES else x for k, x in v.items()}
-        if isinstance(v, dict)
-        else v
-        for i, v in enumerate(d["views"])
-    ]
+    out["views"] = [view_from_jsonable(v, leaves, f"views[{i}]") for i, v in enumerate(d["views"])]
     return out

@@ -12,6 +12,7 @@ import numpy as np
 
 from easymamba.checkpoints.errors import CheckpointError
 from easymamba.models import ModelFamily, family_of
+from easymamba.models.family import ties_lm_head
 from easymamba.checkpoints.layout import flax_shape, hf_shape
 
 # HF renames the original state-spaces name on load (`Mamba2Model.load_hook`); we accept both.
@@ -72,7 +73,7 @@ def _config_contradictions(family: ModelFamily, config, src, names: dict[str, st
             where = src.file_of(names[mixer + tensor]) if has else src.description
             out.append(f"{config_name} says {field} = {str(getattr(config, field)).lower()}, but {where} "
                        f"{'has' if has else 'has no'} {mixer + tensor}")
-    if not config.tie_word_embeddings and "lm_head.weight" not in names and emb is not None:
+    if not ties_lm_head(config) and "lm_head.weight" not in names and emb is not None:
         out.append(f"{config_name} says tie_word_embeddings = false, but {src.description} has no lm_head.weight "
                    "(tied checkpoints leave it out)")
     return out
@@ -100,7 +101,7 @@ def check_source(model, src, config_name: str, *, strict: bool = True) -> dict[s
     if missing:
         more = f" (and {len(missing) - 1} more: {missing[1:8]})" if len(missing) > 1 else ""
         raise CheckpointError(f"tensor {missing[0]} is missing from {src.description}{more}")
-    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    allowed = {"lm_head.weight"} if ties_lm_head(config) else set()
     unexpected = [n for n in names if n not in expected and n not in allowed]
     if unexpected and strict:
         listed = "; ".join(f"{n} in {src.file_of(names[n])}" for n in unexpected[:8])
@@ -119,7 +120,7 @@ def check_source(model, src, config_name: str, *, strict: bool = True) -> dict[s
         if code not in FLOAT_CODES:
             raise CheckpointError(f"tensor {name} in {src.file_of(name)} has dtype {code}, which is not supported "
                                   f"for weights (supported: {', '.join(FLOAT_CODES)})")
-    if config.tie_word_embeddings and "lm_head.weight" in names:
+    if ties_lm_head(config) and "lm_head.weight" in names:
         _check_tied_head(src, names, config_name, _embedding_name(table))
     return {spec.hf_name: names[spec.hf_name] for spec in table}
 

@@ -1,10 +1,10 @@
 """Reading an HF or state-spaces checkpoint directory into a flax model: `from_pretrained`.
 
 `from_pretrained(path)` reads a local directory:
-- `config.json` in HF form (`model_type` "mamba2" or "mamba"), or in the original state-spaces/mamba_ssm form
-  (`d_model`, `n_layer`, `ssm_cfg`; `ssm_cfg.layer` "Mamba2", else Mamba-1); the config classes read both and
-  pad the vocabulary to `pad_vocab_size_multiple`, as the checkpoint's embedding already is. Any other
-  `model_type` is refused with a `CheckpointError` naming the file and the ones it reads;
+- `config.json` in HF form (`model_type` "mamba2", "mamba" or "falcon_mamba": `easymamba.models.FAMILIES`), or in the
+  original state-spaces/mamba_ssm form (`d_model`, `n_layer`, `ssm_cfg`; `ssm_cfg.layer` "Mamba2", else Mamba-1);
+  the config classes read both and pad the vocabulary to `pad_vocab_size_multiple`, as the checkpoint's embedding
+  already is. Any other `model_type` is refused with a `CheckpointError` naming the file and the ones it reads;
 - weights, the first found of `model.safetensors`, `model.safetensors.index.json` (shards),
   `pytorch_model.bin`, `pytorch_model.bin.index.json` (`sources.py`). The original
   `backbone.embedding.weight` is renamed to HF's `backbone.embeddings.weight`, as transformers' load hook does.

@@ -9,6 +9,8 @@
     granitemoehybrid.py   `GraniteMoeHybridConfig` (HF `GraniteMoeHybridConfig`, Granite-4.0-H)
     parts.py    the settings of one layer part (Mamba-2 mixer, attention, MLP, MoE) that hybrid configs derive
     rope.py     reading rotary-embedding settings (`rope_parameters` or the 4.x keys)
+    falcon_mamba.py   `FalconMambaConfig` (HF `FalconMambaConfig`): Mamba-1's fields and `mixer_rms_eps`
+    zamba2.py   `Zamba2Config` (HF `Zamba2Config`), with the parts' settings records of parts.py
 
 `easymamba.models.config_from_hf` reads a `config.json` with the config class its family names.
 """
@@ -17,9 +19,11 @@ from easymamba.config.bamba import BambaConfig
 from easymamba.config.common import hf_config_dict
 from easymamba.config.falcon_h1 import FalconH1Config
 from easymamba.config.granitemoehybrid import GraniteMoeHybridConfig
+from easymamba.config.falcon_mamba import FalconMambaConfig
 from easymamba.config.mamba1 import MambaConfig
 from easymamba.config.mamba2 import Mamba2Config
 from easymamba.config.nemotron_h import NemotronHConfig
+from easymamba.config.zamba2 import Zamba2Config
 
 __all__ = ["Mamba2Config", "MambaConfig", "NemotronHConfig", "FalconH1Config", "BambaConfig",
-           "GraniteMoeHybridConfig", "hf_config_dict"]
+           "GraniteMoeHybridConfig", "Zamba2Config", "FalconMambaConfig", "hf_config_dict"]

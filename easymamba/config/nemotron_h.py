@@ -147,6 +147,12 @@ class NemotronHConfig(_ConfigIO):
     # ---- derived ---------------------------------------------------------------------------------------------
 
     @property
+    def ties_lm_head(self) -> bool:
+        """False: transformers 5.25's `NemotronHForCausalLM` keeps its own `lm_head` (no tied-weight keys), so
+        `tie_word_embeddings` changes nothing in the network; it is kept for the round trip."""
+        return False
+
+    @property
     def num_hidden_layers(self) -> int:
         return len(self.layers_block_type)
 

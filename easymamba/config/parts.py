@@ -45,7 +45,9 @@ class Mamba2MixerConfig:
     `norm_before_gate` (Falcon-H1), `norm_groups` (groups of the gated norm; default `n_groups`),
     `zxbcdt_multipliers` (Falcon-H1's muP multipliers of in_proj's five parts, or None), `out_proj_bias` (bias of
     out_proj; None: the same as `use_bias`. Falcon-H1 sets in_proj's from `mamba_proj_bias`, out_proj's from
-    `projectors_bias`).
+    `projectors_bias`), `step_time_step_limit` (the dt clamp of the one-token step when it differs from
+    `time_step_limit`'s, which the sequence path uses; None: the same. Zamba2's HF mixer clamps dt to
+    (time_step_min, inf) over a sequence but not at all in its cached one-token step: (0, inf) there).
     """
 
     model_type = "mamba2"  # what the SSM views of a hybrid cache are checked against (not a field)
@@ -72,6 +74,7 @@ class Mamba2MixerConfig:
     norm_groups: int | None = None
     zxbcdt_multipliers: tuple[float, float, float, float, float] | None = None
     out_proj_bias: bool | None = None
+    step_time_step_limit: tuple[float, float] | None = None
 
     def __post_init__(self):
         _positive(self, "hidden_size", "num_heads", "head_dim", "state_size", "n_groups", "conv_kernel",
@@ -81,6 +84,10 @@ class Mamba2MixerConfig:
         lo, hi = (float(x) for x in self.time_step_limit)
         _require(0.0 <= lo <= hi, f"time_step_limit ({lo}, {hi}) must satisfy 0 <= lo <= hi")
         object.__setattr__(self, "time_step_limit", (lo, hi))
+        if self.step_time_step_limit is not None:
+            slo, shi = (float(x) for x in self.step_time_step_limit)
+            _require(0.0 <= slo <= shi, f"step_time_step_limit ({slo}, {shi}) must satisfy 0 <= lo <= hi")
+            object.__setattr__(self, "step_time_step_limit", (slo, shi))
         if self.norm_groups is None:
             object.__setattr__(self, "norm_groups", self.n_groups)
         if self.out_proj_bias is None:

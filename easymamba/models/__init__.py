@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config import hf_config_dict
-from easymamba.models import bamba, granitemoehybrid, mamba1, mamba2
+from easymamba.models import bamba, falcon_mamba, granitemoehybrid, mamba1, mamba2, nemotron_h
 from easymamba.models.bamba import BambaForCausalLM, BambaModel, HybridDecoderLayer, bamba_key_table
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
@@ -22,6 +22,14 @@ from easymamba.models.causal_lm import (
     causal_lm_loss,
     causal_lm_loss_sum,
 )
+from easymamba.models.falcon_mamba import (
+    FalconMambaBlock,
+    FalconMambaForCausalLM,
+    FalconMambaMixer,
+    FalconMambaModel,
+    falcon_mamba_key_table,
+)
+from easymamba.models.attention import Attention
 from easymamba.models.family import KeySpec, ModelFamily
 from easymamba.models.granitemoehybrid import (
     GraniteMoeHybridForCausalLM,
@@ -32,11 +40,15 @@ from easymamba.models.mamba1 import MambaBlock, MambaForCausalLM, MambaModel, ma
 from easymamba.models.mamba1_mixer import MambaMixer
 from easymamba.models.mamba2 import Mamba2Block, Mamba2ForCausalLM, Mamba2Model, mamba2_key_table
 from easymamba.models.mamba2_mixer import Mamba2Mixer
+from easymamba.models.mlp import MLP, MoE
+from easymamba.models.nemotron_h import NemotronHForCausalLM, NemotronHModel, nemotron_h_key_table
 
 # The families easymamba knows, by HF `model_type`.
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     mamba2.FAMILY,
     mamba1.FAMILY,
+    nemotron_h.FAMILY,
+    falcon_mamba.FAMILY,
     bamba.FAMILY,
     granitemoehybrid.FAMILY,
 )}
@@ -86,6 +98,8 @@ __all__ = [
     "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
     "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",
+    "Attention", "MLP", "MoE", "NemotronHModel", "NemotronHForCausalLM", "nemotron_h_key_table",
+    "FalconMambaBlock", "FalconMambaModel", "FalconMambaForCausalLM", "FalconMambaMixer", "falcon_mamba_key_table",
     "HybridDecoderLayer", "BambaModel", "BambaForCausalLM", "bamba_key_table",
     "GraniteMoeHybridModel", "GraniteMoeHybridForCausalLM", "granitemoehybrid_key_table",
 ]

@@ -30,6 +30,7 @@ from flax import nnx, struct
 from easymamba.layers import Embedding, is_concrete, normal_init
 from easymamba.models.attention import position_ids_from_mask
 from easymamba.models.common import check_attention_mask, sow_hook
+from easymamba.models.family import ties_lm_head
 from easymamba.norms import RMSNorm
 from easymamba.sharding import MeshRules, constrain
 
@@ -146,6 +147,10 @@ class Backbone(nnx.Module):
         if not isinstance(config, family.config_class):
             raise TypeError(f"{type(self).__name__} needs a {family.config_class.__name__}, got "
                             f"{type(config).__name__}")
+        if config.model_type != family.model_type:  # a subclass's config is another family's (FalconMambaConfig)
+            raise TypeError(f"{type(self).__name__} needs a {family.config_class.__name__} of model_type "
+                            f"{family.model_type!r}, got a {type(config).__name__} of model_type "
+                            f"{config.model_type!r}")
         self.config = config
         self.dtype = dtype
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
@@ -262,7 +267,7 @@ class Backbone(nnx.Module):
         if outputs is not None:  # the entries the pinned transformers returns for this family, in its order
             kept = outputs[:-1] if self.family.hidden_states_with_embeddings else outputs[1:]
             all_hidden = (*kept, hidden)
-        new_cache = None if cache is None else type(cache)(views=tuple(views)).update_seq(l)
+        new_cache = None if cache is None else cache.with_views(views).update_seq(l)
         return Mamba2Output(hidden, new_cache, all_hidden)
 
     def step(self, tokens: jax.Array, cache, *, attention_mask=None, active_rows=None, decode_weights=None,
@@ -301,7 +306,7 @@ class Backbone(nnx.Module):
                                       position_ids=position_ids, embeddings=embeddings)
             hidden = constrain(hidden, rules, "batch", None, "embed")
             views.append(view)
-        new_cache = type(cache)(views=tuple(views))
+        new_cache = cache.with_views(views)
         if update_seq:
             new_cache = new_cache.update_seq(1, active_rows)
         return self.norm_f(hidden)[:, 0], new_cache
@@ -337,7 +342,7 @@ class CausalLM(nnx.Module):
         self.kernel_impl = kernel_impl
         self.backbone = self.family.backbone(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                              kernel_impl=kernel_impl)
-        if config.tie_word_embeddings:
+        if ties_lm_head(config):
             self.lm_head = None
         else:
             std = config.initializer_range

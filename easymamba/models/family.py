@@ -13,7 +13,13 @@ from typing import Any, NamedTuple
 
 import jax
 
-__all__ = ["KeySpec", "packed_key", "Operands", "EffectiveAttention", "ModelFamily"]
+__all__ = ["KeySpec", "packed_key", "Operands", "EffectiveAttention", "ModelFamily", "ties_lm_head"]
+
+
+def ties_lm_head(config) -> bool:
+    """Whether the model's LM head reuses the embedding matrix: `tie_word_embeddings`, unless the family's
+    config says otherwise (`ties_lm_head`: transformers' Nemotron-H keeps its own head whatever the flag)."""
+    return bool(getattr(config, "ties_lm_head", config.tie_word_embeddings))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ reproduces. Letters as in `easymamba.typing`; r is `time_step_rank`.
     hidden (b, l, d) --in_proj--> [ x (e) | z (e) ]
     x --conv1d (depthwise, causal), silu--> x                          (b, l, e)
     x --x_proj--> [ dt (r) | B (n) | C (n) ];  dt --dt_proj.weight--> (b, l, e)
+        (Falcon-Mamba, `bcdt_rms_eps`: dt, B and C each RMS-normalised first, with no weight)
     y = S6(x, dt + dt_proj.bias -> softplus, A = -exp(A_log) [e, n], B, C) + D x     (b, l, e) float32
     out = out_proj(y * silu(z))                                          (b, l, d)
 
@@ -36,7 +37,7 @@ from easymamba.layers import DepthwiseConv1d, kaiming_uniform_init, normal_init
 from easymamba.models.common import SSMViewMixer, check_active_rows, hold_rows, init_dt_bias, sow_hook
 from easymamba.sharding import MeshRules, constrain
 
-__all__ = ["MambaMixer"]
+__all__ = ["MambaMixer", "weightless_rms_norm"]
 
 
 # Jitted once, so that eager calls reuse the compiled scan instead of retracing it; inside an outer jit they inline.
@@ -61,14 +62,22 @@ class MambaMixer(SSMViewMixer, nnx.Module):
     `hook_x_proj` (b, l, r + 2n) [dt_low_rank | B | C], `hook_dt` (b, l, e) softplus(dt_proj(dt_low_rank)), the
     scan's step size in its compute dtype (float32 unless float64), `hook_ssm_out` (b, l, e) the selective-scan
     output with the D skip, before the gate, `hook_gated` (b, l, e) that times silu(z), `hook_out_proj` (b, l, d).
+
+    `bcdt_rms_eps` (Falcon-Mamba, HF `FalconMambaMixer`; None for Mamba-1): x_proj's three parts dt_low_rank (r),
+    B (n) and C (n) are each RMS-normalised over their own last axis before dt_proj and the scan,
+    `v * rsqrt(mean(v^2) + eps)`, in float32 and rounded back to x_proj's dtype, with no weight (HF's
+    `FalconMambaWeightlessRMSNorm`). `hook_x_proj` records x_proj's output before these norms.
     """
 
     HOOKS = ("hook_in_proj", "hook_conv", "hook_x_proj", "hook_dt", "hook_ssm_out", "hook_gated", "hook_out_proj")
 
     def __init__(self, config: MambaConfig, *, layer_idx: int = 0, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, kernel_impl: str = "auto"):
+                 param_dtype=jnp.float32, kernel_impl: str = "auto", bcdt_rms_eps: float | None = None):
         resolve_impl(kernel_impl, "causal_conv1d")  # validate the name now, not at the first call
+        if bcdt_rms_eps is not None and not (isinstance(bcdt_rms_eps, float) and bcdt_rms_eps > 0.0):
+            raise ValueError(f"bcdt_rms_eps ({bcdt_rms_eps!r}) must be a positive float or None")
         self.config = config
+        self.bcdt_rms_eps = bcdt_rms_eps
         self.layer_idx = layer_idx
         self.dtype = dtype
         self.kernel_impl = kernel_impl
@@ -185,6 +194,8 @@ class MambaMixer(SSMViewMixer, nnx.Module):
         x_proj = self.x_proj(x)                                            # (b, l, r + 2n)
         sow_hook(self, "hook_x_proj", x_proj)
         dt, B, C = jnp.split(x_proj, [r, r + n], axis=-1)                  # (b,l,r) (b,l,n) (b,l,n)
+        if self.bcdt_rms_eps is not None:                                  # Falcon-Mamba
+            dt, B, C = (weightless_rms_norm(v, self.bcdt_rms_eps) for v in (dt, B, C))
         # dt_proj's weight only: HF adds the bias inside the scan, in float32, before the softplus.
         dt = dt @ self.dt_proj.kernel[...].astype(dt.dtype)                # (b, l, e)
 
@@ -204,6 +215,13 @@ class MambaMixer(SSMViewMixer, nnx.Module):
         out = self.out_proj(y.astype(self.dtype))                          # (b, l, d)
         sow_hook(self, "hook_out_proj", out)
         return out, (conv_state, ssm_state)
+
+
+def weightless_rms_norm(v: jax.Array, eps: float) -> jax.Array:
+    """v (..., m) -> v * rsqrt(mean(v^2) + eps) over the last axis, computed in float32 and rounded back to v's
+    dtype (HF `FalconMambaWeightlessRMSNorm`: `_norm(x.float()).type_as(x)`)."""
+    v32 = v.astype(jnp.float32)
+    return (v32 * jax.lax.rsqrt(jnp.mean(jnp.square(v32), axis=-1, keepdims=True) + eps)).astype(v.dtype)
 
 
 def _step_size(dt, dt_bias, x_dtype) -> jax.Array:

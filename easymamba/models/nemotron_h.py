@@ -12,7 +12,7 @@ keep (checkpoints map one to one):
           "mlp"               mixer: MLP (up, relu2, down)
           "moe"               mixer: MoE (sigmoid grouped router with correction bias, relu2 experts, shared expert)
         norm_f: RMSNorm [d]
-      lm_head: Linear [d, v]   (absent when tie_word_embeddings)
+      lm_head: Linear [d, v]   (always its own: transformers 5.25 never ties it, whatever tie_word_embeddings)
 
 The residual is carried in the model dtype (transformers' block ignores `residual_in_fp32`). The cache holds a
 Mamba-2 view for each Mamba layer, a key/value view for each attention layer and nothing for the MLP and MoE
@@ -120,8 +120,7 @@ def nemotron_h_key_table(config: NemotronHConfig) -> list[KeySpec]:
                 for name in ("fc1_latent_proj", "fc2_latent_proj"):
                     table += _linear(hf + "mixer." + name, mixer + (name,), config.mlp_bias)
     table.append(KeySpec("backbone.norm_f.weight", ("backbone", "norm_f", "weight"), "copy"))
-    if not config.tie_word_embeddings:
-        table.append(KeySpec("lm_head.weight", ("lm_head", "kernel"), "linear"))
+    table.append(KeySpec("lm_head.weight", ("lm_head", "kernel"), "linear"))  # never tied (`ties_lm_head`)
     return table
 
 
