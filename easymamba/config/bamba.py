@@ -18,7 +18,8 @@ Mamba-2 (the other layers)
     mamba_d_state n, mamba_d_conv k, mamba_chunk_size, mamba_expand (HF's mixer width is
     int(mamba_expand * hidden_size), which HF requires to equal h * p), mamba_conv_bias, mamba_proj_bias
     (in_proj and out_proj), time_step_limit (dt clamp of the chunked scan; HF's one-token decode step does not
-    clamp). The gated RMSNorm has eps `rms_norm_eps` and g groups of (h * p) // g channels
+    clamp: the mixer record's step_time_step_limit is (0, inf)). The gated RMSNorm has eps `rms_norm_eps` and g
+    groups of (h * p) // g channels
 MLP
     intermediate_size, hidden_act (must be "silu": it is also the Mamba conv activation), mlp_bias
 Other
@@ -105,6 +106,7 @@ def _mixer_record(cfg: Any) -> Mamba2MixerConfig:
         state_size=cfg.mamba_d_state, n_groups=cfg.mamba_n_groups, conv_kernel=cfg.mamba_d_conv,
         num_hidden_layers=cfg.num_hidden_layers, chunk_size=cfg.mamba_chunk_size, use_bias=cfg.mamba_proj_bias,
         use_conv_bias=cfg.mamba_conv_bias, layer_norm_epsilon=cfg.rms_norm_eps, time_step_limit=cfg.time_step_limit,
+        step_time_step_limit=(0.0, _INF),  # HF's cached one-token update does not clamp dt
         initializer_range=cfg.initializer_range, gated_norm=True, norm_before_gate=False,
         norm_groups=cfg.mamba_n_groups)
 

@@ -132,9 +132,9 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         shard = None if rules is None else rules.kernel_axes()
 
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))                  # (h,)
-        ssm_kwargs = dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True,
-                          dt_limit=cfg.time_step_limit)
-        sow_hook(self, "hook_dt", lambda: _step_size(dt, self.dt_bias[...], cfg.time_step_limit, x.dtype))
+        limit = _step_limit(cfg) if decode else cfg.time_step_limit
+        ssm_kwargs = dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True, dt_limit=limit)
+        sow_hook(self, "hook_dt", lambda: _step_size(dt, self.dt_bias[...], limit, x.dtype))
         if decode:
             y, ssm_state = kernels.selective_state_update(
                 ssm_state, x[:, 0].reshape(b, h, p), dt[:, 0], A, B[:, 0].reshape(b, g, n),
@@ -197,7 +197,7 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         y, conv_state, ssm_state = mamba2_decode_step(
             zxbcdt, conv_state, weight, bias, self.A_log[...], self.D[...], self.dt_bias[...], ssm_state,
             self.norm.weight[...], active_rows, n_groups=cfg.n_groups, eps=self.norm.eps,
-            dt_limit=cfg.time_step_limit, A_is_log=True, y_dtype=self.dtype, impl="pallas")
+            dt_limit=_step_limit(cfg), A_is_log=True, y_dtype=self.dtype, impl="pallas")
         proj = self.out_proj
         if decode_weights is None:
             out = proj(y[:, None].astype(self.dtype))                      # (b, 1, d)
@@ -278,6 +278,13 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         sow_hook(self, "hook_conv", xbc)
         x, B, C = jnp.split(xbc, [e, e + g * n], axis=-1)                   # (b,l,e) (b,l,gn) (b,l,gn)
         return z, x, B, C, dt, conv_state
+
+
+def _step_limit(config) -> tuple[float, float]:
+    """The dt clamp of the one-token step: the config's `step_time_step_limit` where it has one (HF's Bamba,
+    Granite-4.0-H and Zamba2 do not clamp their cached one-token update), else `time_step_limit`."""
+    limit = getattr(config, "step_time_step_limit", None)
+    return config.time_step_limit if limit is None else limit
 
 
 def _step_size(dt, dt_bias, dt_limit, x_dtype) -> jax.Array:
