@@ -169,7 +169,7 @@ def check_hooks(case: Case) -> dict[str, float]:
     try:
         em.compute_effective_attention(case.ours, ids, layer=attention[0])
     except ValueError as exc:
-        assert "Attention" in str(exc)
+        assert f"layer {attention[0]}" in str(exc)
     else:
         raise AssertionError("an attention layer's effective attention was not refused")
     assert all(err <= TOL for err in errors.values()), errors

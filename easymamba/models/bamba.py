@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from easymamba.caching import HybridCache, HybridCacheMetaData
 from easymamba.config.bamba import MAMBA, BambaConfig
 from easymamba.models.attention import Attention
 from easymamba.models.causal_lm import Backbone, CausalLM
@@ -39,10 +40,6 @@ from easymamba.models.mamba2_mixer import Mamba2Mixer
 from easymamba.models.mlp import MLP, MoE
 from easymamba.norms import RMSNorm
 
-try:  # the hybrid cache comes from its own branch; until it is merged the family runs without a cache
-    from easymamba.caching import HybridCache, HybridCacheMetaData
-except ImportError:  # pragma: no cover
-    HybridCache = HybridCacheMetaData = None
 
 __all__ = ["HybridDecoderLayer", "BambaModel", "BambaForCausalLM", "bamba_key_table", "hybrid_mixer_keys",
            "hybrid_mixer_facts", "hybrid_sharding_units", "HYBRID_EFFECTIVE_ATTENTION", "FAMILY"]
