@@ -10,6 +10,7 @@ import dataclasses
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
@@ -176,5 +177,75 @@ def check_hooks(case: Case) -> dict[str, float]:
     return errors
 
 
+def hf_pieces(hf, ids: np.ndarray, cuts: tuple[int, ...], with_positions: bool = True) -> np.ndarray:
+    """HF's logits of `ids` fed through its cache in pieces split at `cuts` (prefill, chunks, one-token steps),
+    each call given its `position_ids` unless `with_positions` is False."""
+    out, cache, start, pieces = None, None, 0, []
+    with torch.no_grad():
+        for stop in (*cuts, ids.shape[1]):
+            positions = torch.arange(start, stop)[None].expand(ids.shape[0], -1)
+            kwargs = {"position_ids": positions} if with_positions else {}
+            out = hf(torch.from_numpy(ids[:, start:stop]).long(), cache=cache, use_cache=True, **kwargs)
+            cache, start = out.cache, stop
+            pieces.append(out.logits.numpy())
+    return np.concatenate(pieces, axis=1)
+
+
+def check_cached_steps(case: Case) -> dict[str, float]:
+    """Prefill (7), a chunk (4), then 5 one-token `step`s: equal to HF's cached calls given the positions (HF's
+    Bamba numbers a call's tokens from 0 without them), and to our full forward (the steps only where
+    time_step_limit is (0, inf): HF's one-token update does not clamp dt, its full forward does)."""
+    ids = np.random.default_rng(7).integers(3, case.config.vocab_size, (2, 16))
+    full = np.asarray(case.ours(jnp.asarray(ids)).logits)
+    cache = case.ours.init_cache(2, max_length=16)
+    assert isinstance(cache, em.HybridCache)
+    out = case.ours(jnp.asarray(ids[:, :7]), cache=cache)
+    pieces = [np.asarray(out.logits)]
+    out = case.ours(jnp.asarray(ids[:, 7:11]), cache=out.cache)
+    pieces.append(np.asarray(out.logits))
+    cache = out.cache
+    step = jax.jit(lambda m, t, c: m.step(t, c))
+    for t in range(11, 16):
+        logits, cache = step(case.ours, jnp.asarray(ids[:, t]), cache)
+        pieces.append(np.asarray(logits)[:, None])
+    assert int(cache.seqlen_offset) == 16
+    got = np.concatenate(pieces, axis=1)
+    errors = {"pieces_vs_hf_pieces": rel_err(got, hf_pieces(case.hf, ids, (7, 11, 12, 13, 14, 15))),
+              "prefill_chunk_vs_full": rel_err(got[:, :11], full[:, :11])}
+    # The one-token steps clamp no dt (as HF's): equal to the full forward only where the limit is (0, inf).
+    if case.config.time_step_limit == (0.0, float("inf")):
+        errors["pieces_vs_full"] = rel_err(got, full)
+    assert all(err <= TOL for err in errors.values()), errors
+    return errors
+
+
+def check_generate(case: Case) -> np.ndarray:
+    """Greedy tokens of a left-padded batch equal to transformers' `generate`."""
+    ids = np.random.default_rng(8).integers(3, case.config.vocab_size, (2, 6))
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    ids[1, :2] = 0
+    with torch.no_grad():
+        ref = case.hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=8,
+                               do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    out = em.generate(case.ours, jnp.asarray(ids), attention_mask=jnp.asarray(mask), max_new_tokens=8)
+    np.testing.assert_array_equal(np.asarray(out.sequences), ref)
+    return ref
+
+
+def check_cache_json(case: Case) -> None:
+    """A bfloat16 cache written to JSON and read back continues bit-identically."""
+    ids = np.random.default_rng(9).integers(3, case.config.vocab_size, (2, 10))
+    cache = case.ours.init_cache(2, max_length=12, dtype=jnp.bfloat16)
+    cache = case.ours(jnp.asarray(ids), cache=cache).cache
+    again = em.HybridCache.from_json(cache.to_json())
+    a, ca = case.ours.step(jnp.asarray(ids[:, 0]), cache)
+    b, cb = case.ours.step(jnp.asarray(ids[:, 0]), again)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 __all__ = ["Case", "make_case", "TOL", "check_logits_loss_hidden_states", "check_left_padding",
-           "check_save_load_both_ways", "check_sharded", "check_hooks", "padded_batch"]
+           "check_save_load_both_ways", "check_sharded", "check_hooks", "padded_batch", "hf_pieces",
+           "check_cached_steps", "check_generate", "check_cache_json"]

@@ -3,14 +3,22 @@
 every bias, a dt limit), every weight random. The checks are `hybrid_parity`'s; errors measured are printed
 (`pytest -s`)."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_err
+from helpers_hybrid import hf_forward, random_hf_model
 from hybrid_parity import (
+    TOL,
+    check_cache_json,
+    check_cached_steps,
+    check_generate,
     check_hooks,
     check_left_padding,
     check_logits_loss_hidden_states,
     check_save_load_both_ways,
     check_sharded,
+    hf_pieces,
     make_case,
 )
 
@@ -56,3 +64,46 @@ def test_partial_rotary_rotates_half_of_each_head(case):
     attention = case.config.attention_config
     assert attention.rotary_dim == attention.head_dim // 2  # BambaConfig's fixed 0.5
     assert np.isclose(attention.scaling, attention.head_dim ** -0.5)
+
+
+def test_cached_steps(case):
+    print(check_cached_steps(case))
+
+
+def test_greedy_generate_matches_transformers(case):
+    check_generate(case)
+
+
+def test_cache_json_round_trip(case):
+    check_cache_json(case)
+
+
+def test_hf_decodes_at_position_0_without_position_ids(case):
+    """transformers' Bamba, given a cache and no position_ids, numbers the new tokens from 0 (it ignores the
+    cache length): its cached steps then differ from its full forward; ours count real tokens, as generate's
+    position_ids do (pinned here so a transformers fix shows up)."""
+    ids = np.random.default_rng(7).integers(3, case.config.vocab_size, (2, 16))
+    cuts = (7, 11, 12, 13, 14, 15)
+    positioned = hf_pieces(case.hf, ids, cuts)
+    if case.config.time_step_limit == (0.0, float("inf")):
+        assert rel_err(positioned, hf_forward(case.hf, ids)) <= TOL
+    assert rel_err(hf_pieces(case.hf, ids, cuts, with_positions=False), positioned) > 1e-3
+
+
+def test_decode_step_does_not_clamp_dt(tmp_path):
+    """With a tight time_step_limit HF clamps dt in the chunked scan but not in its one-token cached update;
+    ours follows (the mixer record's step_time_step_limit is (0, inf))."""
+    hf = random_hf_model(MODEL_TYPE, 3, 0, time_step_limit=(0.2, 0.3))
+    hf.save_pretrained(tmp_path)
+    ours = em.from_pretrained(tmp_path)
+    ids = np.random.default_rng(5).integers(3, ours.config.vocab_size, (2, 10))
+    cache = ours(jnp.asarray(ids[:, :6]), cache=ours.init_cache(2, max_length=10)).cache
+    steps = []
+    for t in range(6, 10):
+        logits, cache = ours.step(jnp.asarray(ids[:, t]), cache)
+        steps.append(np.asarray(logits))
+    ref = hf_pieces(hf, ids, (6, 7, 8, 9))[:, 6:]
+    err = rel_err(np.stack(steps, 1), ref)
+    assert err <= TOL, err
+    assert rel_err(hf_forward(hf, ids)[:, 6:], ref) > 1e-3  # the clamp matters here: the full forward differs
+    print(err)

@@ -10,11 +10,15 @@ import torch
 from helpers import rel_err
 from hybrid_parity import (
     TOL,
+    check_cache_json,
+    check_cached_steps,
+    check_generate,
     check_hooks,
     check_left_padding,
     check_logits_loss_hidden_states,
     check_save_load_both_ways,
     check_sharded,
+    hf_pieces,
     make_case,
 )
 
@@ -88,3 +92,23 @@ def test_multipliers_reach_the_model(case):
     assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_scaling) != (1.0, 1.0, 1.0)
     assert cfg.logits_multiplier == 1.0 / cfg.logits_scaling
     assert all(layer.residual_multiplier == cfg.residual_multiplier for layer in case.ours.backbone.layers)
+
+
+def test_cached_steps(case):
+    print(check_cached_steps(case))
+
+
+def test_greedy_generate_matches_transformers(case):
+    check_generate(case)
+
+
+def test_cache_json_round_trip(case):
+    check_cache_json(case)
+
+
+def test_hf_counts_cached_positions_itself(case):
+    """Unlike Bamba, transformers' Granite-4.0-H numbers cached tokens from the cache length without
+    position_ids."""
+    ids = np.random.default_rng(7).integers(3, case.config.vocab_size, (2, 16))
+    cuts = (7, 11, 12, 13, 14, 15)
+    assert rel_err(hf_pieces(case.hf, ids, cuts, with_positions=False), hf_pieces(case.hf, ids, cuts)) <= TOL
