@@ -46,6 +46,11 @@ from easymamba.config import (
 from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
+    BambaForCausalLM,
+    BambaModel,
+    GraniteMoeHybridForCausalLM,
+    GraniteMoeHybridModel,
+    HybridDecoderLayer,
     MLP,
     Attention,
     MoE,
@@ -99,6 +104,8 @@ __all__ = [
     "FalconH1Config",
     "FalconH1ForCausalLM",
     "FalconH1Model",
+    "BambaForCausalLM",
+    "BambaModel",
     "FalconMambaBlock",
     "FalconMambaCache",
     "FalconMambaCacheMetaData",
@@ -113,6 +120,9 @@ __all__ = [
     "JambaForCausalLM",
     "JambaMambaMixer",
     "JambaModel",
+    "GraniteMoeHybridForCausalLM",
+    "GraniteMoeHybridModel",
+    "HybridDecoderLayer",
     "Mamba2Block",
     "AttentionCacheMetaData",
     "AttentionCacheView",

@@ -157,7 +157,7 @@ def test_part_records_match_the_modules_hf_builds(model_type, variant):
         assert math.isclose(layers[0].input_layernorm.variance_epsilon, ours.rms_norm_eps)
     else:
         shared = layers[0].shared_mlp
-        assert ours.mlp_config.intermediate_size == shared.hidden_size and ours.mlp_config.packed_gate_up
+        assert ours.mlp_config.intermediate_size == shared.hidden_size and ours.mlp_config.gated
         assert shared.input_linear.weight.shape[0] == 2 * ours.mlp_config.intermediate_size
         moe = layers[0].block_sparse_moe
         assert (ours.moe_config is None) == (moe is None)

@@ -257,10 +257,5 @@ def test_shared_block_index_of_a_mamba_layer():
     assert [untied.shared_block_owner(i) for i in (0, 2, 3, 5)] == [0, 2, 3, 5]
 
 
-def test_step_time_step_limit_of_the_mixer_record():
-    sizes = dict(hidden_size=8, num_heads=2, head_dim=8, state_size=4, n_groups=1, conv_kernel=4, num_hidden_layers=1)
-    assert Mamba2MixerConfig(**sizes).step_time_step_limit is None          # the Mamba-2 families: as before
-    assert Zamba2Config().mixer_config.step_time_step_limit == (0.0, float("inf"))
+def test_time_step_limit_of_the_mixer_record():
     assert Zamba2Config().mixer_config.time_step_limit == (0.001, float("inf"))
-    with pytest.raises(ValueError, match=r"step_time_step_limit \(0.5, 0.1\) must satisfy 0 <= lo <= hi"):
-        Mamba2MixerConfig(**sizes, step_time_step_limit=(0.5, 0.1))

@@ -20,9 +20,25 @@ LEGACY_RENAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
 
+def _embedding_name(table) -> str:
+    """The checkpoint name of the token embedding ("backbone.embeddings.weight", "model.embed_tokens.weight")."""
+    return next(spec.hf_name for spec in table if spec.path == ("backbone", "embeddings", "weight"))
+
+
+def _layers_prefix(table) -> str | None:
+    """What the checkpoint names of layer i start with, before the i ("backbone.layers.", "model.layers.")."""
+    for spec in table:
+        if spec.targets[0][:2] == ("backbone", "layers"):
+            i = spec.targets[0][2]
+            head, sep, _ = spec.hf_name.partition(f"layers.{i}.")
+            return head + "layers." if sep else None
+    return None
+
+
 def _config_contradictions(family: ModelFamily, config, src, names: dict[str, str], config_name: str) -> list[str]:
     """Sentences naming each config field that the tensor shapes contradict (empty when they agree)."""
     out = []
+    table = family.key_table(config)
 
     def shape_of(hf_name):
         return tuple(src.shape(names[hf_name])) if hf_name in names else None
@@ -31,7 +47,7 @@ def _config_contradictions(family: ModelFamily, config, src, names: dict[str, st
         out.append(f"{config_name} says {field} = {said}, but {name} in {src.file_of(names[name])} has shape "
                    f"{shape_of(name)}, which means {field} = {implied}")
 
-    emb_name = family.hf_embeddings
+    emb_name = _embedding_name(table)
     emb = shape_of(emb_name)
     if emb is not None and len(emb) == 2:
         if emb[0] != config.vocab_size:
@@ -39,8 +55,9 @@ def _config_contradictions(family: ModelFamily, config, src, names: dict[str, st
         if emb[1] != config.hidden_size:
             disagree("hidden_size", config.hidden_size, emb_name, emb[1])
     layers = {}
-    for name in names:
-        m = re.match(re.escape(family.hf_layers) + r"(\d+)\.", name)
+    prefix = _layers_prefix(table)
+    for name in names if prefix is not None else ():
+        m = re.match(re.escape(prefix) + r"(\d+)\.", name)
         if m:
             layers.setdefault(int(m.group(1)), name)
     if layers and max(layers) + 1 != config.num_hidden_layers:
@@ -106,12 +123,12 @@ def check_source(model, src, config_name: str, *, strict: bool = True) -> dict[s
             raise CheckpointError(f"tensor {name} in {src.file_of(name)} has dtype {code}, which is not supported "
                                   f"for weights (supported: {', '.join(FLOAT_CODES)})")
     if ties_lm_head(config) and "lm_head.weight" in names:
-        _check_tied_head(src, names, config_name, family.hf_embeddings)
+        _check_tied_head(src, names, config_name, _embedding_name(table))
     return {spec.hf_name: names[spec.hf_name] for spec in table}
 
 
-def _check_tied_head(src, names: dict[str, str], config_name: str, embeddings: str) -> None:
-    emb_name, head_name = names[embeddings], names["lm_head.weight"]
+def _check_tied_head(src, names: dict[str, str], config_name: str, embedding: str) -> None:
+    emb_name, head_name = names[embedding], names["lm_head.weight"]
     shape = tuple(src.shape(emb_name))
     if tuple(src.shape(head_name)) != shape:
         raise CheckpointError(f"{config_name} says tie_word_embeddings = true, but lm_head.weight in "
@@ -126,7 +143,7 @@ def _check_tied_head(src, names: dict[str, str], config_name: str, embeddings: s
         worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
     if worst != 0.0:
         raise CheckpointError(f"{config_name} says tie_word_embeddings = true, but lm_head.weight in "
-                              f"{src.file_of(head_name)} differs from {embeddings} (max |diff| "
+                              f"{src.file_of(head_name)} differs from {embedding} (max |diff| "
                               f"{worst:.3g}): a tied model would compute different logits; set "
                               "tie_word_embeddings to false to load both")
 

@@ -1,12 +1,15 @@
-"""How an HF tensor and the flax parameters it fills relate: one `KeySpec` per tensor, three layout kinds.
+"""How an HF tensor and the flax parameters it fills relate: one `KeySpec` per tensor, four layout kinds.
 
-    linear  torch `[out, in]`   <->  flax kernel `[in, out]`   (transpose)
-    conv    torch `[c, 1, k]`   <->  flax `[c, k]`             (drop the channel-group axis)
-    copy    same layout
+    linear          torch `[out, in]`     <->  flax kernel `[in, out]`   (transpose)
+    stacked_linear  torch `[E, out, in]`  <->  flax `[E, in, out]`       (transpose the last two axes: E experts
+                                                                         saved as one tensor, Granite-4.0-H)
+    conv            torch `[c, 1, k]`     <->  flax `[c, k]`             (drop the channel-group axis)
+    copy            same layout
 
 A tensor HF packs (Mamba-2's `in_proj` `[z | x | B | C | dt]`, `conv1d` `[x | B | C]`) lists its parts
 (`KeySpec.parts`): split on load, concatenated on save, so a mesh can shard each part on its own axis
-(docs/sharding.md). The packed axis is HF's first (out features, channels), the flax kernel's last for "linear".
+(docs/sharding.md). The packed axis is HF's out features or channels (the first axis; the second for
+"stacked_linear"), the flax kernel's last for "linear" and "stacked_linear".
 
 `FlaxView` is a source tensor seen in flax layout and read only when indexed, so a sharded load reads each
 device's slice of a file and nothing more.
@@ -24,6 +27,8 @@ from easymamba.models import KeySpec
 def to_flax_layout(kind: str, array: np.ndarray) -> np.ndarray:
     if kind == "linear":
         return array.T
+    if kind == "stacked_linear":
+        return array.swapaxes(-1, -2)
     if kind == "conv":
         return array[:, 0, :]
     return array
@@ -32,6 +37,8 @@ def to_flax_layout(kind: str, array: np.ndarray) -> np.ndarray:
 def to_hf_layout(kind: str, array: np.ndarray) -> np.ndarray:
     if kind == "linear":
         return array.T
+    if kind == "stacked_linear":
+        return array.swapaxes(-1, -2)
     if kind == "conv":
         return array[:, None, :]
     return array
@@ -40,6 +47,8 @@ def to_hf_layout(kind: str, array: np.ndarray) -> np.ndarray:
 def hf_shape(kind: str, flax_shape: tuple) -> tuple:
     if kind == "linear":
         return tuple(reversed(flax_shape))
+    if kind == "stacked_linear":
+        return (*flax_shape[:-2], flax_shape[-1], flax_shape[-2])
     if kind == "conv":
         return (flax_shape[0], 1, flax_shape[1])
     return tuple(flax_shape)
@@ -49,6 +58,8 @@ def _flax_shape_of(kind: str, shape: tuple) -> tuple:
     """The inverse of `hf_shape`."""
     if kind == "linear":
         return tuple(reversed(shape))
+    if kind == "stacked_linear":
+        return (*shape[:-2], shape[-1], shape[-2])
     if kind == "conv":
         return (shape[0], shape[2])
     return tuple(shape)
@@ -58,6 +69,8 @@ def _hf_index(kind: str, index: tuple) -> tuple:
     """A flax-layout index (one slice per axis) as the HF-layout index that reads the same elements."""
     if kind == "linear":
         return tuple(reversed(index))
+    if kind == "stacked_linear":
+        return (*index[:-2], index[-1], index[-2])
     if kind == "conv":
         return (index[0], slice(0, 1), index[1])
     return index
@@ -72,7 +85,7 @@ def param_at(model, path) -> nnx.Param:
 
 def packed_axis(kind: str) -> int:
     """The flax axis along which a packed tensor's parts sit (HF's first axis in flax layout)."""
-    return -1 if kind == "linear" else 0
+    return -1 if kind in ("linear", "stacked_linear") else 0
 
 
 def flax_shape(model, spec: KeySpec) -> tuple:

@@ -17,8 +17,10 @@ Mamba-2 (the other layers)
     mamba_n_heads h, mamba_d_head p ("auto": mamba_expand * hidden_size // h), mamba_n_groups g,
     mamba_d_state n, mamba_d_conv k, mamba_chunk_size, mamba_expand (HF's mixer width is
     int(mamba_expand * hidden_size), which HF requires to equal h * p), mamba_conv_bias, mamba_proj_bias
-    (in_proj and out_proj), time_step_limit (dt clamp of the chunked scan; HF's one-token decode step does not
-    clamp). The gated RMSNorm has eps `rms_norm_eps` and g groups of (h * p) // g channels
+    (in_proj and out_proj), time_step_limit (the dt clamp, applied by every path here; HF's one-token decode
+    step skips it, so with a limit that bites HF's cached steps differ from HF's own forward, see
+    docs/status.md). The gated RMSNorm has eps `rms_norm_eps` and g
+    groups of (h * p) // g channels
 MLP
     intermediate_size, hidden_act (must be "silu": it is also the Mamba conv activation), mlp_bias
 Other
@@ -207,6 +209,11 @@ class BambaConfig(_ConfigIO):
         return [ATTENTION if i in attn else MAMBA for i in range(self.num_hidden_layers)]
 
     layer_types = layers_block_type  # HF's attribute_map alias
+
+    @property
+    def layer_norm_epsilon(self) -> float:
+        """The eps of every RMSNorm (`rms_norm_eps`), under the name the shared blocks read."""
+        return self.rms_norm_eps
 
     @property
     def layer_cache_kinds(self) -> tuple[tuple[str, ...], ...]:

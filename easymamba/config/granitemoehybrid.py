@@ -131,6 +131,16 @@ class GraniteMoeHybridConfig(_ConfigIO):
         return self.layer_types
 
     @property
+    def layer_norm_epsilon(self) -> float:
+        """The eps of every RMSNorm (`rms_norm_eps`), under the name the shared blocks read."""
+        return self.rms_norm_eps
+
+    @property
+    def logits_multiplier(self) -> float:
+        """What the causal LM multiplies its logits by: 1 / `logits_scaling` (HF divides by it)."""
+        return 1.0 / self.logits_scaling
+
+    @property
     def layer_cache_kinds(self) -> tuple[tuple[str, ...], ...]:
         return tuple(("attention",) if t == ATTENTION else ("mamba2",) for t in self.layer_types)
 
@@ -155,7 +165,7 @@ class GraniteMoeHybridConfig(_ConfigIO):
         """The shared MLP (`shared_mlp`) of every layer: output_linear(silu(g) * u), [g | u] = input_linear(x), no
         biases. Without routed experts it is the whole feed-forward; with them it is `moe_config.shared`."""
         return MLPConfig(hidden_size=self.hidden_size, intermediate_size=self.shared_intermediate_size,
-                         activation=self.hidden_act, gated=True, bias=False, packed_gate_up=True,
+                         activation=self.hidden_act, gated=True, bias=False,
                          initializer_range=self.initializer_range)
 
     @property

@@ -47,9 +47,12 @@ class Mamba2MixerConfig:
     `norm_before_gate` (Falcon-H1), `norm_groups` (groups of the gated norm; default `n_groups`),
     `zxbcdt_multipliers` (Falcon-H1's muP multipliers of in_proj's five parts, or None), `out_proj_bias` (bias of
     out_proj; None: the same as `use_bias`. Falcon-H1 sets in_proj's from `mamba_proj_bias`, out_proj's from
-    `projectors_bias`), `step_time_step_limit` (the dt clamp of the one-token step when it differs from
-    `time_step_limit`'s, which the sequence path uses; None: the same. Zamba2's HF mixer clamps dt to
-    (time_step_min, inf) over a sequence but not at all in its cached one-token step: (0, inf) there).
+    `projectors_bias`).
+
+    `time_step_limit` clamps dt on every path, a sequence or one token, so a model run whole and run token by
+    token agree. (transformers 5.25's Bamba, Granite-4.0-H, Falcon-H1 and Zamba2 skip the clamp in their cached
+    one-token update only, so their own decode departs from their own forward where the clamp bites; published
+    checkpoints mostly use (0, inf), where nothing differs.)
     """
 
     model_type = "mamba2"  # what the SSM views of a hybrid cache are checked against (not a field)
@@ -76,7 +79,6 @@ class Mamba2MixerConfig:
     norm_groups: int | None = None
     zxbcdt_multipliers: tuple[float, float, float, float, float] | None = None
     out_proj_bias: bool | None = None
-    step_time_step_limit: tuple[float, float] | None = None
 
     def __post_init__(self):
         _positive(self, "hidden_size", "num_heads", "head_dim", "state_size", "n_groups", "conv_kernel",
@@ -86,10 +88,6 @@ class Mamba2MixerConfig:
         lo, hi = (float(x) for x in self.time_step_limit)
         _require(0.0 <= lo <= hi, f"time_step_limit ({lo}, {hi}) must satisfy 0 <= lo <= hi")
         object.__setattr__(self, "time_step_limit", (lo, hi))
-        if self.step_time_step_limit is not None:
-            slo, shi = (float(x) for x in self.step_time_step_limit)
-            _require(0.0 <= slo <= shi, f"step_time_step_limit ({slo}, {shi}) must satisfy 0 <= lo <= hi")
-            object.__setattr__(self, "step_time_step_limit", (slo, shi))
         if self.norm_groups is None:
             object.__setattr__(self, "norm_groups", self.n_groups)
         if self.out_proj_bias is None:
@@ -220,11 +218,9 @@ class AttentionConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MLPConfig:
     """A feed-forward block: gated `down(act(gate(x) * gate_multiplier) * up(x)) * down_multiplier`, or plain
-    `down(act(up(x)))` (Nemotron-H's relu2 MLP).
-
-    packed_gate_up      gate and up are one projection d -> 2 * intermediate_size whose output is [gate | up]
-                        (Granite-4.0-H's `shared_mlp.input_linear`, output `output_linear`); the same arithmetic
-                        as separate gate and up, another parameter layout
+    `down(act(up(x)))` (Nemotron-H's relu2 MLP). A checkpoint that packs gate and up into one tensor
+    (Granite-4.0-H's `shared_mlp.input_linear`, [gate | up]) is a matter of its family's key table (`packed_key`),
+    not of this record.
     """
 
     hidden_size: int
@@ -234,12 +230,10 @@ class MLPConfig:
     bias: bool = False
     gate_multiplier: float = 1.0
     down_multiplier: float = 1.0
-    packed_gate_up: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self):
         _positive(self, "hidden_size", "intermediate_size")
-        _require(not self.packed_gate_up or self.gated, "packed_gate_up needs a gated MLP (gated=True)")
         _require(self.activation in ACTIVATIONS,
                  f"MLP activation {self.activation!r} is not one easymamba has; known: {list(ACTIVATIONS)}")
 

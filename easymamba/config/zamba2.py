@@ -259,7 +259,7 @@ class Zamba2Config(_ConfigIO):
             state_size=self.mamba_d_state, n_groups=self.mamba_ngroups, conv_kernel=self.mamba_d_conv,
             num_hidden_layers=self.num_hidden_layers, chunk_size=self.chunk_size, use_bias=self.add_bias_linear,
             use_conv_bias=True, layer_norm_epsilon=GATED_NORM_EPS, time_step_limit=(self.time_step_min, _INF),
-            step_time_step_limit=(0.0, _INF), time_step_min=self.time_step_min, time_step_max=self.time_step_max,
+            time_step_min=self.time_step_min, time_step_max=self.time_step_max,
             time_step_floor=self.time_step_floor, initializer_range=self.initializer_range,
             norm_groups=self.mamba_ngroups)
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config import hf_config_dict
-from easymamba.models import falcon_h1, falcon_mamba, jamba, mamba1, mamba2, nemotron_h
+from easymamba.models import bamba, falcon_h1, falcon_mamba, granitemoehybrid, jamba, mamba1, mamba2, nemotron_h
+from easymamba.models.bamba import BambaForCausalLM, BambaModel, HybridDecoderLayer, bamba_key_table
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
     Backbone,
@@ -32,6 +33,11 @@ from easymamba.models.falcon_mamba import (
 from easymamba.models.attention import Attention
 from easymamba.models.family import KeySpec, ModelFamily
 from easymamba.models.jamba import JambaForCausalLM, JambaMambaMixer, JambaModel, jamba_key_table
+from easymamba.models.granitemoehybrid import (
+    GraniteMoeHybridForCausalLM,
+    GraniteMoeHybridModel,
+    granitemoehybrid_key_table,
+)
 from easymamba.models.mamba1 import MambaBlock, MambaForCausalLM, MambaModel, mamba1_key_table
 from easymamba.models.mamba1_mixer import MambaMixer
 from easymamba.models.mamba2 import Mamba2Block, Mamba2ForCausalLM, Mamba2Model, mamba2_key_table
@@ -47,6 +53,8 @@ FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     falcon_mamba.FAMILY,
     jamba.FAMILY,
     falcon_h1.FAMILY,
+    bamba.FAMILY,
+    granitemoehybrid.FAMILY,
 )}
 
 
@@ -98,4 +106,6 @@ __all__ = [
     "FalconMambaBlock", "FalconMambaModel", "FalconMambaForCausalLM", "FalconMambaMixer", "falcon_mamba_key_table",
     "JambaModel", "JambaForCausalLM", "JambaMambaMixer", "jamba_key_table",
     "FalconH1Block", "FalconH1Model", "FalconH1ForCausalLM", "falcon_h1_key_table",
+    "HybridDecoderLayer", "BambaModel", "BambaForCausalLM", "bamba_key_table",
+    "GraniteMoeHybridModel", "GraniteMoeHybridForCausalLM", "granitemoehybrid_key_table",
 ]

@@ -132,6 +132,9 @@ class Backbone(nnx.Module):
     """Embeddings, the family's blocks and the final norm (HF `Mamba2Model`, `MambaModel`). A family's backbone
     (`Mamba2Model`, ...) is this class with the family's record as `family`.
 
+    The embeddings (or `inputs_embeds`) are multiplied by the config's `embedding_multiplier` when it has one
+    (default 1).
+
     Hook point: `hook_embed` (b, l, d), the embeddings (or `inputs_embeds`) entering layer 0.
     """
 
@@ -244,7 +247,13 @@ class Backbone(nnx.Module):
         rules = self.mesh_rules
         if rules is not None:
             rules.check_batch(b)
-        hidden = self._embed(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)  # (b, l, d)
+        if input_ids is not None:
+            hidden = self._embed(input_ids)                                                      # (b, l, d)
+        else:
+            hidden = inputs_embeds.astype(self.dtype)
+            multiplier = self.family.embedding_multiplier
+            if multiplier is not None and self.family.multiplies_inputs_embeds:
+                hidden = hidden * multiplier(self.config)
         hidden = constrain(hidden, rules, "batch", None, "embed")
         sow_hook(self, "hook_embed", hidden)
         position_ids = self._positions(position_ids, attention_mask, cache, b, l)

@@ -221,6 +221,4 @@ FAMILY = ModelFamily(
     hidden_states_with_embeddings=True,  # (embeddings * multiplier, layers 0 .. n-2, final normed state)
     embedding_multiplier=lambda config: config.embedding_multiplier,
     logits_multiplier=lambda config: config.lm_head_multiplier,
-    hf_embeddings="model.embed_tokens.weight",
-    hf_layers="model.layers.",
 )

@@ -26,8 +26,9 @@ def ties_lm_head(config) -> bool:
 class KeySpec:
     """One tensor of a checkpoint: its Hugging Face name, the module path that holds it here, its layout kind.
 
-    kind: "linear" (torch `[out, in]` <-> flax kernel `[in, out]`), "conv" (torch `[c, 1, k]` <-> flax `[c, k]`)
-    or "copy" (same layout).
+    kind: "linear" (torch `[out, in]` <-> flax kernel `[in, out]`), "stacked_linear" (torch `[E, out, in]` <->
+    flax `[E, in, out]`: experts stacked in one tensor), "conv" (torch `[c, 1, k]` <-> flax `[c, k]`) or "copy"
+    (same layout).
     index: the tensor is entry `index` of a parameter stacked along its first axis (one expert of a mixture of
     experts, which HF saves one tensor per expert and the model keeps as one (E, ...) parameter); `kind`
     applies to the entry.
@@ -35,9 +36,9 @@ class KeySpec:
 
     hf_name: str        # e.g. "backbone.layers.3.mixer.norm.weight"
     path: tuple         # attribute path in the flax model, ints index nnx.List; () for a packed tensor
-    kind: str           # "linear" | "conv" | "copy"
+    kind: str           # "linear" | "stacked_linear" | "conv" | "copy"
     # A tensor HF packs: (module path, length) of each part along the packed axis, in HF's order. The packed
-    # axis is HF's first (out features, channels), i.e. the flax kernel's last axis for "linear".
+    # axis is HF's out features or channels, i.e. the flax kernel's last axis for "linear" and "stacked_linear".
     parts: tuple[tuple[tuple, int], ...] = ()
     index: int | None = None
 
@@ -94,11 +95,11 @@ class ModelFamily:
     hidden_states_with_embeddings   `output_hidden_states` as the pinned transformers returns it for this family:
                      True: (embeddings, block 0 .. n-2 outputs, final normed state); False: (block 0 .. n-1
                      outputs, final normed state). n + 1 entries either way.
-    hf_embeddings    the HF name of the input embedding, and the prefix of layer i's tensors (`hf_layers` + i);
-    hf_layers        the checkpoint checks read the embedding's shape, the layer count and the tied head there
     embedding_multiplier   config -> the factor the looked-up embedding rows are multiplied by (muP; not applied
                      to `inputs_embeds`, as HF), or None for none
     logits_multiplier      config -> the factor the output head's logits are multiplied by, or None for none
+    multiplies_inputs_embeds   whether `inputs_embeds` are multiplied by the embedding multiplier too (Granite's
+                     HF model multiplies whatever enters layer 0; Falcon-H1's only looked-up rows)
     """
 
     model_type: str
@@ -113,10 +114,9 @@ class ModelFamily:
     sharding_units: Callable[[Any], dict[str, int]]
     effective_attention: EffectiveAttention
     hidden_states_with_embeddings: bool = False
-    hf_embeddings: str = "backbone.embeddings.weight"
-    hf_layers: str = "backbone.layers."
     embedding_multiplier: Callable[[Any], float] | None = None
     logits_multiplier: Callable[[Any], float] | None = None
+    multiplies_inputs_embeds: bool = False
 
     def __post_init__(self):
         # The classes find their record here: the record is written after them, in the family's own file.

@@ -266,6 +266,4 @@ FAMILY = ModelFamily(
     effective_attention=EffectiveAttention(JambaMambaMixer, ("hook_bc", "hook_dt"), "inner channels (e)",
                                            lambda cfg: cfg.mamba_expand * cfg.hidden_size, jamba_operands),
     hidden_states_with_embeddings=True,
-    hf_embeddings="model.embed_tokens.weight",
-    hf_layers="model.layers.",
 )

@@ -147,9 +147,9 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         shard = None if rules is None else rules.kernel_axes()
 
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))                  # (h,)
-        ssm_kwargs = dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True,
-                          dt_limit=cfg.time_step_limit)
-        sow_hook(self, "hook_dt", lambda: _step_size(dt, self.dt_bias[...], cfg.time_step_limit, x.dtype))
+        limit = cfg.time_step_limit
+        ssm_kwargs = dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True, dt_limit=limit)
+        sow_hook(self, "hook_dt", lambda: _step_size(dt, self.dt_bias[...], limit, x.dtype))
         if decode:
             y, ssm_state = kernels.selective_state_update(
                 ssm_state, x[:, 0].reshape(b, h, p), dt[:, 0], A, B[:, 0].reshape(b, g, n),
