@@ -295,10 +295,13 @@ API_NAMES = (
     "Mamba2Config", "Mamba2Config.from_hf", "Mamba2Config.to_hf", "Mamba2Config.intermediate_size",
     "Mamba2Config.conv_dim", "MambaConfig", "MambaConfig.from_hf", "MambaConfig.to_hf",
     "FalconMambaConfig", "FalconMambaConfig.from_hf", "FalconMambaConfig.to_hf",
+    "NemotronHConfig", "FalconH1Config", "BambaConfig", "GraniteMoeHybridConfig", "JambaConfig", "Zamba2Config",
     # models
     "Mamba2ForCausalLM", "Mamba2ForCausalLM.init_cache", "Mamba2ForCausalLM.step", "Mamba2Model", "Mamba2Block", "Mamba2Mixer", "RMSNorm",
     "GatedRMSNorm", "MambaForCausalLM", "MambaModel", "MambaBlock", "MambaMixer",
     "FalconMambaForCausalLM", "FalconMambaModel", "FalconMambaBlock", "FalconMambaMixer",
+    "NemotronHForCausalLM", "NemotronHModel", "FalconH1ForCausalLM", "FalconH1Model", "BambaForCausalLM",
+    "GraniteMoeHybridForCausalLM", "JambaForCausalLM", "Attention", "MLP", "MoE",
     "Mamba2CausalLMOutput.logits", "Mamba2CausalLMOutput.cache", "Mamba2CausalLMOutput.loss",
     "Mamba2CausalLMOutput.hidden_states",
     # cache
@@ -312,6 +315,7 @@ API_NAMES = (
     "Mamba2Cache.update_ssm_state", "Mamba2Cache.update_seq", "Mamba2Cache.reset", "Mamba2Cache.to_dict",
     "Mamba2Cache.from_dict", "Mamba2Cache.to_json", "Mamba2Cache.from_json", "MambaCacheMetaData",
     "MambaCacheView", "MambaCache", "FalconMambaCacheMetaData", "FalconMambaCacheView", "FalconMambaCache",
+    "HybridCache", "HybridCacheMetaData", "AttentionCacheView", "AttentionCacheMetaData",
     # kernels
     "ssd", "causal_conv1d", "causal_conv1d_update", "selective_state_update", "ssd_naive",
     # generation
