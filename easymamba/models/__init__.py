@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config import hf_config_dict
-from easymamba.models import falcon_mamba, mamba1, mamba2, nemotron_h
+from easymamba.models import falcon_mamba, mamba1, mamba2, nemotron_h, zamba2
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
     Backbone,
@@ -33,6 +33,7 @@ from easymamba.models.mamba1 import MambaBlock, MambaForCausalLM, MambaModel, ma
 from easymamba.models.mamba1_mixer import MambaMixer
 from easymamba.models.mamba2 import Mamba2Block, Mamba2ForCausalLM, Mamba2Model, mamba2_key_table
 from easymamba.models.mamba2_mixer import Mamba2Mixer
+from easymamba.models.zamba2 import Zamba2ForCausalLM, Zamba2HybridBlock, Zamba2MambaBlock, Zamba2Model, zamba2_key_table
 
 # The families easymamba knows, by HF `model_type`.
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
@@ -40,6 +41,7 @@ FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     mamba1.FAMILY,
     nemotron_h.FAMILY,
     falcon_mamba.FAMILY,
+    zamba2.FAMILY,
 )}
 
 
@@ -88,4 +90,5 @@ __all__ = [
     "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",
     "FalconMambaBlock", "FalconMambaModel", "FalconMambaForCausalLM", "FalconMambaMixer", "falcon_mamba_key_table",
+    "Zamba2MambaBlock", "Zamba2HybridBlock", "Zamba2Model", "Zamba2ForCausalLM", "zamba2_key_table",
 ]
