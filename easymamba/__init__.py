@@ -31,7 +31,7 @@ from easymamba.checkpoints import (
     save_train_state,
     state_dict,
 )
-from easymamba.config import FalconMambaConfig, Mamba2Config, MambaConfig
+from easymamba.config import FalconMambaConfig, Mamba2Config, MambaConfig, Zamba2Config
 from easymamba.generation import GenerationConfig, generate, stream_generate
 from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
@@ -49,6 +49,8 @@ from easymamba.models import (
     MambaForCausalLM,
     MambaMixer,
     MambaModel,
+    Zamba2ForCausalLM,
+    Zamba2Model,
     causal_lm_loss,
 )
 from easymamba.norms import GatedRMSNorm, RMSNorm
@@ -58,6 +60,9 @@ from easymamba.train import TokenBatcher, TrainState, make_eval_step, make_optim
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Zamba2Config",
+    "Zamba2ForCausalLM",
+    "Zamba2Model",
     "ShardingRules",
     "init_sharded",
     "make_mesh",

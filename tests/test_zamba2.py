@@ -42,8 +42,8 @@ def temper_attention_(hf):
     """Halve q_proj, k_proj and their adapters' up weights (attention logits x 1/4): see the module docstring."""
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")) or (
-                    ("linear_q_adapter_list" in name or "linear_k_adapter_list" in name) and name.endswith(".1.weight")):
+            adapter_up = name.endswith(".1.weight") and ("_q_adapter_list" in name or "_k_adapter_list" in name)
+            if name.endswith(("q_proj.weight", "k_proj.weight")) or adapter_up:
                 p.mul_(0.5)
     return hf
 

@@ -33,7 +33,13 @@ from easymamba.models.mamba1 import MambaBlock, MambaForCausalLM, MambaModel, ma
 from easymamba.models.mamba1_mixer import MambaMixer
 from easymamba.models.mamba2 import Mamba2Block, Mamba2ForCausalLM, Mamba2Model, mamba2_key_table
 from easymamba.models.mamba2_mixer import Mamba2Mixer
-from easymamba.models.zamba2 import Zamba2ForCausalLM, Zamba2HybridBlock, Zamba2MambaBlock, Zamba2Model, zamba2_key_table
+from easymamba.models.zamba2 import (
+    Zamba2ForCausalLM,
+    Zamba2HybridBlock,
+    Zamba2MambaBlock,
+    Zamba2Model,
+    zamba2_key_table,
+)
 
 # The families easymamba knows, by HF `model_type`.
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
