@@ -257,3 +257,17 @@ def test_hooks_record_each_hybrid_layer_and_effective_attention(pair):
     assert acts[names[2]].shape == acts[names[3]].shape == (1, 7, cfg.hidden_size)
     M = compute_effective_attention(model, jnp.asarray(ids), layer=first)
     assert M.shape == (1, cfg.n_mamba_heads, 7, 7)
+
+
+def test_state_dict_checks(pair):
+    _, _, model = pair
+    sd = em.state_dict(model)
+    if model.config.tie_word_embeddings:   # a redundant head equal to the embedding is accepted, another refused
+        em.load_state_dict(copy.deepcopy(model), {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]})
+        with pytest.raises(em.CheckpointError, match="differs from model.embed_tokens.weight"):
+            em.load_state_dict(model, {**sd, "lm_head.weight": sd["model.embed_tokens.weight"] + 1})
+    first = "model.layers.0." + ("mamba_decoder.mamba." if model.config.layers_block_type[0] == "hybrid" else "mamba.")
+    with pytest.raises(em.CheckpointError, match="n_mamba_heads"):
+        em.load_state_dict(model, {**sd, first + "A_log": np.zeros(model.config.n_mamba_heads + 1, np.float32)})
+    with pytest.raises(em.CheckpointError, match="missing"):
+        em.load_state_dict(model, {k: v for k, v in sd.items() if "adapter_list" not in k})

@@ -104,12 +104,13 @@ def check_source(model, src, config_name: str, *, strict: bool = True) -> dict[s
             raise CheckpointError(f"tensor {name} in {src.file_of(name)} has dtype {code}, which is not supported "
                                   f"for weights (supported: {', '.join(FLOAT_CODES)})")
     if ties_lm_head(config) and "lm_head.weight" in names:
-        _check_tied_head(src, names, config_name)
+        embedding = next(spec.hf_name for spec in table if spec.path == ("backbone", "embeddings", "weight"))
+        _check_tied_head(src, names, config_name, embedding)
     return {spec.hf_name: names[spec.hf_name] for spec in table}
 
 
-def _check_tied_head(src, names: dict[str, str], config_name: str) -> None:
-    emb_name, head_name = names["backbone.embeddings.weight"], names["lm_head.weight"]
+def _check_tied_head(src, names: dict[str, str], config_name: str, embedding: str) -> None:
+    emb_name, head_name = names[embedding], names["lm_head.weight"]
     shape = tuple(src.shape(emb_name))
     if tuple(src.shape(head_name)) != shape:
         raise CheckpointError(f"{config_name} says tie_word_embeddings = true, but lm_head.weight in "
@@ -124,7 +125,7 @@ def _check_tied_head(src, names: dict[str, str], config_name: str) -> None:
         worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
     if worst != 0.0:
         raise CheckpointError(f"{config_name} says tie_word_embeddings = true, but lm_head.weight in "
-                              f"{src.file_of(head_name)} differs from backbone.embeddings.weight (max |diff| "
+                              f"{src.file_of(head_name)} differs from {embedding} (max |diff| "
                               f"{worst:.3g}): a tied model would compute different logits; set "
                               "tie_word_embeddings to false to load both")
 

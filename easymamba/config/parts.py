@@ -45,9 +45,11 @@ class Mamba2MixerConfig:
     `norm_before_gate` (Falcon-H1), `norm_groups` (groups of the gated norm; default `n_groups`),
     `zxbcdt_multipliers` (Falcon-H1's muP multipliers of in_proj's five parts, or None), `out_proj_bias` (bias of
     out_proj; None: the same as `use_bias`. Falcon-H1 sets in_proj's from `mamba_proj_bias`, out_proj's from
-    `projectors_bias`), `step_time_step_limit` (the dt clamp of the one-token step when it differs from
-    `time_step_limit`'s, which the sequence path uses; None: the same. Zamba2's HF mixer clamps dt to
-    (time_step_min, inf) over a sequence but not at all in its cached one-token step: (0, inf) there).
+    `projectors_bias`), `step_time_step_limit` (the dt clamp of transformers' cached one-token step when it differs
+    from `time_step_limit`'s, which the sequence path uses; None: the same. Zamba2's HF mixer clamps dt to
+    (time_step_min, inf) over a sequence but not at all in its cached one-token step: (0, inf) there). A record
+    of transformers' behaviour only: `Mamba2Mixer` clamps with `time_step_limit` in every path, so a model gives
+    the same numbers run whole or token by token (tests/test_zamba2.py shows both behaviours).
     """
 
     model_type = "mamba2"  # what the SSM views of a hybrid cache are checked against (not a field)
