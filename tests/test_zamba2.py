@@ -190,7 +190,7 @@ def test_dt_clamp_is_the_same_whole_and_token_by_token(pair):
     with torch.no_grad():                                       # transformers: prefill, then one cached step
         pre = hf(torch.from_numpy(ids[:, :9]), use_cache=True)
         last = hf(torch.from_numpy(ids[:, 9:]), cache=pre.cache, use_cache=True).logits.numpy()
-    assert rel_err(last[:, -1], full[:, -1]) > 1e-4
+    assert rel_err(last[:, -1], full[:, -1]) > 3 * TOL            # 2.4e-4 (a), 1.3e-4 (b); ours 1e-6
 
 
 def test_cache_json_round_trip_continues_bit_identically(pair):
