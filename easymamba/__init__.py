@@ -76,6 +76,8 @@ from easymamba.models import (
     MambaForCausalLM,
     MambaMixer,
     MambaModel,
+    Zamba2ForCausalLM,
+    Zamba2Model,
     causal_lm_loss,
 )
 from easymamba.norms import GatedRMSNorm, RMSNorm
@@ -94,6 +96,8 @@ __all__ = [
     "BambaConfig",
     "GraniteMoeHybridConfig",
     "Zamba2Config",
+    "Zamba2ForCausalLM",
+    "Zamba2Model",
     "ShardingRules",
     "init_sharded",
     "make_mesh",

@@ -52,6 +52,12 @@ def _check_ids(ids: np.ndarray, vocab_size: int, offset: tuple) -> None:
         )
 
 
+def low_rank_delta(x: jax.Array, down: jax.Array, up: jax.Array, dtype) -> jax.Array:
+    """A low-rank (LoRA) adapter's contribution `(x @ down) @ up`: x (..., in), down (in, r), up (r, out) ->
+    (..., out) in `dtype` (the projection's compute dtype, to which the caller adds it)."""
+    return (x.astype(dtype) @ down.astype(dtype)) @ up.astype(dtype)
+
+
 def normal_init(key, shape, std: float, dtype) -> jax.Array:
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 

@@ -301,7 +301,7 @@ API_NAMES = (
     "GatedRMSNorm", "MambaForCausalLM", "MambaModel", "MambaBlock", "MambaMixer",
     "FalconMambaForCausalLM", "FalconMambaModel", "FalconMambaBlock", "FalconMambaMixer",
     "NemotronHForCausalLM", "NemotronHModel", "FalconH1ForCausalLM", "FalconH1Model", "BambaForCausalLM",
-    "GraniteMoeHybridForCausalLM", "JambaForCausalLM", "Attention", "MLP", "MoE",
+    "GraniteMoeHybridForCausalLM", "JambaForCausalLM", "Zamba2ForCausalLM", "Attention", "MLP", "MoE",
     "Mamba2CausalLMOutput.logits", "Mamba2CausalLMOutput.cache", "Mamba2CausalLMOutput.loss",
     "Mamba2CausalLMOutput.hidden_states",
     # cache

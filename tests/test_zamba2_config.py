@@ -10,7 +10,6 @@ import transformers
 from helpers_zamba2 import TINY_CONFIGS, random_hf_zamba2, tiny_hf_zamba2_config
 
 from easymamba.config import Zamba2Config
-from easymamba.config.parts import Mamba2MixerConfig
 from easymamba.config.zamba2 import GATED_NORM_EPS
 
 M, H = "mamba", "hybrid"

@@ -245,6 +245,11 @@ class Zamba2Config(_ConfigIO):
         return self.mamba_intermediate_size // self.n_mamba_heads
 
     @property
+    def layer_norm_epsilon(self) -> float:
+        """rms_norm_eps, under the name the shared backbone reads for its norms (every RMSNorm but the mixer's)."""
+        return self.rms_norm_eps
+
+    @property
     def rope_theta(self) -> float:
         return dict(self.rope_parameters)["rope_theta"]
 

@@ -10,7 +10,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config import hf_config_dict
-from easymamba.models import bamba, falcon_h1, falcon_mamba, granitemoehybrid, jamba, mamba1, mamba2, nemotron_h
+from easymamba.models import (
+    bamba,
+    falcon_h1,
+    falcon_mamba,
+    granitemoehybrid,
+    jamba,
+    mamba1,
+    mamba2,
+    nemotron_h,
+    zamba2,
+)
 from easymamba.models.bamba import BambaForCausalLM, BambaModel, HybridDecoderLayer, bamba_key_table
 from easymamba.models.causal_lm import (
     IGNORE_INDEX,
@@ -44,6 +54,13 @@ from easymamba.models.mamba2 import Mamba2Block, Mamba2ForCausalLM, Mamba2Model,
 from easymamba.models.mamba2_mixer import Mamba2Mixer
 from easymamba.models.mlp import MLP, MoE
 from easymamba.models.nemotron_h import NemotronHForCausalLM, NemotronHModel, nemotron_h_key_table
+from easymamba.models.zamba2 import (
+    Zamba2ForCausalLM,
+    Zamba2HybridBlock,
+    Zamba2MambaBlock,
+    Zamba2Model,
+    zamba2_key_table,
+)
 
 # The families easymamba knows, by HF `model_type`.
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
@@ -55,6 +72,7 @@ FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     falcon_h1.FAMILY,
     bamba.FAMILY,
     granitemoehybrid.FAMILY,
+    zamba2.FAMILY,
 )}
 
 
@@ -108,4 +126,5 @@ __all__ = [
     "FalconH1Block", "FalconH1Model", "FalconH1ForCausalLM", "falcon_h1_key_table",
     "HybridDecoderLayer", "BambaModel", "BambaForCausalLM", "bamba_key_table",
     "GraniteMoeHybridModel", "GraniteMoeHybridForCausalLM", "granitemoehybrid_key_table",
+    "Zamba2MambaBlock", "Zamba2HybridBlock", "Zamba2Model", "Zamba2ForCausalLM", "zamba2_key_table",
 ]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config.parts import AttentionConfig
-from easymamba.layers import normal_init
+from easymamba.layers import low_rank_delta, normal_init
 from easymamba.models.common import sow_hook
 from easymamba.sharding import MeshRules, constrain
 
@@ -71,11 +71,20 @@ class Attention(nnx.Module):
     HOOKS = ("hook_q", "hook_k", "hook_v", "hook_attn_pattern", "hook_attn_out")
 
     def __init__(self, config: AttentionConfig, *, layer_idx: int = 0, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, kernel_impl: str = "auto"):
+                 param_dtype=jnp.float32, kernel_impl: str = "auto", params_from: "Attention | None" = None):
+        """`params_from`: another `Attention` of the same config whose q/k/v/o projections this one runs (the
+        same parameter objects: stored, loaded and sharded once)."""
         del kernel_impl  # one form today: jax.nn.dot_product_attention (XLA; cuDNN where JAX picks it)
         self.config = config
         self.layer_idx = layer_idx
         self.dtype = dtype
+        self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
+        if params_from is not None:
+            if params_from.config != config:
+                raise ValueError("params_from must be an Attention of the same AttentionConfig")
+            self.q_proj, self.k_proj = params_from.q_proj, params_from.k_proj
+            self.v_proj, self.o_proj = params_from.v_proj, params_from.o_proj
+            return
         c = config
         std = c.initializer_range
 
@@ -89,7 +98,6 @@ class Attention(nnx.Module):
         self.k_proj = linear(c.in_size, hkv * hd, c.qkv_bias, ("embed", "kv_heads"))
         self.v_proj = linear(c.in_size, hkv * hd, c.qkv_bias, ("embed", "kv_heads"))
         self.o_proj = linear(hq * hd, c.out_size, c.o_bias, ("attn_heads", "embed"))
-        self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
 
     # -- the mixer protocol of easymamba.models.causal_lm.ResidualBlock ------------------------------------------
     def run(self, hidden, view, *, attention_mask=None, position_ids=None, **_):
@@ -108,21 +116,35 @@ class Attention(nnx.Module):
         return None
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
-                 position_ids: jax.Array | None = None, view=None, active_rows: jax.Array | None = None):
+                 position_ids: jax.Array | None = None, view=None, active_rows: jax.Array | None = None,
+                 lora=None):
         """hidden (b, l, in) -> (out (b, l, out), the renewed view or None).
 
         attention_mask (b, >= l) of 0/1: its last l columns mark this call's real tokens (padding is masked as a
         key; a padded query's output means nothing). position_ids (b, l): rotary positions; by default counted
         in real tokens from the view's (`position_ids_from_mask`). view: the layer's `AttentionCacheView`; the l
         tokens are written at its `seqlen_offset` (the caller advances it, as for the SSM views).
+        lora: {"q" | "k" | "v": (down (in, r), up (r, out of that projection))}, low-rank adapters added to those
+        projections' outputs for this call.
         """
         c = self.config
         b, l, _ = hidden.shape
         hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         rules = self.mesh_rules
-        q = constrain(self.q_proj(hidden), rules, "batch", None, "attn_heads").reshape(b, l, hq, hd)
-        k = constrain(self.k_proj(hidden), rules, "batch", None, "kv_heads").reshape(b, l, hkv, hd)
-        v = constrain(self.v_proj(hidden), rules, "batch", None, "kv_heads").reshape(b, l, hkv, hd)
+        lora = {} if lora is None else lora
+        unknown = set(lora) - {"q", "k", "v"}
+        if unknown:
+            raise ValueError(f"lora adapts the projections 'q', 'k', 'v'; got {sorted(unknown)}")
+
+        def project(proj, name):
+            out = proj(hidden)
+            if name in lora:
+                out = out + low_rank_delta(hidden, *lora[name], out.dtype)
+            return out
+
+        q = constrain(project(self.q_proj, "q"), rules, "batch", None, "attn_heads").reshape(b, l, hq, hd)
+        k = constrain(project(self.k_proj, "k"), rules, "batch", None, "kv_heads").reshape(b, l, hkv, hd)
+        v = constrain(project(self.v_proj, "v"), rules, "batch", None, "kv_heads").reshape(b, l, hkv, hd)
         if c.key_multiplier != 1.0:
             k = k * jnp.asarray(c.key_multiplier, k.dtype)
         if c.rope_theta is not None:

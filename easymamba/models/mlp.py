@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config.parts import MLPConfig, MoEConfig
-from easymamba.layers import normal_init
+from easymamba.layers import low_rank_delta, normal_init
 from easymamba.models.common import sow_hook
 from easymamba.sharding import MeshRules, constrain
 
@@ -65,33 +65,56 @@ class _Stateless:
 
 class MLP(_Stateless, nnx.Module):
     """A gated or plain MLP (see the module docstring); parameters `gate_proj` (gated only), `up_proj`,
-    `down_proj` as HF names them. Hook point: `hook_mlp_out` (b, l, d)."""
+    `down_proj` as HF names them. Hook point: `hook_mlp_out` (b, l, d).
+
+    A call may add low-rank adapters to the projections (`lora=`, Zamba2's per-layer LoRA on its shared block's
+    gate_up). `params_from=` builds an MLP that runs another one's projections (the same parameter objects).
+    """
 
     HOOKS = ("hook_mlp_out",)
 
     def __init__(self, config: MLPConfig, *, layer_idx: int = 0, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, kernel_impl: str = "auto"):
+                 param_dtype=jnp.float32, kernel_impl: str = "auto", params_from: "MLP | None" = None):
         del layer_idx, kernel_impl
         c = config
         self.config = config
+        self.act = activation(c.activation)
+        self.mesh_rules: MeshRules | None = None
+        if params_from is not None:
+            if params_from.config != config:
+                raise ValueError("params_from must be an MLP of the same MLPConfig")
+            self.gate_proj, self.up_proj = params_from.gate_proj, params_from.up_proj
+            self.down_proj = params_from.down_proj
+            return
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         std = c.initializer_range
         self.gate_proj = _linear(c.hidden_size, c.intermediate_size, c.bias, ("embed", "mlp"), std, **kw) \
             if c.gated else None
         self.up_proj = _linear(c.hidden_size, c.intermediate_size, c.bias, ("embed", "mlp"), std, **kw)
         self.down_proj = _linear(c.intermediate_size, c.hidden_size, c.bias, ("mlp", "embed"), std, **kw)
-        self.act = activation(c.activation)
-        self.mesh_rules: MeshRules | None = None
 
-    def __call__(self, hidden: jax.Array) -> jax.Array:
-        """hidden (..., d) -> (..., d)."""
+    def __call__(self, hidden: jax.Array, lora=None) -> jax.Array:
+        """hidden (..., d) -> (..., d). lora: {"gate" | "up": (down (d, r), up (r, f))}, low-rank adapters added
+        to those projections' outputs for this call."""
         c = self.config
         rules = self.mesh_rules
-        up = constrain(self.up_proj(hidden), rules, "batch", None, "mlp") if hidden.ndim == 3 else self.up_proj(hidden)
+        lora = {} if lora is None else lora
+        unknown = set(lora) - ({"gate", "up"} if self.gate_proj is not None else {"up"})
+        if unknown:
+            raise ValueError(f"lora adapts this MLP's projections 'up' (and 'gate' when gated); got {sorted(unknown)}")
+
+        def project(proj, name):
+            out = proj(hidden)
+            if name in lora:
+                out = out + low_rank_delta(hidden, *lora[name], out.dtype)
+            return out
+
+        up = project(self.up_proj, "up")
+        up = constrain(up, rules, "batch", None, "mlp") if hidden.ndim == 3 else up
         if self.gate_proj is None:
             inner = self.act(up)
         else:
-            gate = self.gate_proj(hidden)
+            gate = project(self.gate_proj, "gate")
             if c.gate_multiplier != 1.0:
                 gate = gate * jnp.asarray(c.gate_multiplier, gate.dtype)
             inner = self.act(gate) * up
