@@ -131,6 +131,8 @@ def test_greedy_generate_matches_transformers(pair):
     np.testing.assert_array_equal(np.asarray(out.sequences), ref)
 
 
+# one config is enough for this path (the other config's numerics are checked above); keeps CI short
+@pytest.mark.parametrize("pair", [0], indirect=True)
 def test_cache_json_round_trip_continues_bit_identically(pair):
     _, _, model = pair
     ids = ids_for(model, 2, 10, 4)
@@ -158,6 +160,8 @@ def test_saved_model_loads_in_transformers(pair, tmp_path):
         np.testing.assert_array_equal(back.state_dict()[name].numpy(), t.numpy(), err_msg=name)
 
 
+# one config is enough for this path (the other config's numerics are checked above); keeps CI short
+@pytest.mark.parametrize("pair", [0], indirect=True)
 def test_sharded_model_matches_unsharded(pair):
     _, path, model = pair
     mesh = em.make_mesh(2, 4)
