@@ -87,3 +87,22 @@ def jitted(model):
         return nnx.merge(graphdef, state)(ids, attention_mask=attention_mask, cache=cache)
 
     return lambda ids, attention_mask=None, cache=None: run(state, ids, attention_mask, cache)
+
+
+def _forward(model, input_ids, **kwargs):
+    return model(input_ids, **kwargs)
+
+
+_JITTED_FORWARD = None
+
+
+def fwd(model, input_ids, **kwargs):
+    """`model(input_ids, **kwargs)` as one jitted call. Run eagerly, a model compiles each op for each new shape
+    (about 10 s for a tiny six-layer hybrid on CPU); one jit of the whole forward takes about 2 s, so the tests
+    that run many shapes call this. The numbers are the same computation's."""
+    global _JITTED_FORWARD
+    if _JITTED_FORWARD is None:
+        from flax import nnx
+
+        _JITTED_FORWARD = nnx.jit(_forward, static_argnames=("output_hidden_states",))
+    return _JITTED_FORWARD(model, input_ids, **kwargs)

@@ -16,7 +16,7 @@ import numpy as np
 import safetensors
 import torch
 import transformers
-from helpers import rel_err
+from helpers import fwd, rel_err
 from helpers_hybrid import hf_forward, random_hf_model
 
 import easymamba as em
@@ -51,7 +51,7 @@ def check_logits_loss_hidden_states(case: Case) -> dict[str, float]:
     ids = torch.from_numpy(case.ids).long()
     with torch.no_grad():
         ref = case.hf(ids, labels=ids, output_hidden_states=True, use_cache=False)
-    out = case.ours(jnp.asarray(case.ids), labels=jnp.asarray(case.ids), output_hidden_states=True)
+    out = fwd(case.ours, jnp.asarray(case.ids), labels=jnp.asarray(case.ids), output_hidden_states=True)
     errors = {"logits": rel_err(out.logits, ref.logits.numpy()),
               "loss": rel_err(out.loss, ref.loss.numpy())}
     assert len(out.hidden_states) == len(ref.hidden_states) == case.config.num_hidden_layers + 1
@@ -78,10 +78,10 @@ def check_left_padding(case: Case) -> dict[str, float]:
     ids, mask = padded_batch(case)
     position_ids = np.maximum(np.cumsum(mask, -1) - 1, 0)
     ref = hf_forward(case.hf, ids, mask, position_ids)
-    got = np.asarray(case.ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    got = np.asarray(fwd(case.ours, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
     real = mask.astype(bool)
     errors = {"padded_vs_hf": rel_err(got[real], ref[real])}
-    alone = np.asarray(case.ours(jnp.asarray(ids[1:, 4:])).logits)[0]
+    alone = np.asarray(fwd(case.ours, jnp.asarray(ids[1:, 4:])).logits)[0]
     errors["padded_vs_alone"] = rel_err(got[1, 4:], alone)
     assert errors["padded_vs_hf"] <= TOL, errors
     if case.config.mamba_proj_bias and "linear_attention" in case.config.layers_block_type:
@@ -108,14 +108,14 @@ def check_save_load_both_ways(case: Case, directory: pathlib.Path) -> dict[str, 
         theirs = {k: f.get_slice(k).get_shape() for k in f.keys()}
     assert ours == theirs
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(directory, **hf_class_kwargs(case.model_type)).eval()
-    want = np.asarray(case.ours(jnp.asarray(case.ids)).logits)
+    want = np.asarray(fwd(case.ours, jnp.asarray(case.ids)).logits)
     errors = {"hf_from_ours": rel_err(hf_forward(reloaded, case.ids), want),
               "ours_from_hf": rel_err(want, hf_forward(case.hf, case.ids))}
     assert all(err <= TOL for err in errors.values()), errors
     config = json.loads((directory / "config.json").read_text())
     assert config["model_type"] == case.model_type
     again = em.from_pretrained(directory)
-    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(case.ids)).logits), want)
+    np.testing.assert_array_equal(np.asarray(fwd(again, jnp.asarray(case.ids)).logits), want)
     return errors
 
 
@@ -123,10 +123,10 @@ def check_sharded(case: Case) -> float:
     """Loaded on a (data 2, model 4) mesh of 8 CPU devices, each device reading its slices: the unsharded logits
     (padded batch, so the masks shard too)."""
     ids, mask = padded_batch(case)
-    want = np.asarray(case.ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    want = np.asarray(fwd(case.ours, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
     mesh = em.make_mesh(2, 4)
     sharded = em.from_pretrained(case.hf_dir, mesh=mesh)
-    got = np.asarray(sharded(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    got = np.asarray(fwd(sharded, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
     err = rel_err(got, want)
     assert err <= TOL, err
     return err
@@ -144,7 +144,7 @@ def check_hooks(case: Case) -> dict[str, float]:
     errors = {"resid_post": max(rel_err(acts[f"layers.{i}.hook_resid_post"], ref[i + 1].numpy())
                                 for i in range(cfg.num_hidden_layers - 1))}
     errors["embed"] = rel_err(acts["hook_embed"], ref[0].numpy())
-    errors["hooked_logits"] = rel_err(logits, case.ours(ids).logits)  # the hooked run is traced apart
+    errors["hooked_logits"] = rel_err(logits, fwd(case.ours, ids).logits)  # the hooked run is traced apart
     for i, kind in enumerate(kinds):
         if kind == "full_attention":
             pattern = np.asarray(acts[f"layers.{i}.mixer.hook_attn_pattern"])
@@ -196,12 +196,12 @@ def check_cached_steps(case: Case) -> dict[str, float]:
     given the positions (HF's Bamba numbers a call's tokens from 0 without them) where time_step_limit is
     (0, inf): HF's one-token update skips the dt clamp that its full forward and every path here apply."""
     ids = np.random.default_rng(7).integers(3, case.config.vocab_size, (2, 16))
-    full = np.asarray(case.ours(jnp.asarray(ids)).logits)
+    full = np.asarray(fwd(case.ours, jnp.asarray(ids)).logits)
     cache = case.ours.init_cache(2, max_length=16)
     assert isinstance(cache, em.HybridCache)
-    out = case.ours(jnp.asarray(ids[:, :7]), cache=cache)
+    out = fwd(case.ours, jnp.asarray(ids[:, :7]), cache=cache)
     pieces = [np.asarray(out.logits)]
-    out = case.ours(jnp.asarray(ids[:, 7:11]), cache=out.cache)
+    out = fwd(case.ours, jnp.asarray(ids[:, 7:11]), cache=out.cache)
     pieces.append(np.asarray(out.logits))
     cache = out.cache
     step = jax.jit(lambda m, t, c: m.step(t, c))
@@ -236,7 +236,7 @@ def check_cache_json(case: Case) -> None:
     """A bfloat16 cache written to JSON and read back continues bit-identically."""
     ids = np.random.default_rng(9).integers(3, case.config.vocab_size, (2, 10))
     cache = case.ours.init_cache(2, max_length=12, dtype=jnp.bfloat16)
-    cache = case.ours(jnp.asarray(ids), cache=cache).cache
+    cache = fwd(case.ours, jnp.asarray(ids), cache=cache).cache
     again = em.HybridCache.from_json(cache.to_json())
     a, ca = case.ours.step(jnp.asarray(ids[:, 0]), cache)
     b, cb = case.ours.step(jnp.asarray(ids[:, 0]), again)

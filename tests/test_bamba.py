@@ -6,7 +6,7 @@ every bias, a dt limit), every weight random. The checks are `hybrid_parity`'s; 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel_err
+from helpers import fwd, rel_err
 from helpers_hybrid import hf_forward, random_hf_model
 from hybrid_parity import (
     TOL,
@@ -102,12 +102,12 @@ def test_decode_steps_clamp_dt_as_the_full_forward(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = em.from_pretrained(tmp_path)
     ids = np.random.default_rng(5).integers(3, ours.config.vocab_size, (2, 10))
-    cache = ours(jnp.asarray(ids[:, :6]), cache=ours.init_cache(2, max_length=10)).cache
+    cache = fwd(ours, jnp.asarray(ids[:, :6]), cache=ours.init_cache(2, max_length=10)).cache
     steps = []
     for t in range(6, 10):
         logits, cache = ours.step(jnp.asarray(ids[:, t]), cache)
         steps.append(np.asarray(logits))
     full = hf_forward(hf, ids)[:, 6:]
-    assert rel_err(np.stack(steps, 1), np.asarray(ours(jnp.asarray(ids)).logits)[:, 6:]) <= TOL
+    assert rel_err(np.stack(steps, 1), np.asarray(fwd(ours, jnp.asarray(ids)).logits)[:, 6:]) <= TOL
     assert rel_err(np.stack(steps, 1), full) <= TOL
     assert rel_err(hf_pieces(hf, ids, (6, 7, 8, 9))[:, 6:], full) > 1e-3  # transformers' steps skip the clamp

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 import easymamba as em
 from easymamba.models import mamba2_mixer
-from helpers import rel_err
+from helpers import fwd, rel_err
 from helpers_falcon_h1 import TINY_A, TINY_B, random_hf_falcon_h1
 
 TOL = 1e-5
@@ -62,7 +62,7 @@ def test_logits_loss_and_hidden_states(pair):
     _, hf, model = pair
     ids = ids_for(model, 1, 3, 21)  # 21 tokens: several SSD chunks (8 and 16) and a ragged last one
     ref = hf_forward(hf, ids, labels=torch.from_numpy(ids).long(), output_hidden_states=True)
-    out = model(jnp.asarray(ids), labels=jnp.asarray(ids), output_hidden_states=True)
+    out = fwd(model, jnp.asarray(ids), labels=jnp.asarray(ids), output_hidden_states=True)
     assert rel_err(np.asarray(out.logits), ref.logits.numpy()) <= TOL
     assert abs(float(out.loss) - float(ref.loss)) <= TOL * abs(float(ref.loss))
     assert len(out.hidden_states) == len(ref.hidden_states) == model.config.num_hidden_layers + 1
@@ -85,14 +85,14 @@ def test_left_padding(pair):
     first real tokens reads them (the mask zeroes the mixer's input before in_proj and the conv's output, as HF)."""
     _, hf, model = pair
     ids, mask = _padded_batch(model)
-    padded = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    padded = np.asarray(fwd(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
     ref = hf_forward(hf, ids, mask).logits.numpy()
     for r in range(ids.shape[0]):
         real = mask[r] == 1
         assert rel_err(padded[r, real], ref[r, real]) <= TOL
         if real.all():
             continue
-        alone = np.asarray(model(jnp.asarray(ids[r:r + 1, real])).logits)[0]
+        alone = np.asarray(fwd(model, jnp.asarray(ids[r:r + 1, real])).logits)[0]
         if not model.config.mamba_proj_bias:
             assert rel_err(padded[r, real], alone) <= TOL
         else:  # transformers' padded row differs from its row alone just as much
@@ -105,10 +105,10 @@ def test_left_padding_without_in_proj_bias_equals_each_row_alone():
     """TINY_B's shapes without the in_proj bias: every padded row is the row alone."""
     model = to_easymamba(random_hf_falcon_h1(seed=15, **{**TINY_B, "mamba_proj_bias": False}))
     ids, mask = _padded_batch(model)
-    padded = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    padded = np.asarray(fwd(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
     for r in range(2):  # the padded rows
         real = mask[r] == 1
-        alone = np.asarray(model(jnp.asarray(ids[r:r + 1, real])).logits)[0]
+        alone = np.asarray(fwd(model, jnp.asarray(ids[r:r + 1, real])).logits)[0]
         assert rel_err(padded[r, real], alone) <= TOL
 
 
@@ -139,13 +139,13 @@ def test_sharded_on_8_devices_equals_unsharded(pair):
     ids = jnp.asarray(ids_for(model, 4, 4, 10))
     mask = np.ones((4, 10), np.int32)
     mask[1, :3] = 0
-    want = np.asarray(model(ids, attention_mask=jnp.asarray(mask)).logits)
+    want = np.asarray(fwd(model, ids, attention_mask=jnp.asarray(mask)).logits)
     # A: 4 mixer heads and 4 attention heads over model=4, 1 group and 2 KV heads replicated, vocab 97 too;
     # B: 6 heads, 2 groups, 6 attention heads, MLP 80 over model=2, 3 KV heads replicated
     data, size = (2, 4) if name == "A" else (4, 2)
     mesh = em.make_mesh(data=data, model=size, devices=jax.devices()[:8])
     sharded = em.shard_model(nnx.clone(model), mesh)
-    got = np.asarray(sharded(ids, attention_mask=jnp.asarray(mask)).logits)
+    got = np.asarray(fwd(sharded, ids, attention_mask=jnp.asarray(mask)).logits)
     assert rel_err(got, want) <= TOL
 
 
@@ -244,13 +244,13 @@ def test_prefill_chunks_and_cached_steps_equal_the_full_forward(pair):
     the steps agree all the same (easymamba's step clamps dt as its scan does)."""
     _, _, model = pair
     ids = ids_for(model, 7, 2, 16)
-    full = np.asarray(model(jnp.asarray(ids)).logits)
+    full = np.asarray(fwd(model, jnp.asarray(ids)).logits)
     cache = model.init_cache(2, max_length=16)
     assert isinstance(cache, em.HybridCache)
     assert [type(v).__name__ for v in cache.views[0]] == ["Mamba2CacheView", "AttentionCacheView"]
-    out = model(jnp.asarray(ids[:, :7]), cache=cache)               # prefill
+    out = fwd(model, jnp.asarray(ids[:, :7]), cache=cache)               # prefill
     pieces = [np.asarray(out.logits)]
-    out = model(jnp.asarray(ids[:, 7:11]), cache=out.cache)         # chunked prefill
+    out = fwd(model, jnp.asarray(ids[:, 7:11]), cache=out.cache)         # chunked prefill
     pieces.append(np.asarray(out.logits))
     cache = out.cache
     step = jax.jit(lambda m, t, c: m.step(t, c))
@@ -280,7 +280,7 @@ def test_greedy_generate_matches_transformers(name):
     out = em.generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), max_new_tokens=8)
     np.testing.assert_array_equal(np.asarray(out.sequences), sequences)
     full_mask = np.concatenate([mask, np.ones((2, 8), mask.dtype)], axis=1)
-    logits = np.asarray(model(jnp.asarray(sequences), attention_mask=jnp.asarray(full_mask)).logits)
+    logits = np.asarray(fwd(model, jnp.asarray(sequences), attention_mask=jnp.asarray(full_mask)).logits)
     hf_steps = np.stack([s.numpy() for s in ref.logits], axis=1)                 # (b, 8, v), positions 5 .. 12
     assert rel_err(logits[:, 5:13], hf_steps) <= TOL
 
@@ -291,7 +291,7 @@ def test_cache_json_round_trip_continues_bit_identically(pair):
     _, _, model = pair
     ids = ids_for(model, 9, 2, 10)
     cache = model.init_cache(2, max_length=12, dtype=jnp.bfloat16)
-    cache = model(jnp.asarray(ids), cache=cache).cache
+    cache = fwd(model, jnp.asarray(ids), cache=cache).cache
     again = em.HybridCache.from_json(cache.to_json())
     a, ca = model.step(jnp.asarray(ids[:, 0]), cache)
     b, cb = model.step(jnp.asarray(ids[:, 0]), again)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import rel_err
+from helpers import fwd, rel_err
 from hybrid_parity import (
     TOL,
     check_cache_json,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import rel_err
+from helpers import fwd, rel_err
 from helpers_hybrid import hf_forward, random_hf_model
 
 import easymamba as em
@@ -40,7 +40,7 @@ def test_logits_loss_and_hidden_states_match_transformers(pair):
     ids = ids_for(model, 2, 19, 0)
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids), labels=torch.from_numpy(ids), output_hidden_states=True)
-    out = model(jnp.asarray(ids), labels=jnp.asarray(ids), output_hidden_states=True)
+    out = fwd(model, jnp.asarray(ids), labels=jnp.asarray(ids), output_hidden_states=True)
     assert rel_err(out.logits, ref.logits.numpy()) < TOL
     assert abs(float(out.loss) - float(ref.loss)) < TOL * abs(float(ref.loss))
     assert len(out.hidden_states) == len(ref.hidden_states) == model.config.num_hidden_layers + 1
@@ -53,8 +53,8 @@ def test_left_padded_rows_equal_each_row_alone(pair):
     ids = ids_for(model, 2, 12, 1)
     mask = np.ones_like(ids)
     mask[0, :4] = 0                                            # row 0: 4 pads, then 8 tokens
-    out = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
-    alone = np.asarray(model(jnp.asarray(ids[:1, 4:])).logits)
+    out = np.asarray(fwd(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    alone = np.asarray(fwd(model, jnp.asarray(ids[:1, 4:])).logits)
     if model.config.use_bias:
         # in_proj's bias is added at the (zeroed) pad positions and reaches the first real tokens through the
         # conv window, in transformers as here: a padded row then differs from the row alone
@@ -70,12 +70,12 @@ def test_left_padded_rows_equal_each_row_alone(pair):
 def test_prefill_chunks_and_cached_steps_equal_the_full_forward(pair):
     _, _, model = pair
     ids = ids_for(model, 2, 16, 2)
-    full = np.asarray(model(jnp.asarray(ids)).logits)
+    full = np.asarray(fwd(model, jnp.asarray(ids)).logits)
     cache = model.init_cache(2, max_length=16)
     assert isinstance(cache, em.HybridCache)
-    out = model(jnp.asarray(ids[:, :7]), cache=cache)           # prefill
+    out = fwd(model, jnp.asarray(ids[:, :7]), cache=cache)           # prefill
     pieces = [np.asarray(out.logits)]
-    out = model(jnp.asarray(ids[:, 7:11]), cache=out.cache)     # chunked prefill
+    out = fwd(model, jnp.asarray(ids[:, 7:11]), cache=out.cache)     # chunked prefill
     pieces.append(np.asarray(out.logits))
     cache = out.cache
     step = jax.jit(lambda m, t, c: m.step(t, c))
@@ -104,7 +104,7 @@ def test_cache_json_round_trip_continues_bit_identically(pair):
     _, _, model = pair
     ids = ids_for(model, 2, 10, 4)
     cache = model.init_cache(2, max_length=12, dtype=jnp.bfloat16)
-    cache = model(jnp.asarray(ids), cache=cache).cache
+    cache = fwd(model, jnp.asarray(ids), cache=cache).cache
     again = em.HybridCache.from_json(cache.to_json())
     a, ca = model.step(jnp.asarray(ids[:, 0]), cache)
     b, cb = model.step(jnp.asarray(ids[:, 0]), again)
@@ -132,7 +132,7 @@ def test_sharded_model_matches_unsharded(pair):
     mesh = em.make_mesh(2, 4)
     sharded = em.from_pretrained(path, mesh=mesh)
     ids = ids_for(model, 2, 9, 6)
-    ref = np.asarray(model(jnp.asarray(ids)).logits)
+    ref = np.asarray(fwd(model, jnp.asarray(ids)).logits)
     out = jax.jit(lambda m, x: m(x).logits)(sharded, em.shard_batch(jnp.asarray(ids), mesh))
     assert rel_err(np.asarray(out), ref) < TOL
     gen = em.generate(sharded, em.shard_batch(jnp.asarray(ids), mesh), max_new_tokens=4)
