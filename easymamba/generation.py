@@ -460,6 +460,12 @@ def _validate(model, input_ids, attention_mask, cache, rng, config: GenerationCo
         cache.check_compatible(model.config, b)
         if cache.seqlen_offset is not None and is_concrete(cache.seqlen_offset):
             offset = int(cache.seqlen_offset)
+        slots = getattr(cache.metadata, "max_length", None)  # a hybrid cache's key/value slots
+        if slots is not None and offset + l + config.max_new_tokens > slots:
+            raise ValueError(f"the cache holds {slots} key/value slots (max_length), but its {offset} tokens + the "
+                             f"prompt's {l} + max_new_tokens ({config.max_new_tokens}) need "
+                             f"{offset + l + config.max_new_tokens}; build it with "
+                             f"model.init_cache({b}, max_length={offset + l + config.max_new_tokens}) or more")
     if offset + l + config.max_new_tokens > _INT32_MAX:
         raise ValueError(f"max_new_tokens ({config.max_new_tokens}) does not fit: the cache's {offset} tokens + the "
                          f"prompt's {l} + max_new_tokens exceed int32 positions ({_INT32_MAX})")

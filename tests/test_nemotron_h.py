@@ -200,3 +200,14 @@ def test_cli_generate_and_convert(pair, tmp_path, capsys):
     assert sorted(before) == sorted(after)
     for name in before:
         np.testing.assert_array_equal(before[name], after[name])
+
+
+@pytest.mark.parametrize("pair", [0], indirect=True)
+def test_generate_refuses_a_cache_too_short(pair):
+    """Key/value slots run out before the last token: refused by name before any work (a jitted write past the
+    end would otherwise land on the last slot silently)."""
+    _, _, model = pair
+    cache = model.init_cache(1, max_length=8)
+    with pytest.raises(ValueError, match=r"holds 8 key/value slots \(max_length\), but its 0 tokens \+ the prompt's 5 "
+                                         r"\+ max_new_tokens \(4\) need 9"):
+        em.generate(model, jnp.asarray([[5, 6, 7, 8, 9]]), max_new_tokens=4, cache=cache)
