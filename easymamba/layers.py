@@ -62,6 +62,15 @@ def normal_init(key, shape, std: float, dtype) -> jax.Array:
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+def normal_linear(n_in: int, n_out: int, *, bias: bool, axes: tuple, std: float, dtype, param_dtype,
+                  rngs: nnx.Rngs) -> nnx.Linear:
+    """`nnx.Linear` [n_in -> n_out] with an N(0, std^2) kernel (HF's `_init_weights`), zero bias, and the logical
+    sharding axes `axes` of its kernel (the bias takes the output's)."""
+    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs,
+                      kernel_metadata={"axes": axes}, bias_metadata={"axes": axes[1:]})
+
+
 def kaiming_uniform_init(key, shape, fan_in: int, dtype, scale: float = 1.0) -> jax.Array:
     """torch's default Linear/Conv init, `kaiming_uniform_(a=sqrt(5))`: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = scale / math.sqrt(fan_in)

@@ -6,6 +6,8 @@ missing bias or a swapped norm weight, so `randomize_` redraws every parameter a
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -93,16 +95,24 @@ def _forward(model, input_ids, **kwargs):
     return model(input_ids, **kwargs)
 
 
-_JITTED_FORWARD = None
+_jitted_forward = nnx.jit(_forward, static_argnames=("output_hidden_states",))
 
 
 def fwd(model, input_ids, **kwargs):
     """`model(input_ids, **kwargs)` as one jitted call. Run eagerly, a model compiles each op for each new shape
     (about 10 s for a tiny six-layer hybrid on CPU); one jit of the whole forward takes about 2 s, so the tests
     that run many shapes call this. The numbers are the same computation's."""
-    global _JITTED_FORWARD
-    if _JITTED_FORWARD is None:
-        from flax import nnx
+    return _jitted_forward(model, input_ids, **kwargs)
 
-        _JITTED_FORWARD = nnx.jit(_forward, static_argnames=("output_hidden_states",))
-    return _JITTED_FORWARD(model, input_ids, **kwargs)
+
+def check_cache_json_round_trip(model, ids) -> None:
+    """A bfloat16 hybrid cache filled by `ids` (b, l), written to JSON and read back, continues bit-identically:
+    the next step's logits and every leaf of the cache it returns are equal to those of the original."""
+    cache = model.init_cache(ids.shape[0], max_length=ids.shape[1] + 2, dtype=jnp.bfloat16)
+    cache = fwd(model, jnp.asarray(ids), cache=cache).cache
+    again = em.HybridCache.from_json(cache.to_json())
+    a, ca = model.step(jnp.asarray(ids[:, 0]), cache)
+    b, cb = model.step(jnp.asarray(ids[:, 0]), again)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

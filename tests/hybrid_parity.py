@@ -16,7 +16,7 @@ import numpy as np
 import safetensors
 import torch
 import transformers
-from helpers import fwd, rel_err
+from helpers import check_cache_json_round_trip, fwd, rel_err
 from helpers_hybrid import hf_forward, random_hf_model
 
 import easymamba as em
@@ -235,14 +235,7 @@ def check_generate(case: Case) -> np.ndarray:
 def check_cache_json(case: Case) -> None:
     """A bfloat16 cache written to JSON and read back continues bit-identically."""
     ids = np.random.default_rng(9).integers(3, case.config.vocab_size, (2, 10))
-    cache = case.ours.init_cache(2, max_length=12, dtype=jnp.bfloat16)
-    cache = fwd(case.ours, jnp.asarray(ids), cache=cache).cache
-    again = em.HybridCache.from_json(cache.to_json())
-    a, ca = case.ours.step(jnp.asarray(ids[:, 0]), cache)
-    b, cb = case.ours.step(jnp.asarray(ids[:, 0]), again)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    check_cache_json_round_trip(case.ours, ids)
 
 
 __all__ = ["Case", "make_case", "TOL", "check_logits_loss_hidden_states", "check_left_padding",

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 import easymamba as em
 from easymamba.models import mamba2_mixer
-from helpers import fwd, rel_err
+from helpers import check_cache_json_round_trip, fwd, rel_err
 from helpers_falcon_h1 import TINY_A, TINY_B, random_hf_falcon_h1
 
 TOL = 1e-5
@@ -290,11 +290,4 @@ def test_greedy_generate_matches_transformers(name):
 def test_cache_json_round_trip_continues_bit_identically(pair):
     _, _, model = pair
     ids = ids_for(model, 9, 2, 10)
-    cache = model.init_cache(2, max_length=12, dtype=jnp.bfloat16)
-    cache = fwd(model, jnp.asarray(ids), cache=cache).cache
-    again = em.HybridCache.from_json(cache.to_json())
-    a, ca = model.step(jnp.asarray(ids[:, 0]), cache)
-    b, cb = model.step(jnp.asarray(ids[:, 0]), again)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    check_cache_json_round_trip(model, ids)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import fwd, rel_err
+from helpers import check_cache_json_round_trip, fwd, rel_err
 from helpers_hybrid import hf_forward, random_hf_model
 
 import easymamba as em
@@ -103,14 +103,7 @@ def test_greedy_generate_matches_transformers(pair):
 def test_cache_json_round_trip_continues_bit_identically(pair):
     _, _, model = pair
     ids = ids_for(model, 2, 10, 4)
-    cache = model.init_cache(2, max_length=12, dtype=jnp.bfloat16)
-    cache = fwd(model, jnp.asarray(ids), cache=cache).cache
-    again = em.HybridCache.from_json(cache.to_json())
-    a, ca = model.step(jnp.asarray(ids[:, 0]), cache)
-    b, cb = model.step(jnp.asarray(ids[:, 0]), again)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    check_cache_json_round_trip(model, ids)
 
 
 def test_saved_model_loads_in_transformers(pair, tmp_path):

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import fwd, rel_err
+from helpers import check_cache_json_round_trip, fwd, rel_err
 from helpers_hybrid import hf_forward
 from helpers_zamba2 import random_hf_zamba2
 
@@ -198,14 +198,7 @@ def test_dt_clamp_is_the_same_whole_and_token_by_token(pair):
 def test_cache_json_round_trip_continues_bit_identically(pair):
     _, _, model = pair
     ids = ids_for(model, 2, 10, 4)
-    cache = model.init_cache(2, max_length=12, dtype=jnp.bfloat16)
-    cache = fwd(model, jnp.asarray(ids), cache=cache).cache
-    again = em.HybridCache.from_json(cache.to_json())
-    a, ca = model.step(jnp.asarray(ids[:, 0]), cache)
-    b, cb = model.step(jnp.asarray(ids[:, 0]), again)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    check_cache_json_round_trip(model, ids)
 
 
 def test_saved_model_loads_in_transformers(pair, tmp_path):

@@ -52,7 +52,8 @@ _FLOAT_FIELDS = ("time_step_min", "time_step_max", "time_step_floor", "routed_sc
 _ALIASES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
             "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max", "mamba_dt_limit": "time_step_limit",
             "mamba_dt_init_floor": "time_step_floor", "mamba_conv_bias": "use_conv_bias",
-            "mamba_chunk_size": "chunk_size", "num_local_experts": "n_routed_experts", "layer_types": "layers_block_type"}
+            "mamba_chunk_size": "chunk_size", "num_local_experts": "n_routed_experts",
+            "layer_types": "layers_block_type"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config.parts import AttentionConfig
-from easymamba.layers import low_rank_delta, normal_init
+from easymamba.layers import low_rank_delta, normal_linear
 from easymamba.models.common import sow_hook
 from easymamba.sharding import MeshRules, constrain
 
@@ -89,9 +89,8 @@ class Attention(nnx.Module):
         std = c.initializer_range
 
         def linear(n_in, n_out, bias, axes):
-            return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs,
-                              kernel_metadata={"axes": axes}, bias_metadata={"axes": axes[1:]})
+            return normal_linear(n_in, n_out, bias=bias, axes=axes, std=std, dtype=dtype, param_dtype=param_dtype,
+                                 rngs=rngs)
 
         hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.q_proj = linear(c.in_size, hq * hd, c.qkv_bias, ("embed", "attn_heads"))

@@ -34,7 +34,7 @@ from easymamba.config.bamba import MAMBA, BambaConfig
 from easymamba.models.attention import Attention
 from easymamba.models.causal_lm import Backbone, CausalLM
 from easymamba.models.common import sow_hook
-from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily
+from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily, linear_keys
 from easymamba.models.mamba2 import mamba2_mixer_keys, mamba2_operands
 from easymamba.models.mamba2_mixer import Mamba2Mixer
 from easymamba.models.mlp import MLP, MoE
@@ -124,13 +124,6 @@ class BambaForCausalLM(CausalLM):
     inputs_embeds=, output_hidden_states=, position_ids=)` as HF; `model.step(tokens, cache)` is one decode step.
     `init_cache(batch, max_length=...)` preallocates the attention layers' key/value slots."""
 
-
-def linear_keys(hf: str, at: tuple, bias: bool) -> list[KeySpec]:
-    """An `nn.Linear` named `hf` held at module path `at`: its weight, and its bias when it has one."""
-    table = [KeySpec(hf + ".weight", at + ("kernel",), "linear")]
-    if bias:
-        table.append(KeySpec(hf + ".bias", at + ("bias",), "copy"))
-    return table
 
 
 def hybrid_mixer_keys(config, kind: str, hf: str, at: tuple) -> list[KeySpec]:

@@ -41,7 +41,7 @@ from easymamba.config.falcon_h1 import FalconH1Config
 from easymamba.models.attention import Attention
 from easymamba.models.causal_lm import Backbone, CausalLM
 from easymamba.models.common import sow_hook
-from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily
+from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily, linear_keys
 from easymamba.models.mamba2 import mamba2_mixer_keys, mamba2_operands
 from easymamba.models.mamba2_mixer import Mamba2Mixer
 from easymamba.models.mlp import MLP
@@ -143,12 +143,6 @@ class FalconH1ForCausalLM(CausalLM):
     views' key/value slots."""
 
 
-def _linear(hf: str, at: tuple, bias: bool) -> list[KeySpec]:
-    table = [KeySpec(hf + ".weight", at + ("kernel",), "linear")]
-    if bias:
-        table.append(KeySpec(hf + ".bias", at + ("bias",), "copy"))
-    return table
-
 
 def falcon_h1_key_table(config: FalconH1Config) -> list[KeySpec]:
     """Every tensor of a `FalconH1ForCausalLM` under the names transformers' `save_pretrained` writes (`model.*`,
@@ -160,10 +154,10 @@ def falcon_h1_key_table(config: FalconH1Config) -> list[KeySpec]:
         hf = f"model.layers.{i}."
         at = ("backbone", "layers", i)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            table += _linear(hf + "feed_forward." + name, at + ("feed_forward", name), config.mlp_bias)
+            table += linear_keys(hf + "feed_forward." + name, at + ("feed_forward", name), config.mlp_bias)
         table += mamba2_mixer_keys(mixer_config, hf + "mamba.", at + ("mamba",))
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            table += _linear(hf + "self_attn." + name, at + ("self_attn", name), config.attention_bias)
+            table += linear_keys(hf + "self_attn." + name, at + ("self_attn", name), config.attention_bias)
         table.append(KeySpec(hf + "input_layernorm.weight", at + ("input_layernorm", "weight"), "copy"))
         table.append(KeySpec(hf + "pre_ff_layernorm.weight", at + ("pre_ff_layernorm", "weight"), "copy"))
     table.append(KeySpec("model.final_layernorm.weight", ("backbone", "norm_f", "weight"), "copy"))

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-__all__ = ["KeySpec", "packed_key", "Operands", "EffectiveAttention", "ModelFamily", "ties_lm_head"]
+__all__ = ["KeySpec", "packed_key", "linear_keys", "Operands", "EffectiveAttention", "ModelFamily", "ties_lm_head"]
 
 
 def ties_lm_head(config) -> bool:
@@ -51,6 +51,14 @@ class KeySpec:
 def packed_key(hf_name: str, kind: str, at: tuple, leaf: str, sizes: dict[str, int]) -> KeySpec:
     """A tensor HF packs from parts the model keeps apart: `at + (part, leaf)` for each part, in `sizes`' order."""
     return KeySpec(hf_name, (), kind, tuple((at + (name, leaf), size) for name, size in sizes.items()))
+
+
+def linear_keys(hf: str, at: tuple, bias: bool = False) -> list[KeySpec]:
+    """An `nn.Linear` named `hf` held at module path `at`: its weight, and its bias when it has one."""
+    table = [KeySpec(hf + ".weight", at + ("kernel",), "linear")]
+    if bias:
+        table.append(KeySpec(hf + ".bias", at + ("bias",), "copy"))
+    return table
 
 
 class Operands(NamedTuple):

@@ -31,10 +31,9 @@ here:
 """
 
 from easymamba.config.granitemoehybrid import GraniteMoeHybridConfig
+from easymamba.caching import HybridCache, HybridCacheMetaData
 from easymamba.models.bamba import (
     HYBRID_EFFECTIVE_ATTENTION,
-    HybridCache,
-    HybridCacheMetaData,
     HybridDecoderLayer,
     hybrid_mixer_facts,
     hybrid_mixer_keys,

@@ -42,7 +42,7 @@ from easymamba.config.jamba import JambaConfig
 from easymamba.models.attention import Attention
 from easymamba.models.causal_lm import Backbone, CausalLM
 from easymamba.models.common import sow_hook
-from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily, Operands
+from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily, Operands, linear_keys
 from easymamba.models.mamba1_mixer import MambaMixer
 from easymamba.models.mlp import MLP, MoE
 from easymamba.norms import RMSNorm
@@ -158,22 +158,16 @@ class JambaForCausalLM(CausalLM):
     embeddings, the outputs of blocks 0 to n-2, then the final norm of block n-1's output."""
 
 
-def _linear(hf: str, at: tuple, bias: bool = False) -> list[KeySpec]:
-    table = [KeySpec(hf + ".weight", at + ("kernel",), "linear")]
-    if bias:
-        table.append(KeySpec(hf + ".bias", at + ("bias",), "copy"))
-    return table
-
 
 def _mamba_keys(config: JambaConfig, hf: str, at: tuple) -> list[KeySpec]:
     table = [KeySpec(hf + "A_log", at + ("A_log",), "copy"), KeySpec(hf + "D", at + ("D",), "copy"),
              KeySpec(hf + "conv1d.weight", at + ("conv1d", "weight"), "conv")]
     if config.mamba_conv_bias:
         table.append(KeySpec(hf + "conv1d.bias", at + ("conv1d", "bias"), "copy"))
-    table += _linear(hf + "in_proj", at + ("in_proj",), config.mamba_proj_bias)
-    table += _linear(hf + "x_proj", at + ("x_proj",))
-    table += _linear(hf + "dt_proj", at + ("dt_proj",), True)
-    table += _linear(hf + "out_proj", at + ("out_proj",), config.mamba_proj_bias)
+    table += linear_keys(hf + "in_proj", at + ("in_proj",), config.mamba_proj_bias)
+    table += linear_keys(hf + "x_proj", at + ("x_proj",))
+    table += linear_keys(hf + "dt_proj", at + ("dt_proj",), True)
+    table += linear_keys(hf + "out_proj", at + ("out_proj",), config.mamba_proj_bias)
     for norm in ("dt_layernorm", "b_layernorm", "c_layernorm"):
         table.append(KeySpec(hf + norm + ".weight", at + (norm, "weight"), "copy"))
     return table
@@ -192,12 +186,12 @@ def jamba_key_table(config: JambaConfig) -> list[KeySpec]:
             table += _mamba_keys(config, hf + "mamba.", at + ("mixer",))
         else:
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                table += _linear(hf + "self_attn." + name, at + ("mixer", name))
+                table += linear_keys(hf + "self_attn." + name, at + ("mixer", name))
         table.append(KeySpec(hf + "pre_ff_layernorm.weight", at + ("pre_ff_layernorm", "weight"), "copy"))
         ffn = at + ("feed_forward",)
         if ff == "mlp":
             for name in ("gate_proj", "up_proj", "down_proj"):
-                table += _linear(hf + "feed_forward." + name, ffn + (name,))
+                table += linear_keys(hf + "feed_forward." + name, ffn + (name,))
         else:
             table.append(KeySpec(hf + "feed_forward.router.weight", ffn + ("gate", "kernel"), "linear"))
             for j in range(config.num_experts):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easymamba.config.parts import MLPConfig, MoEConfig
-from easymamba.layers import low_rank_delta, normal_init
+from easymamba.layers import low_rank_delta, normal_init, normal_linear
 from easymamba.models.common import sow_hook
 from easymamba.sharding import MeshRules, constrain
 
@@ -44,9 +44,7 @@ def activation(name: str):
 
 
 def _linear(n_in, n_out, bias, axes, std, *, dtype, param_dtype, rngs):
-    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs,
-                      kernel_metadata={"axes": axes}, bias_metadata={"axes": axes[1:]})
+    return normal_linear(n_in, n_out, bias=bias, axes=axes, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class _Stateless:

@@ -24,7 +24,7 @@ from easymamba.caching import HybridCache, HybridCacheMetaData
 from easymamba.config.nemotron_h import NemotronHConfig
 from easymamba.models.attention import Attention
 from easymamba.models.causal_lm import Backbone, CausalLM, ResidualBlock
-from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily
+from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily, linear_keys
 from easymamba.models.mamba2 import mamba2_mixer_keys, mamba2_operands
 from easymamba.models.mamba2_mixer import Mamba2Mixer
 from easymamba.models.mlp import MLP, MoE
@@ -81,12 +81,6 @@ class NemotronHForCausalLM(CausalLM):
     `init_cache(batch, max_length=...)` preallocates the attention layers' key/value slots."""
 
 
-def _linear(hf: str, at: tuple, bias: bool) -> list[KeySpec]:
-    table = [KeySpec(hf + ".weight", at + ("kernel",), "linear")]
-    if bias:
-        table.append(KeySpec(hf + ".bias", at + ("bias",), "copy"))
-    return table
-
 
 def nemotron_h_key_table(config: NemotronHConfig) -> list[KeySpec]:
     """Every tensor of a `NemotronHForCausalLM` under the names transformers' `save_pretrained` writes (experts
@@ -101,10 +95,10 @@ def nemotron_h_key_table(config: NemotronHConfig) -> list[KeySpec]:
             table += mamba2_mixer_keys(config.mixer_config, hf + "mixer.", mixer)
         elif kind == "full_attention":
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                table += _linear(hf + "mixer." + name, mixer + (name,), False)
+                table += linear_keys(hf + "mixer." + name, mixer + (name,), False)
         elif kind == "mlp":
             for name in ("up_proj", "down_proj"):
-                table += _linear(hf + "mixer." + name, mixer + (name,), config.mlp_bias)
+                table += linear_keys(hf + "mixer." + name, mixer + (name,), config.mlp_bias)
         else:
             table.append(KeySpec(hf + "mixer.gate.weight", mixer + ("gate", "kernel"), "linear"))
             table.append(KeySpec(hf + "mixer.gate.e_score_correction_bias", mixer + ("e_score_correction_bias",),
@@ -114,11 +108,11 @@ def nemotron_h_key_table(config: NemotronHConfig) -> list[KeySpec]:
                     table.append(KeySpec(f"{hf}mixer.experts.{j}.{name}.weight", mixer + ("experts", name),
                                          "linear", index=j))
             for name in ("up_proj", "down_proj"):
-                table += _linear(hf + "mixer.shared_experts." + name, mixer + ("shared_experts", name),
+                table += linear_keys(hf + "mixer.shared_experts." + name, mixer + ("shared_experts", name),
                                  config.mlp_bias)
             if config.moe_latent_size is not None:
                 for name in ("fc1_latent_proj", "fc2_latent_proj"):
-                    table += _linear(hf + "mixer." + name, mixer + (name,), config.mlp_bias)
+                    table += linear_keys(hf + "mixer." + name, mixer + (name,), config.mlp_bias)
     table.append(KeySpec("backbone.norm_f.weight", ("backbone", "norm_f", "weight"), "copy"))
     table.append(KeySpec("lm_head.weight", ("lm_head", "kernel"), "linear"))  # never tied (`ties_lm_head`)
     return table

@@ -30,8 +30,9 @@ full copy, with the adapters of every slot of its block (used or not), and so do
 
 The mixer is `Mamba2Mixer` on `Zamba2Config.mixer_config` in every layer (conv bias always, gated norm eps 1e-5).
 Its dt is clamped to (time_step_min, inf) over a sequence AND in the one-token step, so a model gives the same
-numbers run whole or token by token. transformers clamps only over a sequence (its cached step does not clamp); where softplus(dt + dt_bias) < time_step_min, its cached
-decoding then departs from its own full forward (and from easymamba's, which equals that forward).
+numbers run whole or token by token. transformers clamps only over a sequence (its cached step does not clamp);
+where softplus(dt + dt_bias) < time_step_min, its cached decoding then departs from its own full forward (and
+from easymamba's, which equals that forward).
 
 The cache keeps per hybrid layer (AttentionCacheView, Mamba2CacheView) (the shared block's keys and values at that
 layer, then the mixer's states), per Mamba layer a Mamba2CacheView.
@@ -42,11 +43,11 @@ from flax import nnx
 
 from easymamba.caching import HybridCache, HybridCacheMetaData
 from easymamba.config.zamba2 import Zamba2Config
-from easymamba.layers import normal_init
+from easymamba.layers import normal_linear
 from easymamba.models.attention import Attention
 from easymamba.models.causal_lm import Backbone, CausalLM, ResidualBlock
 from easymamba.models.common import sow_hook
-from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily, packed_key
+from easymamba.models.family import EffectiveAttention, KeySpec, ModelFamily, linear_keys, packed_key
 from easymamba.models.mamba2 import mamba2_mixer_keys, mamba2_operands
 from easymamba.models.mamba2_mixer import Mamba2Mixer
 from easymamba.models.mlp import MLP
@@ -58,9 +59,7 @@ __all__ = ["Zamba2MambaBlock", "Zamba2HybridBlock", "Zamba2SharedTransformer", "
 
 
 def _linear(n_in, n_out, axes, std, *, dtype, param_dtype, rngs, bias=False):
-    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=lambda key, shape, dt: normal_init(key, shape, std, dt), rngs=rngs,
-                      kernel_metadata={"axes": axes}, bias_metadata={"axes": axes[1:]})
+    return normal_linear(n_in, n_out, bias=bias, axes=axes, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class LoRA(nnx.Module):
@@ -248,12 +247,6 @@ class Zamba2ForCausalLM(CausalLM):
     `init_cache(batch, max_length=...)` preallocates the hybrid layers' key/value slots."""
 
 
-def _lin(hf: str, at: tuple, bias: bool = False) -> list[KeySpec]:
-    table = [KeySpec(hf + ".weight", at + ("kernel",), "linear")]
-    if bias:
-        table.append(KeySpec(hf + ".bias", at + ("bias",), "copy"))
-    return table
-
 
 def _shared_block_keys(config: Zamba2Config, hf: str, at: tuple, block: int) -> list[KeySpec]:
     """A shared block's tensors under `hf` ("model.layers.{owner}.shared_transformer."), module path `at`."""
@@ -264,11 +257,11 @@ def _shared_block_keys(config: Zamba2Config, hf: str, at: tuple, block: int) -> 
     table.append(packed_key(hf + "feed_forward.gate_up_proj.weight", "linear", mlp, "kernel", gate_up))
     if config.add_bias_linear:
         table.append(packed_key(hf + "feed_forward.gate_up_proj.bias", "copy", mlp, "bias", gate_up))
-    table += _lin(hf + "feed_forward.down_proj", mlp + ("down_proj",), config.add_bias_linear)
+    table += linear_keys(hf + "feed_forward.down_proj", mlp + ("down_proj",), config.add_bias_linear)
     table.append(KeySpec(hf + "input_layernorm.weight", at + ("input_layernorm", "weight"), "copy"))
     table.append(KeySpec(hf + "pre_ff_layernorm.weight", at + ("pre_ff_layernorm", "weight"), "copy"))
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        table += _lin(hf + "self_attn." + name, at + ("self_attn", name))
+        table += linear_keys(hf + "self_attn." + name, at + ("self_attn", name))
     for position, slot in enumerate(block_slots(config, block)):
         adapter = at + ("adapters", position)
         down = KeySpec(f"{hf}feed_forward.gate_up_proj_adapter_list.{slot}.0.weight",
@@ -293,7 +286,7 @@ def zamba2_key_table(config: Zamba2Config) -> list[KeySpec]:
         hf = f"model.layers.{i}."
         at = ("backbone", "layers", i)
         if kind == "hybrid":
-            table += _lin(hf + "linear", at + ("linear",))
+            table += linear_keys(hf + "linear", at + ("linear",))
             table.append(KeySpec(hf + "mamba_decoder.input_layernorm.weight", at + ("norm", "weight"), "copy"))
             table += mamba2_mixer_keys(config.mixer_config, hf + "mamba_decoder.mamba.", at + ("mixer",))
             if config.shared_block_owner(i) == i:
