@@ -44,6 +44,9 @@ SHAPES = [  # name, b, l, h, p, n, g
     ("2.7B b4 l8k", 4, 8192, 80, 64, 128, 1),
     ("130M b4 l8k", 4, 8192, 24, 64, 128, 1),
     ("Codestral b2 l4k", 2, 4096, 128, 64, 128, 8),
+    # Nemotron-H-Nano-9B-v2 / Nemotron-3 mixers: head dim 80 (runs padded to 128), 8 groups
+    ("Nemotron-Nano p80 g8 b2 l8k", 2, 8192, 128, 80, 128, 8),
+    ("Falcon-H1 n256 b4 l4k", 4, 4096, 48, 64, 256, 1),  # state 256
 ]
 CONFIGS = [SSDBlockConfig(64, 4, 2), SSDBlockConfig(64, 4, 3), SSDBlockConfig(64, 4, 4), SSDBlockConfig(32, 4, 3),
            SSDBlockConfig(128, 8, 2)]
@@ -112,7 +115,7 @@ def to_torch(torch, a):
     return torch.from_numpy(a).cuda()
 
 
-def run_ssd(rows, bandwidth, flops, quick, peers=True):
+def run_ssd(rows, bandwidth, flops, quick, peers=True, only=None):
     torch = mamba2_ssd = ssd_forward = None
     try:
         assert peers, "--no-peers"
@@ -133,6 +136,8 @@ def run_ssd(rows, bandwidth, flops, quick, peers=True):
         print(f"mamba2-jax: skipped ({type(e).__name__}: {e})")
 
     for name, b, l, h, p, n, g in SHAPES:
+        if only and not any(key in name for key in only):
+            continue
         args = ssd_inputs(b, l, h, p, n, g)
         floor, nbytes, nflops = ssd_floor(b, l, h, p, n, g, bandwidth, flops)
         row = dict(shape=name, floor=floor, bytes=nbytes, flops=nflops)
@@ -424,6 +429,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one kernel config per shape")
     parser.add_argument("--parts", default="ssd,decode,conv")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated substrings: run only the SSD shapes whose name holds one")
     parser.add_argument("--lengths", default=None,
                         help="comma-separated sequence lengths: run the SSD length sweep instead of --parts")
     parser.add_argument("--sweep-batch", type=int, default=None, help="batch of every sweep point (default 4)")
@@ -454,7 +461,8 @@ def main():
     rows = []
     parts = opts.parts.split(",")
     if "ssd" in parts:
-        run_ssd(rows, bandwidth, flops, opts.quick, peers=not opts.no_peers)
+        run_ssd(rows, bandwidth, flops, opts.quick, peers=not opts.no_peers,
+                only=opts.shapes.split(",") if opts.shapes else None)
     if "decode" in parts:
         run_decode(rows, bandwidth)
     if "conv" in parts:

@@ -29,7 +29,8 @@ from easymamba import kernels
 from easymamba.kernels import pallas_util as pu
 from easymamba.kernels.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from easymamba.kernels.conv1d.triton import causal_conv1d_pallas, causal_conv1d_update_pallas
-from easymamba.kernels.resolver import describe, resolve_impl
+from easymamba.kernels import resolver
+from easymamba.kernels.resolver import describe, resolve, resolve_impl
 from easymamba.kernels.ssd_scan.gpu import (
     MosaicSSDConfig,
     SSDBlockConfig,
@@ -37,6 +38,8 @@ from easymamba.kernels.ssd_scan.gpu import (
     mosaic_gpu_here,
     ssd_pallas,
 )
+from easymamba.kernels.ssd_scan.mosaic_gpu import mgpu_supported
+from easymamba.kernels.ssd_scan.triton import kernel_dims, ssd_supported
 from easymamba.kernels.ssd_scan.reference import ssd_naive
 from easymamba.kernels.state_update.reference import selective_state_update_ref
 from easymamba.kernels.state_update.triton import selective_state_update_pallas
@@ -225,7 +228,7 @@ def check_ssd(seed, variant, *, b, l, h, p, g, n, dtype, interpret, block_q=None
     kw = SSD_VARIANTS[variant](extras, b, l)
     arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
     static = {k: v for k, v in kw.items() if not isinstance(v, jax.Array)}
-    config = SSDBlockConfig(block_q=block_q) if config is None else config
+    config = SSDBlockConfig(block_q=block_q) if config is None and block_q is not None else config
     fn = functools.partial(ssd_pallas, config=config, y_dtype=y_dtype, interpret=interpret, **static)
     y, state = jax.jit(fn)(**args, **arrays)
     y_ref, state_ref = reference64(ssd_naive, **args, **kw)
@@ -282,14 +285,45 @@ def test_ssd_mosaic_refuses_what_it_cannot_compile():
     args, _ = ssd_inputs(14, b=1, l=8, h=2, p=64, g=1, n=64, dtype=jnp.float32)
     with pytest.raises(ValueError, match="Mosaic GPU SSD form.*float32"):
         ssd_pallas(**args, config=MosaicSSDConfig())
-    args, _ = ssd_inputs(14, b=1, l=8, h=2, p=48, g=1, n=64, dtype=jnp.bfloat16)
-    with pytest.raises(ValueError, match="head_dim 48"):
+    args, _ = ssd_inputs(14, b=1, l=8, h=2, p=256, g=1, n=64, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="head_dim 256"):  # padded p 256 > the form's 128
         ssd_pallas(**args, config=MosaicSSDConfig())
     with pytest.raises(ValueError, match="block_q must be 64 or 128"):
         MosaicSSDConfig(block_q=32)
     assert not mosaic_gpu_here() or pu.gpu_capability()[0] == 9
     if not ON_GPU:  # interpreted kernels default to the Triton form
         assert isinstance(default_config(100, 64, 128, jnp.bfloat16), SSDBlockConfig)
+
+
+def test_ssd_mosaic_interpret_padded_head_dim():
+    # head_dim 48 and state 40 run padded to the form's 64 x 64 (kernel_dims): exact against the float64 recurrence
+    check_ssd(16, "full", config=MosaicSSDConfig(), **dict(MOSAIC_CPU, p=48, n=40))
+
+
+def test_ssd_kernel_dims_cover_real_checkpoints(monkeypatch):
+    # the head dims and state sizes of released checkpoints all run in the fused forms, padded where needed
+    assert kernel_dims(80, 128) == (128, 128) and kernel_dims(64, 128) == (64, 128) and kernel_dims(3, 5) == (16, 16)
+    for p in (64, 80, 96, 128):
+        for n in (16, 64, 128, 256):
+            assert ssd_supported(p, n), (p, n)
+            assert mgpu_supported(p, n, jnp.bfloat16) == (n >= 64), (p, n)  # wgmma tiles: n a multiple of 64
+    assert ssd_supported(256, 128) and not ssd_supported(256, 256)
+    assert not mgpu_supported(80, 128, jnp.float32)
+    # on a GPU, impl="pallas" refuses what no form compiles with the rule in words; "auto" says why it takes XLA
+    monkeypatch.setattr(resolver, "_pallas_runs_here", lambda backend: (True, "sm_90 GPU"))
+    dims = dict(p=256, n=256, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="p <= 128 with n <= 256"):
+        resolve("ssd", "pallas", dims=dims, backend="gpu", interpret=False)
+    assert "p <= 128 with n <= 256" in resolve("ssd", "auto", dims=dims, backend="gpu", interpret=False).reason
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("p,n,g", [(80, 128, 8), (64, 256, 1)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ssd_gpu_real_checkpoint_shapes(p, n, g, dtype):
+    # Nemotron-H-Nano-9B-v2 / Nemotron-3 (head dim 80, 8 groups) and Falcon-H1 (state 256), compiled
+    check_ssd(17, "full", b=2, l=300, h=16, p=p, g=g, n=n, dtype=dtype, interpret=False, config=None)
 
 
 @gpu

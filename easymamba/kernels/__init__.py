@@ -227,8 +227,12 @@ def ssd(
     impl: str = "auto",
     shard: MeshAxes | None = None,
     interpret: bool | None = None,
+    y_dtype=None,
 ):
-    """The Mamba-2 SSD scan; returns (y [b,l,h,p], final_state [b,h,p,n]) in promote(x.dtype, float32).
+    """The Mamba-2 SSD scan; returns (y [b,l,h,p] in `y_dtype`, final_state [b,h,p,n] in promote(x.dtype, float32)).
+
+    `y_dtype`: None (default) gives y in x's dtype, as mamba_ssm does (a bf16 model's prefill writes half the
+    bytes); pass jnp.float32 for the compute dtype. Every form computes in float32 and rounds y once at the end.
 
     Semantics: `ssd_naive` (the recurrence) — see `easymamba.kernels.ssd_scan.reference` for the math, seq_idx and
     dtype rules. `impl` in ("auto", "pallas", "xla", "reference"), resolved by `resolver.resolve`; on a TPU
@@ -241,6 +245,11 @@ def ssd(
     dims = dict(p=x.shape[-1], n=B.shape[-1], dtype=x.dtype)
     choice = resolve("ssd", impl, shape_ok=shape_ok, shapes=shapes, dims=dims, backend=backend, interpret=interpret)
     fn, form_kw = _forms(choice, _ssd_pallas, _ssd_tpu, _ssd_xla, ssd_chunked)
+    y_dtype = jnp.dtype(x.dtype if y_dtype is None else y_dtype)
+    if choice.form.is_pallas:
+        form_kw["y_dtype"] = y_dtype
+    else:  # the references compute and return float32; one rounding at the end, fused by XLA
+        fn = _cast_y(fn, y_dtype)
     static = dict(chunk_size=chunk_size, dt_softplus=bool(dt_softplus), dt_limit=_static_limit(dt_limit), **form_kw)
     args = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, seq_idx=seq_idx)
     if not choice.form.is_pallas or shard is None:
@@ -259,6 +268,14 @@ def ssd(
 
     return _shard_call(per_shard, shard, args, specs,
                        (PartitionSpec(b_, None, h_, None), PartitionSpec(b_, h_, None, None)))
+
+
+def _cast_y(fn, y_dtype):
+    """`fn` (an SSD returning (y, final_state)) with y cast to `y_dtype`."""
+    def cast(**kw):
+        y, state = fn(**kw)
+        return y.astype(y_dtype), state
+    return cast
 
 
 def _conv_shapes(backend: str, weight, shard: MeshAxes | None) -> tuple[bool, str]:

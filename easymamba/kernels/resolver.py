@@ -109,6 +109,21 @@ PALLAS_FASTER_ON_GPU = {
 # XLA there. Set an entry from a benchmark run on TPU hardware, as PALLAS_FASTER_ON_GPU was.
 PALLAS_FASTER_ON_TPU: dict[str, bool | None] = dict.fromkeys(OPS)
 
+# op -> the shapes its GPU (Triton-form) kernel compiles (the `*_supported` of its file), for the error sentences
+GPU_SHAPES = {
+    "ssd": "head_dim p and state size n of any size whose padding to powers of two >= 16 (`kernel_dims`) gives a "
+           "state of at most 128 * 256 elements: p <= 128 with n <= 256, or p <= 256 with n <= 128 (ssd_supported "
+           "in easymamba/kernels/ssd_scan/triton.py)",
+    "causal_conv1d": "a power-of-two conv width k and channels in blocks of >= 16 (conv1d_supported in "
+                     "easymamba/kernels/conv1d/triton.py)",
+    "causal_conv1d_update": "a power-of-two conv width k and channels in blocks of >= 16 (conv1d_supported in "
+                            "easymamba/kernels/conv1d/triton.py)",
+    "selective_state_update": "head_dim p and state size n powers of two with p * n <= 128 * 256 "
+                              "(state_update_supported in easymamba/kernels/state_update/triton.py)",
+    "decode_step": "head_dim p, state size n and conv width k powers of two with p * n <= 128 * 256 "
+                   "(decode_step_supported in easymamba/kernels/decode_step/triton.py)",
+}
+
 # op -> the shapes its TPU kernel handles (the `*_tpu_supported` of its file), for the error sentences
 TPU_SHAPES = {
     "ssd": "head_dim p a multiple of 8 that divides 128 or is a multiple of 128, state size n a multiple of 128, "
@@ -198,7 +213,7 @@ def _auto(op: str, backend: str, shape_ok: bool = True) -> tuple[Form, str]:
     if not PALLAS_FASTER_ON_GPU[op]:
         return Form.XLA, f"{why}, but the {op} kernel measured no faster than XLA there (docs/benchmarks.md)"
     if not shape_ok:
-        return Form.XLA, f"{why}, but these shapes are outside what the {op} kernel compiles (powers of two)"
+        return Form.XLA, f"{why}, but these shapes are outside what the {op} kernel compiles ({GPU_SHAPES[op]})"
     return Form.TRITON, f"{why}: the fused {op} kernel, measured faster than XLA (docs/benchmarks.md)"
 
 
@@ -264,8 +279,8 @@ def resolve(op: str, impl: str = "auto", *, shape_ok: bool | None = None, shapes
             raise NotImplementedError(f"the Pallas kernel for {op} cannot run here: {why}; use impl='xla'")
         if not shape_ok:
             got = f" (got {shapes})" if shapes else ""
-            raise ValueError(f"the Pallas kernel for {op} compiles only for power-of-two tile sides{got} (see "
-                             f"`*_supported` in easymamba/kernels); use impl='xla' for these shapes")
+            raise ValueError(f"the Pallas kernel for {op} does not compile these shapes{got}: it needs "
+                             f"{GPU_SHAPES[op]}; use impl='xla' for these shapes")
         form = gpu_form(op, dims, interpret=interpret)
         return Choice(op, form, False, f"asked for ({form.value} form, compiled)")
     return Choice(op, Form.TRITON, True, f"asked for (Triton-style form, interpreted on {jax.default_backend()})")

@@ -23,7 +23,7 @@ from easymamba.kernels import pallas_util as pu
 from easymamba.kernels import resolver
 from easymamba.kernels.ssd_scan.mosaic_gpu import MosaicSSDConfig, mgpu_supported, ssd_forward_mgpu
 from easymamba.kernels.ssd_scan.reference import _check_ssd_args, _process_dt, _segment_ids, ssd_chunked_vjp
-from easymamba.kernels.ssd_scan.triton import SSDBlockConfig, forward_triton, ssd_supported
+from easymamba.kernels.ssd_scan.triton import SSDBlockConfig, forward_triton, kernel_dims, ssd_supported
 from easymamba.kernels.ssd_scan.triton_bwd import (
     SSDBackwardConfig,
     default_backward_config,
@@ -159,15 +159,30 @@ def ssd_pallas(
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     cdtype = jnp.promote_types(x.dtype, jnp.float32)
     y_dtype = jnp.dtype(cdtype if y_dtype is None else y_dtype)
+    p, n = x.shape[3], B.shape[3]
     if config is None:
-        config = default_config(x.shape[1], x.shape[3], B.shape[3], x.dtype, interpret=interpret)
-    if isinstance(config, MosaicSSDConfig) and not mgpu_supported(x.shape[3], B.shape[3], x.dtype):
+        config = default_config(x.shape[1], p, n, x.dtype, interpret=interpret)
+    if isinstance(config, MosaicSSDConfig) and not mgpu_supported(p, n, x.dtype):
         raise ValueError(
-            f"the Mosaic GPU SSD form (MosaicSSDConfig) takes bf16 / f16 x with head_dim and state size multiples "
-            f"of 64 (<= 128 and <= 256); got x {x.dtype}, head_dim {x.shape[3]}, state size {B.shape[3]}"
+            f"the Mosaic GPU SSD form (MosaicSSDConfig) takes bf16 / f16 x with head_dim and state size (rounded "
+            f"up to powers of two) multiples of 64, <= 128 and <= 256; got x {x.dtype}, head_dim {p}, state size {n}"
         )
     if backward == "pallas":
         backward = default_backward_config(x.shape[1]) if backward_config is None else backward_config
     static = (bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), y_dtype, config, int(chunk_size),
               backward, interpret)
-    return _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)
+    kp, kn = kernel_dims(p, n)
+    if (kp, kn) == (p, n):
+        return _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)
+    # Run at the kernels' sizes (`kernel_dims`: exact, zero columns stay zero); autodiff slices the gradients back.
+    x, z = _pad_last(x, kp), None if z is None else _pad_last(z, kp)
+    B, C = _pad_last(B, kn), _pad_last(C, kn)
+    if initial_state is not None:
+        initial_state = jnp.pad(initial_state, [(0, 0), (0, 0), (0, kp - p), (0, kn - n)])
+    y, final_state = _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)
+    return y[..., :p], final_state[:, :, :p, :n]
+
+
+def _pad_last(a, size):
+    """`a` zero-padded at the end of its last axis to `size`."""
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, size - a.shape[-1])])

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from easymamba.kernels.ssd_scan.triton import kernel_dims
+
 try:  # Mosaic GPU ships with every jaxlib >= 0.9; guard unusual builds
     from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover
@@ -64,11 +66,13 @@ class MosaicSSDConfig:
 
 
 def mgpu_supported(p: int, n: int, dtype) -> bool:
-    """Shapes and dtypes this form compiles: 16-bit operands, p and n wgmma-tileable."""
+    """Shapes and dtypes this form compiles: 16-bit operands, p and n wgmma-tileable once padded to
+    `kernel_dims` (`ssd_pallas` pads; head dim 80 runs at 128)."""
+    kp, kn = kernel_dims(p, n)
     return (
         plgpu is not None
         and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and p % 64 == 0 and n % 64 == 0 and p <= 128 and n <= 256
+        and kp % 64 == 0 and kn % 64 == 0 and kp <= 128 and kn <= 256
     )
 
 

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from easymamba.kernels import pallas_util as pu
 
-__all__ = ["SSDBlockConfig", "ssd_supported", "forward_triton"]
+__all__ = ["SSDBlockConfig", "ssd_supported", "kernel_dims", "forward_triton"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +48,21 @@ class SSDBlockConfig:
     num_stages: int = 2
 
 
+def kernel_dims(p: int, n: int) -> tuple[int, int]:
+    """The head dim and state size the kernels run at for a problem of head dim p and state size n: each rounded
+    up to a power of two >= 16 (tensor-core matmul sides). `ssd_pallas` zero-pads x, z, D and the state along p,
+    and B, C and the state along n, to these sizes and slices the results back; this is exact, since the SSD
+    never mixes head-dim columns (column j of y and of the state reads column j of x alone) and a zero column of
+    B and C adds nothing to any dot over n. Head dim 80 (Nemotron-H-Nano-9B-v2, Nemotron-3) runs at 128."""
+    return pu.pow2_at_least(p, 16), pu.pow2_at_least(n, 16)
+
+
 def ssd_supported(p: int, n: int) -> bool:
-    """Shapes the compiled (Triton) kernel handles: p and n powers of two >= 16 (tensor-core matmul sides)."""
-    return pu.is_pow2(p) and pu.is_pow2(n) and p >= 16 and n >= 16 and p * n <= 128 * 256
+    """Shapes the compiled (Triton) kernel handles, padded to `kernel_dims`: any p, n whose padded state [p', n']
+    is at most 128 * 256 elements (it lives in registers): every head dim up to 128 with state up to 256, and
+    head dim up to 256 with state up to 128."""
+    kp, kn = kernel_dims(p, n)
+    return p >= 1 and n >= 1 and kp * kn <= 128 * 256
 
 
 def _kernel(*refs, q, nchunks, has_D, has_z, has_init, has_seg, cdtype):
