@@ -2,12 +2,14 @@
 
     JAX_PLATFORMS= PYTHONPATH=. python3 benchmarks/train_step.py --out train_step.json     # on a GPU
     PYTHONPATH=. python3 benchmarks/train_step.py --tiny                                    # CPU smoke run
+    JAX_PLATFORMS= PYTHONPATH=. python3 benchmarks/train_step.py --packed 1,8 --out t.json   # + packed rows
 
 Random model (d 768, 24 layers, h 24, p 64, n 128, vocab 50288, tied head), parameters in float32 with bf16
 activations (`dtype=bfloat16`: the usual mixed-precision setup) or all-bf16 parameters (`--param-dtype
 bfloat16`), AdamW (`make_optimizer`), random tokens. tokens/s = batch * seq_len / median step time (after two
 warm-up steps; the step donates its state). Kernels: whatever `impl="auto"` picks (Pallas SSD forward and
-backward on sm_80+).
+backward on sm_80+). `--packed 1,8`: each row also packed with 8 sequences (`seq_idx`: the conv and the SSD
+restart at each, and each sequence's first token is not scored); 1 is unpacked.
 """
 
 import argparse
@@ -27,6 +29,7 @@ def main():
     parser.add_argument("--param-dtype", default="float32")
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--packed", default="1", help="sequences per row, comma-separated (1: unpacked)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from flax import nnx
@@ -41,13 +44,16 @@ def main():
     cfg = em.Mamba2Config(vocab_size=50288, n_groups=1, expand=2, conv_kernel=4, chunk_size=256,
                           tie_word_embeddings=True, **shape)
     rows = {}
-    for b in batches:
+    for b, packed in [(b, k) for b in batches for k in (int(v) for v in args.packed.split(","))]:
         model = em.Mamba2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
                                      param_dtype=jnp.dtype(args.param_dtype))
         state = em.TrainState.create(model, em.make_optimizer(3e-4, total_steps=1000, warmup_steps=10))
         step = em.make_train_step(remat=args.remat)
         ids = np.random.default_rng(b).integers(0, cfg.vocab_size, (b, args.seq_len)).astype(np.int32)
-        batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids)}
+        batch = {"input_ids": jnp.asarray(ids)}
+        if packed > 1:  # `packed` equal sequences per row
+            seg = np.arange(args.seq_len) * packed // args.seq_len
+            batch["seq_idx"] = jnp.asarray(np.broadcast_to(seg, ids.shape).astype(np.int32))
         for _ in range(2):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics["loss"])
@@ -58,7 +64,7 @@ def main():
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - t0)
         t = float(np.median(times))
-        rows[b] = {"step_ms": t * 1e3, "tokens_s": b * args.seq_len / t, "loss": float(metrics["loss"])}
+        rows[f"{b}" if packed == 1 else f"{b} packed x{packed}"] = {"step_ms": t * 1e3, "tokens_s": b * args.seq_len / t, "loss": float(metrics["loss"])}
         del state
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
             "seq_len": args.seq_len, "param_dtype": args.param_dtype, "remat": args.remat,

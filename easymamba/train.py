@@ -38,29 +38,40 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from easymamba.models import IGNORE_INDEX, causal_lm_loss_sum
+from easymamba.models import IGNORE_INDEX, causal_lm_loss_sum, seq_idx_from_position_ids
 
-Batch = Mapping[str, jax.Array]  # "input_ids" (b, l) int; optional "labels" (b, l) with -100, "attention_mask" (b, l)
+# "input_ids" (b, l) int; optional "labels" (b, l) with -100, "attention_mask" (b, l), and for packed sequences
+# "seq_idx" (b, l) int or "position_ids" (b, l) restarting at 0 (Hugging Face's DataCollatorWithFlattening)
+Batch = Mapping[str, jax.Array]
 # loss_fn(model, batch, rng) -> (sum of per-label losses, number of labels summed): the step minimises their ratio.
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, jax.Array]]
-BATCH_KEYS = ("input_ids", "labels", "attention_mask")
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "seq_idx")
 
 
 def causal_lm_loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross entropy of `batch` under `model` and the number of labels scored.
 
     `labels` default to `input_ids` (HF shifts inside: position t predicts labels[t + 1]); with an
-    `attention_mask` and no `labels`, masked positions are not scored. `rng` is unused (no dropout).
+    `attention_mask` and no `labels`, masked positions are not scored. Packed rows (`seq_idx`, or `position_ids`
+    restarting at 0): each sequence runs as if alone (the model's `seq_idx`), and without `labels` the first
+    token of every sequence after the first is not scored (nothing before it in its own sequence predicts it),
+    as the collator's -100 separators do. `rng` is unused (no dropout).
     """
     unknown = sorted(set(batch) - set(BATCH_KEYS))
     if unknown or "input_ids" not in batch:
-        raise ValueError(f"a batch holds input_ids and optionally labels and attention_mask; got keys "
+        raise ValueError(f"a batch holds input_ids and optionally {', '.join(BATCH_KEYS[1:])}; got keys "
                          f"{sorted(batch)}" + (f" (unknown: {unknown})" if unknown else ""))
     ids, mask = batch["input_ids"], batch.get("attention_mask")
+    seq_idx, position_ids = batch.get("seq_idx"), batch.get("position_ids")
+    if seq_idx is None and position_ids is not None:
+        seq_idx = seq_idx_from_position_ids(position_ids)
     labels = batch.get("labels")
     if labels is None:
         labels = ids if mask is None else jnp.where(mask != 0, ids, IGNORE_INDEX)
-    logits = model(ids, attention_mask=mask).logits                          # (b, l, v) float32
+        if seq_idx is not None:  # a sequence's first token: the previous sequence's last must not predict it
+            starts = jnp.concatenate([jnp.zeros_like(seq_idx[:, :1], bool), seq_idx[:, 1:] != seq_idx[:, :-1]], 1)
+            labels = jnp.where(starts, IGNORE_INDEX, labels)
+    logits = model(ids, attention_mask=mask, position_ids=position_ids, seq_idx=seq_idx).logits  # (b, l, v) f32
     return causal_lm_loss_sum(logits, labels, model.config.vocab_size)
 
 

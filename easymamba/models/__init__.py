@@ -31,6 +31,7 @@ from easymamba.models.causal_lm import (
     ResidualBlock,
     causal_lm_loss,
     causal_lm_loss_sum,
+    seq_idx_from_position_ids,
 )
 from easymamba.models.falcon_h1 import FalconH1Block, FalconH1ForCausalLM, FalconH1Model, falcon_h1_key_table
 from easymamba.models.falcon_mamba import (
@@ -118,7 +119,7 @@ __all__ = [
     "FAMILIES", "family_of", "config_from_hf", "abstract_model", "ModelFamily", "KeySpec", "IGNORE_INDEX",
     "Backbone", "CausalLM", "ResidualBlock",
     "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
-    "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
+    "seq_idx_from_position_ids", "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",
     "Attention", "MLP", "MoE", "NemotronHModel", "NemotronHForCausalLM", "nemotron_h_key_table",
     "FalconMambaBlock", "FalconMambaModel", "FalconMambaForCausalLM", "FalconMambaMixer", "falcon_mamba_key_table",

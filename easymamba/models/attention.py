@@ -99,9 +99,11 @@ class Attention(nnx.Module):
         self.o_proj = linear(hq * hd, c.out_size, c.o_bias, ("attn_heads", "embed"))
 
     # -- the mixer protocol of easymamba.models.causal_lm.ResidualBlock ------------------------------------------
-    def run(self, hidden, view, *, attention_mask=None, position_ids=None, **_):
+    PACKED = True  # takes seq_idx: packed sequences attend within their own segment
+
+    def run(self, hidden, view, *, attention_mask=None, position_ids=None, seq_idx=None, **_):
         """hidden (b, l, in), the layer's `AttentionCacheView` or None -> (out (b, l, out), the renewed view)."""
-        return self(hidden, attention_mask=attention_mask, position_ids=position_ids, view=view)
+        return self(hidden, attention_mask=attention_mask, position_ids=position_ids, view=view, seq_idx=seq_idx)
 
     def run_step(self, hidden, view, *, attention_mask=None, position_ids=None, active_rows=None, **_):
         """One token (b, 1, in) with its view; rows where `active_rows` is False write an invalid slot (their
@@ -116,7 +118,7 @@ class Attention(nnx.Module):
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, view=None, active_rows: jax.Array | None = None,
-                 lora=None):
+                 lora=None, seq_idx: jax.Array | None = None):
         """hidden (b, l, in) -> (out (b, l, out), the renewed view or None).
 
         attention_mask (b, >= l) of 0/1: its last l columns mark this call's real tokens (padding is masked as a
@@ -125,6 +127,7 @@ class Attention(nnx.Module):
         tokens are written at its `seqlen_offset` (the caller advances it, as for the SSM views).
         lora: {"q" | "k" | "v": (down (in, r), up (r, out of that projection))}, low-rank adapters added to those
         projections' outputs for this call.
+        seq_idx (b, l) int: packed sequences (no view): a query attends only to keys of its own segment.
         """
         c = self.config
         b, l, _ = hidden.shape
@@ -170,6 +173,10 @@ class Attention(nnx.Module):
         t = keys.shape[1]
         k_slot = jnp.arange(t, dtype=jnp.int32)
         mask = (k_slot[None, :] <= q_slot[:, None])[None, None] & key_valid[:, None, None, :]  # (b, 1, l, t)
+        if seq_idx is not None:
+            if view is not None:
+                raise ValueError("seq_idx (packed sequences) is for a forward without a cache; got a cache view")
+            mask = mask & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])              # same segment
         keys, values = keys.astype(q.dtype), values.astype(q.dtype)
         o = jax.nn.dot_product_attention(q, keys, values, mask=mask, scale=c.scaling)          # (b, l, H, hd)
         sow_hook(self, "hook_attn_pattern", lambda: _pattern(q, keys, mask, c.scaling))

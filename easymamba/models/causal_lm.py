@@ -91,18 +91,25 @@ class ResidualBlock(nnx.Module):
     # turns it on for the copy of the model it differentiates.
     remat: bool = False
 
-    def __call__(self, hidden: jax.Array, *, attention_mask=None, view=None, position_ids=None, embeddings=None):
+    @property
+    def takes_packed(self) -> bool:
+        """Whether this block takes packed sequences (`seq_idx`): its mixer's class says so (`PACKED`)."""
+        return bool(getattr(self.mixer, "PACKED", False))
+
+    def __call__(self, hidden: jax.Array, *, attention_mask=None, view=None, position_ids=None, embeddings=None,
+                 seq_idx=None):
         """hidden (b, l, d), the layer's cache view or None -> (hidden (b, l, d), the renewed view or None).
         `position_ids` (b, l) reach position-aware mixers (attention); `embeddings` (the backbone's input, for
-        families whose blocks read it) is unused here."""
+        families whose blocks read it) is unused here; `seq_idx` (b, l) int marks packed sequences."""
         del embeddings
         if self.remat:
-            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, view, position_ids)
-        return self._forward(hidden, attention_mask, view, position_ids)
+            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, view, position_ids, seq_idx)
+        return self._forward(hidden, attention_mask, view, position_ids, seq_idx)
 
-    def _forward(self, hidden, attention_mask, view, position_ids):
+    def _forward(self, hidden, attention_mask, view, position_ids, seq_idx=None):
         residual, normed = self._pre(hidden)
-        out, view = self.mixer.run(normed, view, attention_mask=attention_mask, position_ids=position_ids)
+        extra = {} if seq_idx is None else {"seq_idx": seq_idx}
+        out, view = self.mixer.run(normed, view, attention_mask=attention_mask, position_ids=position_ids, **extra)
         return self._post(residual, out), view
 
     def step(self, hidden: jax.Array, view, *, attention_mask=None, active_rows=None, decode_weights=None,
@@ -227,11 +234,36 @@ class Backbone(nnx.Module):
         start = None if cache is None else _real_tokens(cache)
         return position_ids_from_mask(attention_mask, b, l, start)
 
+    @property
+    def takes_packed(self) -> bool:
+        """Whether every layer takes packed sequences (`seq_idx`; the Mamba-2 mixer, attention, MLP and MoE do)."""
+        return all(getattr(layer, "takes_packed", False) for layer in self.layers)
+
+    def _segments(self, seq_idx, position_ids, attention_mask, cache, b: int, l: int):
+        """The packed-sequence ids (b, l) int32 of this call, or None. Given as `seq_idx`, or read from
+        `position_ids` in Hugging Face's packing convention (`DataCollatorWithFlattening`: positions restart at 0
+        where a sequence starts) when the model takes packed sequences and the call has no cache and no mask."""
+        if seq_idx is None:
+            if position_ids is None or cache is not None or attention_mask is not None or not self.takes_packed:
+                return None
+            return seq_idx_from_position_ids(jnp.asarray(position_ids).reshape(b, l))
+        if not self.takes_packed:
+            raise ValueError(f"this {self.family.model_type} model does not take packed sequences (seq_idx): its layers "
+                             f"are not all Mamba-2, attention, MLP or MoE blocks; run each sequence as its own row")
+        if cache is not None:
+            raise ValueError("seq_idx (packed sequences) is for a forward without a cache; got a cache")
+        seq_idx = jnp.asarray(seq_idx)
+        if seq_idx.shape != (b, l) or not jnp.issubdtype(seq_idx.dtype, jnp.integer):
+            raise ValueError(f"seq_idx must be an integer array of shape {(b, l)} (batch, seq_len), one segment id "
+                             f"per token; got shape {seq_idx.shape}, dtype {seq_idx.dtype}")
+        return seq_idx.astype(jnp.int32)
+
     def __call__(self, input_ids=None, *, attention_mask=None, cache=None, inputs_embeds=None,
-                 output_hidden_states: bool = False, position_ids=None) -> Mamba2Output:
+                 output_hidden_states: bool = False, position_ids=None, seq_idx=None) -> Mamba2Output:
         """A sequence (b, l), or with `cache` its continuation from the cache's state (chunked prefill; one token
         is a decode step). `output_hidden_states` follows the pinned transformers for the family (its record's
-        `hidden_states_with_embeddings`)."""
+        `hidden_states_with_embeddings`). `seq_idx` (b, l) int, or `position_ids` that restart at 0: packed
+        sequences, each computed as if alone (`_segments`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (b, l) and inputs_embeds (b, l, d)")
         if input_ids is not None and input_ids.ndim != 2:
@@ -244,6 +276,7 @@ class Backbone(nnx.Module):
             attention_mask = check_attention_mask(attention_mask, b, l)
         if cache is not None:  # before any work: a wrong cache is refused by name, not by a shape error later
             self._check_cache(cache, b)
+        seq_idx = self._segments(seq_idx, position_ids, attention_mask, cache, b, l)
         rules = self.mesh_rules
         if rules is not None:
             rules.check_batch(b)
@@ -257,13 +290,14 @@ class Backbone(nnx.Module):
         hidden = constrain(hidden, rules, "batch", None, "embed")
         sow_hook(self, "hook_embed", hidden)
         position_ids = self._positions(position_ids, attention_mask, cache, b, l)
+        packed = {} if seq_idx is None else {"seq_idx": seq_idx}
 
         embeddings = hidden
         outputs = [hidden] if output_hidden_states else None
         views = []
         for i, layer in enumerate(self.layers):
             hidden, view = layer(hidden, attention_mask=attention_mask, view=None if cache is None else cache.views[i],
-                                 position_ids=position_ids, embeddings=embeddings)
+                                 position_ids=position_ids, embeddings=embeddings, **packed)
             hidden = constrain(hidden, rules, "batch", None, "embed")
             views.append(view)
             if outputs is not None:
@@ -308,7 +342,7 @@ class Backbone(nnx.Module):
         for i, layer in enumerate(self.layers):
             hidden, view = layer.step(hidden, cache.views[i], attention_mask=attention_mask, active_rows=active_rows,
                                       decode_weights=None if decode_weights is None else decode_weights[i],
-                                      position_ids=position_ids, embeddings=embeddings)
+                                      position_ids=position_ids, embeddings=embeddings, **packed)
             hidden = constrain(hidden, rules, "batch", None, "embed")
             views.append(view)
         new_cache = cache.with_views(views)
@@ -323,6 +357,12 @@ class Backbone(nnx.Module):
         cost one more copy of in_proj's and out_proj's weights while they live."""
         weights = tuple(layer.decode_weights() for layer in self.layers)
         return None if all(w is None for w in weights) else weights
+
+
+def seq_idx_from_position_ids(position_ids: jax.Array) -> jax.Array:
+    """(b, l) int32 segment ids of packed sequences from position ids (b, l) in Hugging Face's packing convention
+    (`DataCollatorWithFlattening`): a segment starts wherever the position is 0."""
+    return jnp.cumsum(jnp.asarray(position_ids) == 0, axis=1, dtype=jnp.int32)
 
 
 def _real_tokens(cache) -> jax.Array:
@@ -390,14 +430,14 @@ class CausalLM(nnx.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache=None, labels=None, inputs_embeds=None,
-                 output_hidden_states: bool = False, position_ids=None) -> Mamba2CausalLMOutput:
+                 output_hidden_states: bool = False, position_ids=None, seq_idx=None) -> Mamba2CausalLMOutput:
         if (cache is not None and input_ids is not None and getattr(input_ids, "ndim", 0) == 2
                 and input_ids.shape[1] == 1 and labels is None and not output_hidden_states
-                and position_ids is None):
+                and position_ids is None and seq_idx is None):
             logits, cache = self.step(input_ids[:, 0], cache, attention_mask=attention_mask)
             return Mamba2CausalLMOutput(logits[:, None], None, cache)
         out = self.backbone(input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
-                            output_hidden_states=output_hidden_states, position_ids=position_ids)
+                            output_hidden_states=output_hidden_states, position_ids=position_ids, seq_idx=seq_idx)
         logits = constrain(self.logits(out.last_hidden_state), self.backbone.mesh_rules, "batch", None, "vocab")
         loss = None
         if labels is not None:

@@ -83,9 +83,16 @@ class SSMViewMixer:
     `mesh_rules`.
     """
 
-    def run(self, hidden, view, *, attention_mask=None, **_):
-        """A sequence (b, l, d) with the layer's view (or None) -> (out (b, l, d), the renewed view or None)."""
-        out, states = self(hidden, attention_mask=attention_mask, **self._states_in(view))
+    def run(self, hidden, view, *, attention_mask=None, seq_idx=None, **_):
+        """A sequence (b, l, d) with the layer's view (or None) -> (out (b, l, d), the renewed view or None).
+        `seq_idx` (b, l) int: packed sequences (mixers whose class sets `PACKED`)."""
+        if seq_idx is None:
+            out, states = self(hidden, attention_mask=attention_mask, **self._states_in(view))
+        else:
+            if not getattr(self, "PACKED", False):
+                raise ValueError(f"{type(self).__name__} does not take packed sequences (seq_idx); run each "
+                                 f"sequence as its own row")
+            out, states = self(hidden, attention_mask=attention_mask, seq_idx=seq_idx, **self._states_in(view))
         return out, self._view_out(view, states)
 
     def run_step(self, hidden, view, *, attention_mask=None, active_rows=None, decode_weights=None, **_):

@@ -50,6 +50,7 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
     """
 
     HOOKS = ("hook_in_proj", "hook_conv", "hook_dt", "hook_ssm_out", "hook_inner_norm", "hook_out_proj")
+    PACKED = True  # takes seq_idx: the conv and the SSD restart at every segment
 
     def __init__(self, config: Mamba2Config, *, layer_idx: int = 0, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, kernel_impl: str = "auto"):
@@ -97,20 +98,22 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
 
     def __call__(self, hidden: jax.Array, *, attention_mask: jax.Array | None = None,
-                 conv_state: jax.Array | None = None,
-                 ssm_state: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                 conv_state: jax.Array | None = None, ssm_state: jax.Array | None = None,
+                 seq_idx: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """hidden (b, l, d) -> (out (b, l, d), (conv_state (b, c, k), ssm_state (b, h, p, n) float32)).
 
         `attention_mask` (b, l) of 0/1 zeroes padded positions where HF does: the mixer input before
         in_proj and the conv output after SiLU (so left-padded rows keep a zero state through the pads).
         `conv_state` / `ssm_state` continue a sequence (chunked prefill); pass both or neither. One token with
-        states is a decode step (`step`).
+        states is a decode step (`step`). `seq_idx` (b, l) int: packed sequences, one segment id per token
+        (non-decreasing along l): the conv window and the SSM state restart where it changes, so each segment
+        computes as if run alone (with states, they continue the first segment only).
         """
         if (conv_state is None) != (ssm_state is None):
             raise ValueError("Mamba2Mixer needs both conv_state and ssm_state to continue a sequence, or neither")
-        if hidden.shape[1] == 1 and conv_state is not None:
+        if hidden.shape[1] == 1 and conv_state is not None and seq_idx is None:
             return self.step(hidden, conv_state, ssm_state, attention_mask=attention_mask)
-        return self._forward(hidden, attention_mask, conv_state, ssm_state, decode=False)
+        return self._forward(hidden, attention_mask, conv_state, ssm_state, decode=False, seq_idx=seq_idx)
 
     def step(self, hidden: jax.Array, conv_state: jax.Array, ssm_state: jax.Array, *,
              attention_mask: jax.Array | None = None, active_rows: jax.Array | None = None,
@@ -131,7 +134,7 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         out, states = self._forward(hidden, attention_mask, conv_state, ssm_state, decode=True)
         return out, hold_rows(active_rows, (conv_state, ssm_state), states)
 
-    def _forward(self, hidden, attention_mask, conv_state, ssm_state, decode: bool):
+    def _forward(self, hidden, attention_mask, conv_state, ssm_state, decode: bool, seq_idx=None):
         """The op-by-op mixer: a sequence (prefill or continuation), or one token (`decode`)."""
         cfg = self.config
         b, l, _ = hidden.shape
@@ -141,9 +144,10 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
             hidden = hidden * mask
         rules = self.mesh_rules
         if rules is None:
-            z, x, B, C, dt, conv_state = self._project_and_conv_packed(hidden, mask, conv_state, decode)
+            z, x, B, C, dt, conv_state = self._project_and_conv_packed(hidden, mask, conv_state, decode, seq_idx)
         else:
-            z, x, B, C, dt, conv_state = self._project_and_conv_parts(hidden, mask, conv_state, decode, rules)
+            z, x, B, C, dt, conv_state = self._project_and_conv_parts(hidden, mask, conv_state, decode, rules,
+                                                                      seq_idx)
         shard = None if rules is None else rules.kernel_axes()
 
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))                  # (h,)
@@ -158,8 +162,8 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         else:
             y, ssm_state = kernels.ssd(
                 x.reshape(b, l, h, p), dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
-                chunk_size=cfg.chunk_size, initial_state=ssm_state, impl=self.kernel_impl, shard=shard,
-                **ssm_kwargs)
+                chunk_size=cfg.chunk_size, initial_state=ssm_state, seq_idx=seq_idx, impl=self.kernel_impl,
+                shard=shard, **ssm_kwargs)
         sow_hook(self, "hook_ssm_out", y)                                  # (b, l, h, p)
         if self.norm is None:  # y (float32) * silu(z) (z in the model dtype), as HF's Falcon-H1 without the norm
             y = y.reshape(b, l, e) * jax.nn.silu(z)                       # (b, l, e)
@@ -226,7 +230,7 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
                          None if proj.bias is None else proj.bias[...], few_rows=True)
         return out, (conv_state, ssm_state)
 
-    def _project_and_conv_parts(self, hidden, mask, conv_state, decode, rules):
+    def _project_and_conv_parts(self, hidden, mask, conv_state, decode, rules, seq_idx=None):
         """in_proj and the conv part by part, each sharded its own way (models placed on a mesh)."""
         cfg = self.config
         e, g, n = cfg.intermediate_size, cfg.n_groups, cfg.state_size
@@ -261,7 +265,7 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
                 y = y[:, None]                                             # (b, 1, channels)
             else:
                 y, state = kernels.causal_conv1d(part, weight, bias, activation="silu", initial_state=state,
-                                                 impl=self.kernel_impl, shard=part_shard)
+                                                 seq_idx=seq_idx, impl=self.kernel_impl, shard=part_shard)
             y = constrain(y, rules, "batch", None, axis)
             outs.append(y if mask is None else y * mask)
             new_states.append(state)
@@ -279,7 +283,7 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
 
         return z, x, B, C, dt, conv_state
 
-    def _project_and_conv_packed(self, hidden, mask, conv_state, decode):
+    def _project_and_conv_packed(self, hidden, mask, conv_state, decode, seq_idx=None):
         """in_proj as one GEMM and the conv on the packed [x | B | C] channels (unsharded models): fewer, larger
         kernels, which is what a batch-1 decode step is bound by."""
         cfg = self.config
@@ -296,7 +300,7 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
             xbc = xbc1[:, None]                                            # (b, 1, c)
         else:
             xbc, conv_state = kernels.causal_conv1d(xbc, weight, bias, activation="silu", initial_state=conv_state,
-                                                    impl=self.kernel_impl)
+                                                    seq_idx=seq_idx, impl=self.kernel_impl)
         if mask is not None:
             xbc = xbc * mask
         sow_hook(self, "hook_conv", xbc)

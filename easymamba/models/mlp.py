@@ -49,7 +49,9 @@ def _linear(n_in, n_out, bias, axes, std, *, dtype, param_dtype, rngs):
 
 class _Stateless:
     """The mixer protocol of `easymamba.models.causal_lm.ResidualBlock` for a part without state: the view
-    passes through untouched."""
+    passes through untouched. Token by token, so packed sequences (`seq_idx`) need nothing."""
+
+    PACKED = True
 
     def run(self, hidden, view, **_):
         return self(hidden), view
