@@ -64,7 +64,8 @@ def main():
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - t0)
         t = float(np.median(times))
-        rows[f"{b}" if packed == 1 else f"{b} packed x{packed}"] = {"step_ms": t * 1e3, "tokens_s": b * args.seq_len / t, "loss": float(metrics["loss"])}
+        rows[f"{b}" if packed == 1 else f"{b} packed x{packed}"] = {
+            "step_ms": t * 1e3, "tokens_s": b * args.seq_len / t, "loss": float(metrics["loss"])}
         del state
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
             "seq_len": args.seq_len, "param_dtype": args.param_dtype, "remat": args.remat,

@@ -248,8 +248,8 @@ class Backbone(nnx.Module):
                 return None
             return seq_idx_from_position_ids(jnp.asarray(position_ids).reshape(b, l))
         if not self.takes_packed:
-            raise ValueError(f"this {self.family.model_type} model does not take packed sequences (seq_idx): its layers "
-                             f"are not all Mamba-2, attention, MLP or MoE blocks; run each sequence as its own row")
+            raise ValueError(f"this {self.family.model_type} model does not take packed sequences (seq_idx): its "
+                             f"layers are not all Mamba-2, attention, MLP or MoE blocks; run each sequence as its own row")
         if cache is not None:
             raise ValueError("seq_idx (packed sequences) is for a forward without a cache; got a cache")
         seq_idx = jnp.asarray(seq_idx)
@@ -342,7 +342,7 @@ class Backbone(nnx.Module):
         for i, layer in enumerate(self.layers):
             hidden, view = layer.step(hidden, cache.views[i], attention_mask=attention_mask, active_rows=active_rows,
                                       decode_weights=None if decode_weights is None else decode_weights[i],
-                                      position_ids=position_ids, embeddings=embeddings, **packed)
+                                      position_ids=position_ids, embeddings=embeddings)
             hidden = constrain(hidden, rules, "batch", None, "embed")
             views.append(view)
         new_cache = cache.with_views(views)
