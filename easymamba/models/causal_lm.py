@@ -249,7 +249,8 @@ class Backbone(nnx.Module):
             return seq_idx_from_position_ids(jnp.asarray(position_ids).reshape(b, l))
         if not self.takes_packed:
             raise ValueError(f"this {self.family.model_type} model does not take packed sequences (seq_idx): its "
-                             f"layers are not all Mamba-2, attention, MLP or MoE blocks; run each sequence as its own row")
+                             f"layers are not all Mamba-2, attention, MLP or MoE blocks; run each sequence as its "
+                             f"own row")
         if cache is not None:
             raise ValueError("seq_idx (packed sequences) is for a forward without a cache; got a cache")
         seq_idx = jnp.asarray(seq_idx)
