@@ -27,7 +27,6 @@ Choices:
   embedding is accepted; one whose `lm_head.weight` differs is refused, since the tied model would differ.
 """
 
-import json
 import os
 import pathlib
 from collections.abc import Callable
@@ -39,10 +38,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from easymamba.checkpoints.checks import FLOAT_CODES, check_source
+from easymamba.checkpoints.checks import FLOAT_CODES, check_names, check_source
 from easymamba.checkpoints.errors import CheckpointError
 from easymamba.models import FAMILIES, abstract_model, config_from_hf, family_of
 from easymamba.checkpoints.layout import FlaxView, StackedView, split_parts
+from easymamba.checkpoints.safetensors_format import load_json
 from easymamba.checkpoints.sources import open_weights
 from easymamba.sharding import ShardingRules, attach, param_rules
 
@@ -100,6 +100,7 @@ def build_from_source(config, src, config_name: str, *, dtype=None, param_dtype=
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
     if rules is not None and (shardings is not None or mesh is None):
         raise ValueError("rules= shards by the sharding rules on a mesh: pass it with mesh= and without shardings=")
+    check_names(config, src, config_name)  # before the abstract build, which grows with the layers the config says
     abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype, kernel_impl=kernel_impl)
     plan = check_source(abstract, src, config_name)
     graphdef, state = nnx.split(abstract)
@@ -145,10 +146,7 @@ def read_config(path: "str | os.PathLike"):
     file = pathlib.Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
+    raw = load_json(file.read_bytes(), file)  # bad UTF-8, deep nesting, duplicate keys: CheckpointError
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type is not None and model_type not in FAMILIES:
         known = ", ".join(f"{t!r} ({f.causal_lm.__name__})" for t, f in FAMILIES.items())

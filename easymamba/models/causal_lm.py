@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from easymamba.config.common import check_resource_bounds
 from easymamba.layers import Embedding, is_concrete, normal_init
 from easymamba.models.attention import position_ids_from_mask
 from easymamba.models.common import check_attention_mask, sow_hook
@@ -151,6 +152,7 @@ class Backbone(nnx.Module):
             raise TypeError(f"{type(self).__name__} needs a {family.config_class.__name__} of model_type "
                             f"{family.model_type!r}, got a {type(config).__name__} of model_type "
                             f"{config.model_type!r}")
+        check_resource_bounds(config)  # a bomb of a config is refused here, before any parameter is built
         self.config = config
         self.dtype = dtype
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
