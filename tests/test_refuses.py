@@ -159,6 +159,9 @@ def test_non_finite_weights_warn_once_naming_the_tensors(good, caplog):
     ours = [w for w in seen if issubclass(w.category, em.NonFiniteWeightWarning)]
     assert len(ours) == 1, [str(w.message) for w in seen]
     assert "backbone.norm_f.weight" in str(ours[0].message) and "lm_head.weight" in str(ours[0].message)
+    target = random_model()
+    with pytest.warns(em.NonFiniteWeightWarning, match=r"the state dict: .*backbone\.norm_f\.weight"):
+        em.load_state_dict(target, tensors)
 
     # A pickle is opened with weights_only=True, and said so in one line.
     torch = pytest.importorskip("torch")

@@ -29,7 +29,8 @@ def save_pretrained(model, path: "str | os.PathLike", *, max_shard_size: "int | 
     and keeps every other file; a save running into the same directory makes this one raise (`destination.py`).
     Both refusals are a `CheckpointError`, raised before anything is written.
     """
-    parse_size(max_shard_size)  # a bad size is refused before the directory is created
+    parse_size(max_shard_size)  # a bad size or a non-model is refused before the directory is created
+    family_of(model)
     with claim(path, overwrite=overwrite, what="save_pretrained") as directory:
         return _write(model, directory, max_shard_size, progress)
 
