@@ -23,6 +23,7 @@ from easymamba.caching import (
 )
 from easymamba.checkpoints import (
     CheckpointError,
+    NonFiniteWeightWarning,
     from_pretrained,
     load_checkpoint,
     load_state_dict,
@@ -104,6 +105,7 @@ __all__ = [
     "shard_batch",
     "shard_model",
     "CheckpointError",
+    "NonFiniteWeightWarning",
     "FalconH1Block",
     "FalconH1Config",
     "FalconH1ForCausalLM",

@@ -388,7 +388,7 @@ def test_malformed_documents_raise():
     for edit, match in json_cases:
         with pytest.raises(ValueError, match=match):
             Mamba2Cache.from_json(broken_json(edit))
-    with pytest.raises(ValueError, match=r"cache JSON does not parse"):
+    with pytest.raises(ValueError, match=r"the cache JSON is not JSON"):
         Mamba2Cache.from_json("{not json")
 
 

@@ -243,8 +243,8 @@ def test_good_directory_loads_and_save_is_idempotent(good):
     np.testing.assert_array_equal(em.state_dict(model)["backbone.layers.1.mixer.in_proj.weight"],
                                   safetensors.numpy.load_file(good / "model.safetensors")[
                                       "backbone.layers.1.mixer.in_proj.weight"])
-    # Re-saving sharded into the same directory removes the single file (it would shadow the shards).
-    em.save_pretrained(model, good, max_shard_size="8KB")
+    # Re-saving sharded into the same directory (overwrite=True) removes the single file (it would shadow the shards).
+    em.save_pretrained(model, good, max_shard_size="8KB", overwrite=True)
     assert "model.safetensors" not in _files(good)
     assert em.state_dict(em.from_pretrained(good)).keys() == em.state_dict(model).keys()
 
@@ -322,7 +322,7 @@ def test_corrupt_file(good):
 
 
 def test_index_names_missing_shard(good):
-    em.save_pretrained(em.from_pretrained(good), good, max_shard_size="8KB")
+    em.save_pretrained(em.from_pretrained(good), good, max_shard_size="8KB", overwrite=True)
     index = json.loads((good / "model.safetensors.index.json").read_text())
     shard = sorted(set(index["weight_map"].values()))[1]
     (good / shard).unlink()

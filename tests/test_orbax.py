@@ -76,7 +76,7 @@ def test_tied_model_and_sharded_restore(tmp_path):
 def test_new_save_replaces_old_version(tmp_path):
     old, new = random_model(seed=2), random_model(seed=3)
     em.save_checkpoint(old, tmp_path / "ckpt")
-    assert em.save_checkpoint(new, tmp_path / "ckpt").name == "2"
+    assert em.save_checkpoint(new, tmp_path / "ckpt", overwrite=True).name == "2"
     assert [p.name for p in orbax_checkpoint.versions(tmp_path / "ckpt")] == ["2"]
     assert_same_params(em.load_checkpoint(tmp_path / "ckpt"), new)
 
@@ -99,11 +99,11 @@ def test_raising_save_leaves_old_checkpoint(tmp_path, monkeypatch, where):
         else:                       # everything written, the final rename never happens
             m.setattr(ocp.CompositeCheckpointHandler, "finalize", boom)
         with pytest.raises(DiskFull):
-            em.save_checkpoint(new, tmp_path / "ckpt")
+            em.save_checkpoint(new, tmp_path / "ckpt", overwrite=True)
     assert [p.name for p in orbax_checkpoint.versions(tmp_path / "ckpt")] == ["1"]
     assert_same_params(em.load_checkpoint(tmp_path / "ckpt"), old)
     # The next save cleans the debris up and wins.
-    em.save_checkpoint(new, tmp_path / "ckpt")
+    em.save_checkpoint(new, tmp_path / "ckpt", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2"]
     assert_same_params(em.load_checkpoint(tmp_path / "ckpt"), new)
 
@@ -117,7 +117,7 @@ def test_crash_after_commit_loads_the_new_version(tmp_path, monkeypatch):
 
     monkeypatch.setattr(orbax_checkpoint, "_remove_old", crash)
     with pytest.raises(KeyboardInterrupt):
-        em.save_checkpoint(new, tmp_path / "ckpt")
+        em.save_checkpoint(new, tmp_path / "ckpt", overwrite=True)
     assert [p.name for p in orbax_checkpoint.versions(tmp_path / "ckpt")] == ["1", "2"]
     assert_same_params(em.load_checkpoint(tmp_path / "ckpt"), new)
 
@@ -134,7 +134,7 @@ _KILLED_WRITER = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)
 
     ocp.handlers.JsonCheckpointHandler.async_save = die
-    em.save_checkpoint(random_model(seed=9), sys.argv[1])
+    em.save_checkpoint(random_model(seed=9), sys.argv[1], overwrite=True)
     print("not reached")
 """)
 
@@ -176,5 +176,5 @@ def test_version_folder_written_without_the_manager_loads(tmp_path):
         params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(orbax_checkpoint._model_meta(model, params))))
     checkpointer.close()
     assert_same_params(em.load_checkpoint(tmp_path / "ckpt"), model)
-    assert em.save_checkpoint(random_model(seed=12), tmp_path / "ckpt").name == "2"
+    assert em.save_checkpoint(random_model(seed=12), tmp_path / "ckpt", overwrite=True).name == "2"
     assert [p.name for p in orbax_checkpoint.versions(tmp_path / "ckpt")] == ["2"]

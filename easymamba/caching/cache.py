@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from easymamba import jsonio
 from easymamba.caching import serialization
 from easymamba.caching.view import BaseCacheView, Mamba2CacheView, ViewSpecs
 
@@ -48,6 +49,10 @@ class BaseCache:
         for i, view in enumerate(self.views):
             if view is not None and not isinstance(view, self.VIEW):
                 raise ValueError(f"views[{i}] must be a {name} or None; got {type(view).__name__}")
+            # a view in another layer's slot would run that layer on this one's state: wrong numbers, no error
+            if view is not None and view.layer_index is not None and view.layer_index != i:
+                raise ValueError(f"views[{i}] has layer_index {view.layer_index}; slot {i} takes layer {i}'s view "
+                                 "(are the views out of order?)")
         object.__setattr__(self, "views", tuple(self.views))
 
     # -- pytree -----------------------------------------------------------------------------------------------
@@ -260,10 +265,7 @@ class BaseCache:
 
     @classmethod
     def from_json(cls, s: str, mesh: Mesh | None = None):
-        try:
-            d = json.loads(s)
-        except (TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"cache JSON does not parse: {err}") from None
+        d = jsonio.loads(s, "the cache JSON")  # ValueError for bad text, duplicate keys or deep nesting
         return cls.from_dict(serialization.jsonable_to_dict(d, cls.VIEW.LEAVES), mesh)
 
     def __repr__(self) -> str:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from easymamba import jsonio
 from easymamba.caching import partition, serialization
 from easymamba.caching.attention import AttentionCacheMetaData, AttentionCacheView
 from easymamba.caching.cache import BaseCache, Mamba2Cache
@@ -548,10 +549,7 @@ class HybridCache(BaseCache):
 
     @classmethod
     def from_json(cls, s: str, mesh: Mesh | None = None) -> "HybridCache":
-        try:
-            d = json.loads(s)
-        except (TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"cache JSON does not parse: {err}") from None
+        d = jsonio.loads(s, "the cache JSON")  # ValueError for bad text, duplicate keys or deep nesting
         if isinstance(d, dict) and isinstance(d.get("views"), list):  # structure errors are left to from_dict
             d["views"] = [
                 [serialization.view_from_jsonable(v, _leaves_of(v), f"views[{i}][{j}]") for j, v in enumerate(docs)]

@@ -2,7 +2,7 @@
 
 One subject per file, imports running down this list:
 
-    errors.py              CheckpointError, the one error type
+    errors.py              CheckpointError, the one error type, and NonFiniteWeightWarning
     layout.py              the HF <-> flax layout transforms, packed-part splitting, FlaxView
     safetensors_format.py  the header and index checks made before safetensors.safe_open reads
     safetensors_writer.py  the streaming safetensors writer and transformers' sharding
@@ -19,7 +19,7 @@ model classes) is the family's record (`easymamba.models.FAMILIES`); every direc
 so they cannot drift apart.
 """
 
-from easymamba.checkpoints.errors import CheckpointError
+from easymamba.checkpoints.errors import CheckpointError, NonFiniteWeightWarning
 from easymamba.checkpoints.hf_reader import checkpoint_dtype, from_pretrained, read_config
 from easymamba.checkpoints.hf_writer import save_pretrained
 from easymamba.checkpoints.orbax_io import (
@@ -35,5 +35,6 @@ from easymamba.checkpoints.orbax_io import (
 from easymamba.checkpoints.state_dict import load_state_dict, state_dict
 
 __all__ = ["CheckpointError", "checkpoint_config", "checkpoint_dtype", "from_pretrained", "is_checkpoint",
-           "load_checkpoint", "load_state_dict", "load_train_state", "read_config", "save_checkpoint",
+           "load_checkpoint", "load_state_dict", "load_train_state", "NonFiniteWeightWarning", "read_config",
+           "save_checkpoint",
            "save_pretrained", "save_train_state", "state_dict", "train_state_step", "versions"]

@@ -81,10 +81,11 @@ def _config_contradictions(family: ModelFamily, config, src, names: dict[str, st
     return out
 
 
-def check_source(model, src, config_name: str, *, strict: bool = True) -> dict[str, str]:
-    """Validate every tensor of `src` against `model` (concrete or abstract) and its config; returns
-    {HF name: name in the source}."""
-    config = model.config
+def check_names(config, src, config_name: str, *, strict: bool = True) -> dict[str, str]:
+    """Check the tensor names of `src` against `config` (the config fields the shapes contradict, missing and
+    unexpected tensors) without any model: cheap, so loaders run it before building even an abstract model (a
+    `num_hidden_layers` far above the file's is refused here, not after building it). Returns
+    {HF name: name in the source} of every tensor of `src`."""
     names: dict[str, str] = {}
     for raw in src.names():
         hf_name = LEGACY_RENAMES.get(raw, raw)
@@ -110,7 +111,15 @@ def check_source(model, src, config_name: str, *, strict: bool = True) -> dict[s
         raise CheckpointError(f"unexpected tensor(s) that a {family.causal_lm.__name__} with this config does "
                               f"not have: {listed}"
                               + (f" (and {len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+    return names
 
+
+def check_source(model, src, config_name: str, *, strict: bool = True) -> dict[str, str]:
+    """Validate every tensor of `src` against `model` (concrete or abstract) and its config; returns
+    {HF name: name in the source}."""
+    config = model.config
+    names = check_names(config, src, config_name, strict=strict)
+    table = family_of(config).key_table(config)
     for spec in table:
         name = names[spec.hf_name]
         want = hf_shape(spec.kind, flax_shape(model, spec))
@@ -148,4 +157,4 @@ def _check_tied_head(src, names: dict[str, str], config_name: str, embedding: st
                               "tie_word_embeddings to false to load both")
 
 
-__all__ = ["FLOAT_CODES", "LEGACY_RENAMES", "check_source"]
+__all__ = ["FLOAT_CODES", "LEGACY_RENAMES", "check_names", "check_source"]

@@ -27,9 +27,9 @@ Choices:
   embedding is accepted; one whose `lm_head.weight` differs is refused, since the tied model would differ.
 """
 
-import json
 import os
 import pathlib
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -39,10 +39,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from easymamba.checkpoints.checks import FLOAT_CODES, check_source
-from easymamba.checkpoints.errors import CheckpointError
+from easymamba.checkpoints.checks import FLOAT_CODES, check_names, check_source
+from easymamba.checkpoints.errors import CheckpointError, NonFiniteWeightWarning
 from easymamba.models import FAMILIES, abstract_model, config_from_hf, family_of
 from easymamba.checkpoints.layout import FlaxView, StackedView, split_parts
+from easymamba.checkpoints.safetensors_format import load_json
 from easymamba.checkpoints.sources import open_weights
 from easymamba.sharding import ShardingRules, attach, param_rules
 
@@ -71,7 +72,7 @@ def param_sharding(path: tuple, shape: tuple, mesh, shardings: ShardingHook | No
     return NamedSharding(mesh, spec)
 
 
-def _place(view: FlaxView, dtype, sharding, what: str) -> jax.Array:
+def _place(view: FlaxView, dtype, sharding, what: str, nonfinite: set | None = None) -> jax.Array:
     """`view` (a source tensor in flax layout, unread) as a jax array of `dtype`.
 
     Every piece handed to jax is a fresh copy: on CPU jax aliases numpy buffers, and a piece may be a view of
@@ -80,7 +81,10 @@ def _place(view: FlaxView, dtype, sharding, what: str) -> jax.Array:
     slice is in flight (`make_array_from_callback` would first read every slice).
     """
     def piece(index=()):
-        return np.array(view[index], dtype=dtype, order="C", copy=True)
+        arr = np.array(view[index], dtype=dtype, order="C", copy=True)
+        if nonfinite is not None and not np.isfinite(arr).all():
+            nonfinite.add(what)
+        return arr
 
     try:
         if sharding is None:
@@ -100,6 +104,7 @@ def build_from_source(config, src, config_name: str, *, dtype=None, param_dtype=
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
     if rules is not None and (shardings is not None or mesh is None):
         raise ValueError("rules= shards by the sharding rules on a mesh: pass it with mesh= and without shardings=")
+    check_names(config, src, config_name)  # before the abstract build, which grows with the layers the config says
     abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype, kernel_impl=kernel_impl)
     plan = check_source(abstract, src, config_name)
     graphdef, state = nnx.split(abstract)
@@ -114,6 +119,7 @@ def build_from_source(config, src, config_name: str, *, dtype=None, param_dtype=
         by_rules = param_rules(abstract, config, mesh, rules)
         shardings = lambda path: by_rules.spec(path, variables[path].get_value().shape)  # noqa: E731
     stacked: dict[tuple, list] = {}   # a stacked parameter's entries read so far (one tensor per expert)
+    nonfinite: set[str] = set()       # the tensors holding NaN or inf, named in one warning at the end
     for done, spec in enumerate(table, start=1):
         name = plan[spec.hf_name]
         whole = FlaxView(lambda index, name=name: src.read_slice(name, index), spec.kind, src.shape(name))
@@ -125,16 +131,23 @@ def build_from_source(config, src, config_name: str, *, dtype=None, param_dtype=
             if len(entries) == target.shape[0]:  # the table lists a parameter's entries together, in order
                 sharding = param_sharding(spec.path, target.shape, mesh, shardings)
                 var.set_value(_place(StackedView(entries), target.dtype, sharding,
-                                     f"{name} and the other entries of {'.'.join(map(str, spec.path))}"))
+                                     f"{name} and the other entries of {'.'.join(map(str, spec.path))}",
+                                     nonfinite))
         else:
             for path, view in split_parts(spec, whole):
                 var = variables[path]
                 target = var.get_value()                          # ShapeDtypeStruct
                 sharding = param_sharding(path, target.shape, mesh, shardings)
                 part = f"[{path[-2]}]" if spec.parts else ""
-                var.set_value(_place(view, target.dtype, sharding, f"{name}{part} from {src.file_of(name)}"))
+                var.set_value(_place(view, target.dtype, sharding, f"{name}{part} from {src.file_of(name)}",
+                                     nonfinite))
         if progress is not None:
             progress(done, len(table), spec.hf_name)
+    if nonfinite:
+        listed = sorted(nonfinite)
+        more = f" (and {len(listed) - 8} more)" if len(listed) > 8 else ""
+        warnings.warn(f"{src.description}: tensor(s) hold NaN or infinity (expected finite weights; the model's "
+                      f"outputs may be NaN): {'; '.join(listed[:8])}{more}", NonFiniteWeightWarning, stacklevel=3)
     model = nnx.merge(graphdef, state)
     return model if by_rules is None else attach(model, by_rules.rules)
 
@@ -145,10 +158,7 @@ def read_config(path: "str | os.PathLike"):
     file = pathlib.Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
+    raw = load_json(file.read_bytes(), file)  # bad UTF-8, deep nesting, duplicate keys: CheckpointError
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type is not None and model_type not in FAMILIES:
         known = ", ".join(f"{t!r} ({f.causal_lm.__name__})" for t, f in FAMILIES.items())

@@ -14,18 +14,28 @@ import numpy as np
 from easymamba.models import family_of
 from easymamba.checkpoints.hf_reader import CONFIG_NAME, ProgressHook
 from easymamba.checkpoints.layout import flax_shape, hf_shape, param_at, read_flax, to_hf_layout
-from easymamba.checkpoints.safetensors_writer import TensorToWrite, write_sharded
+from easymamba.checkpoints.destination import claim
+from easymamba.checkpoints.safetensors_writer import TensorToWrite, parse_size, write_sharded
 
 
 def save_pretrained(model, path: "str | os.PathLike", *, max_shard_size: "int | str" = "5GB",
-                    progress: ProgressHook | None = None) -> pathlib.Path:
+                    progress: ProgressHook | None = None, overwrite: bool = False) -> pathlib.Path:
     """Write `config.json` and safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Tensors keep the parameters' dtype. Above `max_shard_size` (an int of bytes, or "5GB", "500MiB", ...)
     the weights are sharded with a `model.safetensors.index.json`. Returns the directory.
+
+    `path` must be new or empty unless `overwrite=True`, which replaces `config.json` and the weight files in it
+    and keeps every other file; a save running into the same directory makes this one raise (`destination.py`).
+    Both refusals are a `CheckpointError`, raised before anything is written.
     """
-    directory = pathlib.Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    parse_size(max_shard_size)  # a bad size or a non-model is refused before the directory is created
+    family_of(model)
+    with claim(path, overwrite=overwrite, what="save_pretrained") as directory:
+        return _write(model, directory, max_shard_size, progress)
+
+
+def _write(model, directory: pathlib.Path, max_shard_size, progress) -> pathlib.Path:
     table = family_of(model).key_table(model.config)
     entries = []
     for spec in table:

@@ -14,12 +14,14 @@ This is the layout the earlier hand-managed version folders had (`Checkpointer(C
 per folder), so checkpoints written before the manager took over load unchanged (FORMAT_VERSION stays 1).
 
 Atomicity. The manager writes a step into a temporary directory and renames it to `D/<n>` only once every byte
-is written, and a rename is atomic. A save writes step n+1 next to n and deletes n (`manager.delete`) only
-after n+1 is committed; loads read the manager's latest step. So a save that raises or is killed at any point
-leaves the previous checkpoint loadable (and `D/<n+1>` absent or complete, never partial). Old steps are not
-left to `max_to_keep`, which would delete them inside `save`, out of sight of this order. Leftover temporary
-directories are removed when the next save opens the manager (`cleanup_tmp_directories`). Saves are
-synchronous. Two processes saving into one `D` at once is not supported.
+is written, and a rename is atomic. A save into a `D` that holds a checkpoint needs `overwrite=True` (without
+it a non-empty `D` is refused before anything is written: `destination.py`); it writes step n+1 next to n and
+deletes n (`manager.delete`) only after n+1 is committed; loads read the manager's latest step. So a save that
+raises or is killed at any point leaves the previous checkpoint loadable (and `D/<n+1>` absent or complete, never
+partial). Old steps are not left to `max_to_keep`, which would delete them inside `save`, out of sight of this
+order. Leftover temporary directories are removed when the next save opens the manager
+(`cleanup_tmp_directories`). Saves are synchronous. A save holds a lock on `D` (`destination.claim`): a second
+save into it at the same time, from any process, raises `CheckpointError` at once, and the first is unharmed.
 
 Restore builds the model abstractly (`nnx.eval_shape`) and lets orbax read each array straight into its
 destination: `NamedSharding(mesh, shardings(path) or P())` with a mesh (same hook as `from_pretrained`),
@@ -44,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from easymamba.checkpoints.destination import claim
 from easymamba.checkpoints.errors import CheckpointError
 from easymamba.models import FAMILIES, abstract_model, config_from_hf
 from easymamba.checkpoints.hf_reader import ShardingHook, param_sharding
@@ -98,13 +101,11 @@ def _remove_old(manager, keep: int) -> None:
             manager.delete(step)
 
 
-def _save_version(directory: "str | os.PathLike", items: dict) -> pathlib.Path:
-    """Write `items` ({name: orbax save args}) as the next step of `directory`, then drop the older ones."""
+def _save_version(directory: "str | os.PathLike", items: dict, overwrite: bool, what: str) -> pathlib.Path:
+    """Write `items` ({name: orbax save args}) as the next step of `directory`, then drop the older ones (there
+    are any only with `overwrite`: `destination.claim` refuses a directory that holds anything otherwise)."""
     ocp = _ocp()
-    directory = pathlib.Path(directory).absolute()
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"{directory} is a file, not a checkpoint directory")
-    with _manager(directory, write=True) as manager:
+    with claim(directory, overwrite=overwrite, what=what) as directory, _manager(directory, write=True) as manager:
         step = (manager.latest_step() or 0) + 1
         manager.save(step, args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
@@ -128,15 +129,18 @@ def _model_meta(model, params: dict) -> dict:
     }
 
 
-def save_checkpoint(model, directory: "str | os.PathLike") -> pathlib.Path:
+def save_checkpoint(model, directory: "str | os.PathLike", *, overwrite: bool = False) -> pathlib.Path:
     """Save `model` (config, dtypes, every parameter, sharded or not) into `directory`, atomically.
 
-    The new version replaces the previous one only once it is complete; returns its path.
+    `directory` must be new or empty unless `overwrite=True`; then the new version replaces the previous one only
+    once it is complete (files that are not versions are kept). A save running into the same directory makes this
+    one raise. Both refusals are a `CheckpointError` raised before anything is written. Returns the version's path.
     """
     ocp = _ocp()
     params = {_key(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
     return _save_version(directory, {"params": ocp.args.StandardSave(params),
-                                     "meta": ocp.args.JsonSave(_model_meta(model, params))})
+                                     "meta": ocp.args.JsonSave(_model_meta(model, params))},
+                         overwrite, "save_checkpoint")
 
 
 def _read_meta(version: pathlib.Path, *, any_model: bool = False) -> dict:
@@ -232,9 +236,10 @@ def _spec(leaf) -> dict:
     return {"shape": list(np.shape(leaf)), "dtype": str(np.dtype(leaf.dtype))}
 
 
-def save_train_state(state, directory: "str | os.PathLike") -> pathlib.Path:
+def save_train_state(state, directory: "str | os.PathLike", *, overwrite: bool = False) -> pathlib.Path:
     """Save a whole `easymamba.train.TrainState` (parameters, optimizer state, step, rng) into `directory`,
-    atomically, as the next version (the previous one is removed once this one is complete); returns its path.
+    atomically; returns its path. `directory` must be new or empty unless `overwrite=True` (a training loop that
+    saves every N steps passes it): then the new version replaces the previous one once it is complete.
 
     The parameters are stored as `save_checkpoint` stores them, so `load_checkpoint(directory)` reads the model
     of a (Mamba-2) training checkpoint as well. Resume with `load_train_state`.
@@ -254,7 +259,7 @@ def save_train_state(state, directory: "str | os.PathLike") -> pathlib.Path:
              "meta": ocp.args.JsonSave(meta)}
     if opt:  # a stateless optimizer (plain SGD) has none
         items["opt_state"] = ocp.args.StandardSave(opt)
-    return _save_version(directory, items)
+    return _save_version(directory, items, overwrite, "save_train_state")
 
 
 def load_train_state(directory: "str | os.PathLike", like):

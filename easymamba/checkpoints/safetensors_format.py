@@ -14,12 +14,15 @@ duplicate names. Reading only the header (a few KB) costs nothing next to the da
 here first and a bad file raises `CheckpointError` with a sentence naming file and tensor; safe_open's own
 checks stay behind it as a second line.
 
-An index (`*.index.json`) is checked for the same reasons: its weight_map must map names to file names in
-the same directory (no paths, so an index cannot point outside it).
+An index (`*.index.json`, safetensors or `pytorch_model.bin`) is checked for the same reasons: its weight_map must
+map names to plain file names of the same directory (no directory part, no `..`, not absolute, no symlink that
+resolves elsewhere), so an index cannot point outside it. The JSON of both is read by `easymamba.jsonio.loads`:
+duplicate keys, nesting deeper than its bound and bytes that are not UTF-8 are a `CheckpointError` naming the
+file. Sizes are Python ints, so a shape whose element count overflows int64 cannot pass as a small one.
 """
 
 import dataclasses
-import json
+import math
 import os
 import pathlib
 import re
@@ -29,6 +32,7 @@ import sys
 import ml_dtypes
 import numpy as np
 
+from easymamba import jsonio
 from easymamba.checkpoints.errors import CheckpointError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -78,15 +82,16 @@ def _corrupt(path, what: str) -> CheckpointError:
     return CheckpointError(f"{path} is not a valid safetensors file: {what}")
 
 
-def _no_duplicates(path):
-    def hook(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _corrupt(path, f"the header names tensor {key} twice")
-            seen.add(key)
-        return dict(pairs)
-    return hook
+def load_json(raw: bytes, path) -> object:
+    """The JSON of checkpoint file `path` (`easymamba.jsonio.loads`: duplicate keys, deep nesting and bad UTF-8
+    refused), every fault a `CheckpointError` naming the file."""
+    return jsonio.loads(raw, str(path), CheckpointError)
+
+
+def _int_list(value, length: int | None = None) -> bool:
+    """Whether `value` is a list of non-negative ints (of `length` items when given)."""
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
 
 
 def read_header(path: "str | os.PathLike") -> tuple[dict[str, str], dict[str, TensorInfo]]:
@@ -105,9 +110,9 @@ def read_header(path: "str | os.PathLike") -> tuple[dict[str, str], dict[str, Te
                                   f"{size - 8} after the length field")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"the header is not JSON ({exc})") from None
+        header = jsonio.loads(raw, "the header", CheckpointError)
+    except CheckpointError as exc:
+        raise _corrupt(path, str(exc)) from None
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object")
 
@@ -120,15 +125,17 @@ def read_header(path: "str | os.PathLike") -> tuple[dict[str, str], dict[str, Te
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise _corrupt(path, f"tensor {name}: entry must hold dtype, shape and data_offsets, got {entry!r}")
         code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if code not in DTYPES:
+        if not isinstance(code, str) or code not in DTYPES:
             raise CheckpointError(f"tensor {name} in {path} has dtype {code!r}, which easymamba cannot read "
                                   f"(known: {', '.join(DTYPES)})")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
-            raise _corrupt(path, f"tensor {name}: bad shape {shape!r} or data_offsets {offsets!r}")
+        if not _int_list(shape) or not _int_list(offsets, 2) or offsets[0] > offsets[1]:
+            raise _corrupt(path, f"tensor {name}: shape {shape!r} must be a list of non-negative ints and "
+                                 f"data_offsets {offsets!r} a pair [begin, end] of them with begin <= end")
+        if any(axis >= 2**63 for axis in shape):
+            raise _corrupt(path, f"tensor {name}: shape {list(shape)} has an axis beyond int64 (expected sizes "
+                                 "below 2**63)")
         info = TensorInfo(name, code, tuple(shape), offsets[0], offsets[1])
-        want = int(np.prod(info.shape, dtype=np.int64)) * DTYPES[code].itemsize
+        want = math.prod(info.shape) * DTYPES[code].itemsize  # Python ints: no int64 wrap-around
         if info.nbytes != want:
             raise _corrupt(path, f"tensor {name}: data_offsets {offsets} span {info.nbytes} bytes but shape "
                                  f"{list(shape)} of {code} needs {want}")
@@ -149,25 +156,45 @@ def read_header(path: "str | os.PathLike") -> tuple[dict[str, str], dict[str, Te
     return metadata, tensors
 
 
+def _resolves_inside(path: pathlib.Path, directory: pathlib.Path) -> bool:
+    """Whether `path` (symlinks followed) lies inside `directory`, or, for a Hugging Face hub cache snapshot
+    (`.../models--org--name/snapshots/<rev>/`, whose files are links to `../../blobs/<hash>`), inside its
+    repository folder's `blobs/`."""
+    real, home = path.resolve(), directory.resolve()
+    if real.is_relative_to(home):
+        return True
+    repo = home.parent.parent
+    return home.parent.name == "snapshots" and real.is_relative_to(repo / "blobs")
+
+
 def read_index(index: pathlib.Path, what: str = "safetensors index") -> dict[str, list[str]]:
-    """{shard file: [tensor names]} of a `*.index.json`, in first-seen order; every shard a file of the
-    index's own directory."""
+    """{shard file: [tensor names]} of a `*.index.json`, in first-seen order; every shard a plain file name (no
+    directory part, no `..`, not absolute) of a file inside the index's own directory (a symlink must resolve
+    inside it too, or into a hub cache's blobs/). Anything else is a `CheckpointError` naming the entry."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index} is not a {what} (JSON with a weight_map): {exc}") from None
+        weight_map = load_json(index.read_bytes(), index)["weight_map"]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index} is not a {what} (JSON with a weight_map): {exc!r}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(name)
     for shard, names in by_shard.items():
-        if pathlib.PurePath(shard).name != shard or not (index.parent / shard).is_file():
-            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        if pathlib.PurePath(shard).name != shard or shard in ("", ".", "..") or "\\" in shard or "\0" in shard:
+            raise CheckpointError(f"{index} names shard {shard!r} (for tensor {names[0]}{more}), which is not a plain "
+                                  f"file name: every shard must be a file in {index.parent} itself")
+        path = index.parent / shard
+        if not path.is_file():
             raise CheckpointError(f"{index} names shard {shard} (for tensor {names[0]}{more}) but "
                                   f"{index.parent} has no such file")
+        if not _resolves_inside(path, index.parent):
+            raise CheckpointError(f"{index} names shard {shard} (for tensor {names[0]}{more}), a link to "
+                                  f"{path.resolve()}, outside {index.parent}: every shard must be inside the "
+                                  "checkpoint directory")
     return by_shard
 
 
 __all__ = ["DTYPES", "MAX_HEADER_BYTES", "SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME", "SHARD_RE", "TensorInfo",
-           "dtype_code", "read_header", "read_index"]
+           "dtype_code", "load_json", "read_header", "read_index"]

@@ -14,6 +14,7 @@ Every source answers the same questions: `names()`, `shape(name)`, `dtype(name)`
 - A dict of torch tensors or arrays (`load_state_dict`).
 """
 
+import logging
 import os
 import pathlib
 import sys
@@ -32,6 +33,8 @@ from easymamba.checkpoints.safetensors_format import (
     read_header,
     read_index,
 )
+
+_log = logging.getLogger(__name__)
 
 TORCH_WEIGHTS_NAME = "pytorch_model.bin"
 TORCH_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -227,6 +230,10 @@ def _torch_load(path: pathlib.Path) -> dict:
             f"{path} is a torch pickle, which easymamba opens only with torch.load(weights_only=True), and torch "
             "is not installed: install torch, or convert the checkpoint to safetensors where torch is "
             "(`easymamba convert SRC DST --to hf`)") from None
+    # One line each time a pickle is opened (logging's last-resort handler prints it to stderr when the
+    # application set up no logging): the user sees that a pickle was read, and that it was read safely.
+    _log.warning("easymamba: reading %s, a torch pickle, with torch.load(weights_only=True): tensors only, no code",
+                 path)
     try:
         try:  # mmap keeps the tensors in the file until each is read (zip-format checkpoints only)
             obj = torch.load(path, weights_only=True, map_location="cpu", mmap=True)

@@ -2,6 +2,7 @@
 back out, both through the family's key table (the same table `from_pretrained` and `save_pretrained` read,
 so the directions cannot drift apart)."""
 
+import warnings
 from collections.abc import Mapping
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from easymamba.checkpoints.checks import check_source
+from easymamba.checkpoints.errors import NonFiniteWeightWarning
 from easymamba.models import family_of
 from easymamba.checkpoints.layout import param_at, read_flax, split_parts, to_flax_layout, to_hf_layout
 from easymamba.checkpoints.sources import DictSource
@@ -22,11 +24,16 @@ def load_state_dict(model, state_dict: Mapping, *, strict: bool = True) -> None:
     state dict raises `CheckpointError` and leaves the model untouched. A tied model accepts a redundant
     `lm_head.weight` equal to the embedding. `strict=False` ignores unexpected tensors.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of HF tensor names to tensors (model.state_dict()); got "
+                        f"{type(state_dict).__name__}")
     src = DictSource(state_dict, "the state dict")
     plan = check_source(model, src, "the model's config", strict=strict)
-    staged, stacked = [], {}
+    staged, stacked, nonfinite = [], {}, []
     for spec in family_of(model).key_table(model.config):
         value = to_flax_layout(spec.kind, src.read(plan[spec.hf_name]))
+        if not np.isfinite(np.asarray(value)).all():
+            nonfinite.append(plan[spec.hf_name])
         if spec.index is not None:  # one entry of a stacked parameter: staged once all its entries are read
             entries = stacked.setdefault(spec.path, [])
             entries.append(np.asarray(value))
@@ -37,6 +44,10 @@ def load_state_dict(model, state_dict: Mapping, *, strict: bool = True) -> None:
         for path, part in split_parts(spec, value):
             param = param_at(model, path)
             staged.append((param, _like(param, np.asarray(part).astype(param.dtype))))
+    if nonfinite:  # as from_pretrained: loaded, and said once
+        more = f" (and {len(nonfinite) - 8} more)" if len(nonfinite) > 8 else ""
+        warnings.warn(f"the state dict: tensor(s) hold NaN or infinity (expected finite weights; the model's outputs "
+                      f"may be NaN): {'; '.join(nonfinite[:8])}{more}", NonFiniteWeightWarning, stacklevel=2)
     for param, value in staged:
         param[...] = value
 

@@ -17,7 +17,7 @@
 """
 
 from easymamba.config.bamba import BambaConfig
-from easymamba.config.common import hf_config_dict
+from easymamba.config.common import check_resource_bounds, hf_config_dict
 from easymamba.config.falcon_h1 import FalconH1Config
 from easymamba.config.granitemoehybrid import GraniteMoeHybridConfig
 from easymamba.config.jamba import JambaConfig
@@ -29,4 +29,4 @@ from easymamba.config.zamba2 import Zamba2Config
 
 __all__ = ["Mamba2Config", "MambaConfig", "NemotronHConfig", "FalconH1Config", "BambaConfig",
            "GraniteMoeHybridConfig", "Zamba2Config", "FalconMambaConfig", "JambaConfig",
-           "hf_config_dict"]
+           "check_resource_bounds", "hf_config_dict"]

@@ -9,6 +9,8 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+from easymamba import jsonio
+
 _INF = float("inf")
 
 
@@ -41,6 +43,52 @@ _HF_HARMLESS_KEYS = frozenset({
 _SSM_TOP_DEFAULTS = {"d_model": 2560, "d_intermediate": 0, "n_layer": 64, "vocab_size": 50277, "ssm_cfg": {},
                      "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
                      "fused_add_norm": True, "pad_vocab_size_multiple": 8, "tie_embeddings": True}
+# Resource bounds every family's config meets (`check_resource_bounds`), so that a config asking for more than
+# any machine holds is refused before anything is built or read (docs/refuses.md):
+MAX_SIZE = 2**31 - 1       # any size, count or token id: an axis or an index of an int32-indexed array
+MAX_LAYERS = 1024          # num_hidden_layers: eight times the deepest published Mamba-family model
+MAX_CHUNK_SIZE = 4096      # a chunked-SSD chunk: the scan holds a (chunk, chunk) block per head and chunk
+MAX_PARAMETERS = 2**40     # parameters (a lower estimate: embedding, head, one norm per layer): 4 TiB in float32
+
+
+def _ints_of(value: Any, name: str, depth: int = 0):
+    """(field name, int) of every int in a config field: the field itself, or the ints of its lists."""
+    if _is_int(value):
+        yield name, value
+    elif isinstance(value, (list, tuple)) and depth < 2:
+        for i, item in enumerate(value):
+            yield from _ints_of(item, f"{name}[{i}]", depth + 1)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type) and depth < 2:
+        for f in dataclasses.fields(value):
+            yield from _ints_of(getattr(value, f.name), f"{name}.{f.name}", depth + 1)
+
+
+def check_resource_bounds(cfg: Any) -> None:
+    """Refuse a config (of any family) that asks for more than a machine can hold, before any work: every int
+    field within MAX_SIZE, `num_hidden_layers` within MAX_LAYERS, every `*chunk_size` within MAX_CHUNK_SIZE, and
+    the parameters' lower estimate (embedding, an untied head, a norm per layer) within MAX_PARAMETERS. Raises
+    `ValueError` naming the field, its value and the bound."""
+    name = type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        for field, v in _ints_of(getattr(cfg, f.name), f.name):
+            _require(abs(v) <= MAX_SIZE, f"{name}.{field} ({v}) must be at most {MAX_SIZE} in magnitude: sizes and "
+                     "token ids index int32 arrays")
+            if field.endswith("chunk_size"):
+                _require(v <= MAX_CHUNK_SIZE, f"{name}.{field} ({v}) must be at most {MAX_CHUNK_SIZE}: the chunked "
+                         "scan holds a (chunk, chunk) block per head and chunk")
+    layers = getattr(cfg, "num_hidden_layers", 0)
+    _require(not _is_int(layers) or layers <= MAX_LAYERS,
+             f"{name}.num_hidden_layers ({layers}) must be at most {MAX_LAYERS}")
+    vocab, d = getattr(cfg, "vocab_size", 0), getattr(cfg, "hidden_size", 0)
+    if _is_int(vocab) and _is_int(d) and _is_int(layers):
+        tied = getattr(cfg, "ties_lm_head", getattr(cfg, "tie_word_embeddings", True))
+        estimate = vocab * d * (1 if tied else 2) + layers * d
+        _require(estimate <= MAX_PARAMETERS,
+                 f"{name} asks for at least {estimate:.3g} parameters (vocab_size {vocab} x hidden_size {d}"
+                 f"{'' if tied else ' x 2 (untied head)'} + a norm per layer), more than the bound of "
+                 f"{MAX_PARAMETERS:.3g} ({MAX_PARAMETERS * 4 / 2**40:.0f} TiB in float32)")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -98,9 +146,13 @@ def _load_config_dict(cfg: "Mapping[str, Any] | str | os.PathLike") -> dict[str,
         path = pathlib.Path(cfg)
         if path.is_dir():
             path = path / "config.json"
-        cfg = json.loads(path.read_text())  # Python's json takes the bare `Infinity` token
+        cfg = jsonio.loads(path.read_bytes(), str(path))  # Python's json takes the bare `Infinity` token
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"{path} holds a JSON {type(cfg).__name__}; expected an object (a config)")
     if not isinstance(cfg, Mapping):
         raise TypeError(f"from_hf expects a dict or a path, not {type(cfg).__name__}")
+    if jsonio.depth(cfg) > jsonio.MAX_DEPTH:  # a dict given directly: refused before the recursive decoding below
+        raise ValueError(f"the config nests deeper than {jsonio.MAX_DEPTH} levels (expected a flat document)")
     return _decode_special_floats(dict(cfg))
 
 

@@ -9,7 +9,7 @@ the family (loaders, sharding, the cache, the effective attention) reads the fam
 import jax.numpy as jnp
 from flax import nnx
 
-from easymamba.config import hf_config_dict
+from easymamba.config import check_resource_bounds, hf_config_dict
 from easymamba.models import (
     bamba,
     falcon_h1,
@@ -104,7 +104,9 @@ def config_from_hf(cfg):
     if model_type not in FAMILIES:
         known = " or ".join(f"{t!r} ({f.config_class.__name__})" for t, f in FAMILIES.items())
         raise ValueError(f"model_type ({model_type!r}) must be {known}")
-    return FAMILIES[model_type].config_class.from_hf(cfg)
+    config = FAMILIES[model_type].config_class.from_hf(cfg)
+    check_resource_bounds(config)  # before any caller builds or reads anything for it
+    return config
 
 
 def abstract_model(config, *, dtype=jnp.float32, param_dtype=jnp.float32, kernel_impl="auto"):

@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from easymamba.config.common import check_resource_bounds
 from easymamba.layers import Embedding, is_concrete, normal_init
 from easymamba.models.attention import position_ids_from_mask
-from easymamba.models.common import check_attention_mask, sow_hook
+from easymamba.models.common import as_array, check_attention_mask, check_left_padded, sow_hook
 from easymamba.models.family import ties_lm_head
 from easymamba.norms import RMSNorm
 from easymamba.sharding import MeshRules, constrain
@@ -158,6 +159,7 @@ class Backbone(nnx.Module):
             raise TypeError(f"{type(self).__name__} needs a {family.config_class.__name__} of model_type "
                             f"{family.model_type!r}, got a {type(config).__name__} of model_type "
                             f"{config.model_type!r}")
+        check_resource_bounds(config)  # a bomb of a config is refused here, before any parameter is built
         self.config = config
         self.dtype = dtype
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
@@ -267,6 +269,8 @@ class Backbone(nnx.Module):
         sequences, each computed as if alone (`_segments`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (b, l) and inputs_embeds (b, l, d)")
+        input_ids, inputs_embeds = as_array(input_ids, "input_ids"), as_array(inputs_embeds, "inputs_embeds")
+        attention_mask = as_array(attention_mask, "attention_mask")
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {input_ids.shape}")
         d = self.config.hidden_size
@@ -323,6 +327,7 @@ class Backbone(nnx.Module):
         that advances them once at its end (`cache.advance`): per step they cost a small kernel per layer on GPU
         (docs/benchmarks.md), and no layer reads them.
         """
+        tokens, attention_mask = as_array(tokens, "tokens"), as_array(attention_mask, "attention_mask")
         if tokens.ndim != 1:
             raise ValueError(f"step takes one token per row, tokens of shape (batch,); got {tokens.shape}")
         b = tokens.shape[0]
@@ -432,6 +437,13 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids=None, *, attention_mask=None, cache=None, labels=None, inputs_embeds=None,
                  output_hidden_states: bool = False, position_ids=None, seq_idx=None) -> Mamba2CausalLMOutput:
+        """Logits (b, l, v) float32 of input_ids (b, l) (an array or a nested list) or inputs_embeds (b, l, d);
+        with `cache`, the continuation from its state and the new cache. An `attention_mask` (b, >= l) given with
+        a cache must be left padding (checked when concrete, skipped under jit: `check_left_padded`). `seq_idx` /
+        `position_ids`: packed sequences (`Backbone._segments`)."""
+        input_ids, attention_mask = as_array(input_ids, "input_ids"), as_array(attention_mask, "attention_mask")
+        if cache is not None and attention_mask is not None and getattr(attention_mask, "ndim", 0) == 2:
+            check_left_padded(attention_mask)
         if (cache is not None and input_ids is not None and getattr(input_ids, "ndim", 0) == 2
                 and input_ids.shape[1] == 1 and labels is None and not output_hidden_states
                 and position_ids is None and seq_idx is None):

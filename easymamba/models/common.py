@@ -73,6 +73,35 @@ def check_attention_mask(mask, b: int, l: int):
     return mask
 
 
+def as_array(x, name: str):
+    """`x` as an array: arrays (jax, numpy, tracers) as they are, array-likes (nested lists, tuples) through
+    `np.asarray`, as `generate` takes them; anything that is not numeric is a `ValueError` naming `name`."""
+    if x is None or (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")):
+        return x
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be an array of shape (batch, seq_len) or a nested list of numbers; "
+                         f"{type(x).__name__} does not convert: {exc}") from None
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"{name} must hold numbers; got {type(x).__name__} of dtype {arr.dtype}")
+    return arr
+
+
+def check_left_padded(mask) -> None:
+    """Refuse an `attention_mask` (b, L) that is not left padding (zeros, then ones to the last column) when
+    it is concrete; under jit (a tracer) nothing is checked. A model call that continues or fills a cache reads
+    each row's state after its last column: a row ending in padding would hand on a state and next-token logits
+    that belong to no real token, so it is refused as `generate` refuses it."""
+    if not is_concrete(mask) or mask.ndim != 2 or mask.shape[1] == 0:
+        return  # a tracer is left unchecked; a wrong shape is check_attention_mask's to name
+    mask = np.asarray(mask).astype(np.int64)
+    bad = np.flatnonzero((np.diff(mask, axis=1) < 0).any(axis=1) | (mask[:, -1] == 0))
+    if bad.size:
+        raise ValueError(f"attention_mask with a cache must be left padding (zeros, then ones to the end), as "
+                         f"generate takes it; row {int(bad[0])} is {mask[bad[0]].tolist()[:16]}")
+
+
 class SSMViewMixer:
     """The mixer protocol of `easymamba.models.causal_lm.ResidualBlock` for an SSM mixer (Mamba-2, Mamba-1): the
     layer's cache view holds its conv window and SSM state; `run` / `run_step` read them (pinned to the cache's
