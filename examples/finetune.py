@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
         console.print(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
 
     def save(state):
-        checkpoints.save_train_state(state, ckpt_dir)
+        # the run's own directory: each save replaces the last version once the new one is written
+        checkpoints.save_train_state(state, ckpt_dir, overwrite=True)
         settings_file.write_text(json.dumps({"settings": settings, "history": history}, indent=1))
 
     if not history["eval"]:
