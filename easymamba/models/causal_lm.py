@@ -20,6 +20,7 @@ Two entry points, as mamba_ssm's `forward` and `step`:
   holds (`active_rows`), the weights it prepares once (`decode_weights()`), and the cache counters.
 """
 
+import weakref
 from typing import ClassVar
 
 import jax
@@ -325,6 +326,10 @@ class Backbone(nnx.Module):
         return None if all(w is None for w in weights) else weights
 
 
+# model -> its GenerationDefaults (`CausalLM.generation_config`)
+_GENERATION_CONFIGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _real_tokens(cache) -> jax.Array:
     """(b,) int32: the real tokens the cache's attention views hold (the next token's rotary position)."""
     for entry in cache.views:
@@ -346,7 +351,22 @@ class CausalLM(nnx.Module):
     """
 
     family: ClassVar  # the ModelFamily, set by the family's record
-    generation_config = None  # a GenerationDefaults, set by the loaders when the directory has the file
+
+    @property
+    def generation_config(self):
+        """The `GenerationDefaults` of the directory the model was loaded from, or None. Kept beside the model,
+        not in it: it is no part of the graph (`nnx.split` / `nnx.clone` leave it behind), so two models that
+        differ only in their defaults share compiled code."""
+        return _GENERATION_CONFIGS.get(self)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "generation_config":  # beside the model: nnx's own __setattr__ would record it in the graph
+            if value is None:
+                _GENERATION_CONFIGS.pop(self, None)
+            else:
+                _GENERATION_CONFIGS[self] = value
+            return
+        super().__setattr__(name, value)
 
     def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  kernel_impl: str = "auto"):
