@@ -87,10 +87,10 @@ class GenerationDefaults:
         for name in ("pad_token_id", "bos_token_id"):
             check(name, _int(getattr(self, name)) and getattr(self, name) >= 0, "a non-negative integer")
         eos = self.eos_token_id
-        if isinstance(eos, list):
-            object.__setattr__(self, "eos_token_id", tuple(eos))
         check("eos_token_id", _int(eos) and eos >= 0 or isinstance(eos, (list, tuple)) and len(eos) > 0
               and all(_int(i) and i >= 0 for i in eos), "a non-negative integer or a non-empty list of them")
+        if isinstance(eos, list):
+            object.__setattr__(self, "eos_token_id", tuple(eos))
 
     @classmethod
     def from_hf(cls, source: "dict | str | os.PathLike") -> "GenerationDefaults":
@@ -116,6 +116,8 @@ class GenerationDefaults:
             return cls(**{k: source[k] for k in _FIELDS if source.get(k) is not None},
                        source=json.dumps(source, sort_keys=True))
         except ValueError as exc:
+            if where == "generation config":
+                raise
             raise ValueError(f"{where}: {exc}") from None
 
     def to_hf(self) -> dict:
