@@ -72,8 +72,8 @@ def _figure(plt, n_panels: int, title: str, info: dict):
     return fig, axes[0]
 
 
-def _finish(fig, path: pathlib.Path) -> pathlib.Path:
-    fig.tight_layout(rect=(0, 0, 1, 0.86))
+def _finish(fig, path: pathlib.Path, bottom: float = 0.0) -> pathlib.Path:
+    fig.tight_layout(rect=(0, bottom, 1, 0.86))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})  # no matplotlib version: stable bytes
     return path
@@ -123,8 +123,11 @@ def plot_ssd(plt, path: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     _log_axes(ax, "sequence length l", "median time (ms)", ls)
     _log_axes(ratio, "sequence length l", "time / floor", ls)
     ratio.axhline(1.0, color="black", linestyle="--", linewidth=1.2)
-    ax.legend(fontsize=7.5, loc="upper left")
-    return _finish(fig, out / "ssd_vs_length.png")
+    # One legend for both panels, below them: inside the axes it covered the curves it names.
+    handles, labels = ax.get_legend_handles_labels()
+    rows = -(-len(labels) // 3)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    return _finish(fig, out / "ssd_vs_length.png", bottom=0.045 * rows + 0.02)
 
 
 def load_generate(paths: list[pathlib.Path], command: str) -> tuple[dict, dict]:

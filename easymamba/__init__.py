@@ -1,7 +1,8 @@
 """easymamba: Mamba-2, Mamba-1 and the hybrids built on them (Nemotron-H, Jamba, Falcon-Mamba, ...) in JAX /
 flax.nnx, exact against Hugging Face.
 
-Start with `Mamba2Config`, `Mamba2ForCausalLM` and `load_state_dict`; the notation used everywhere is in
+Start with `TextGenerator.from_pretrained(model_dir)` (text in, text out), or `from_pretrained`, `generate` and
+`Mamba2ForCausalLM`; the notation used everywhere is in
 `easymamba.typing`.
 """
 
@@ -82,6 +83,7 @@ from easymamba.models import (
     causal_lm_loss,
 )
 from easymamba.norms import GatedRMSNorm, RMSNorm
+from easymamba.pipeline import TextGenerator
 from easymamba.sharding import ShardingRules, init_sharded, make_mesh, shard_batch, shard_model
 from easymamba.train import TokenBatcher, TrainState, make_eval_step, make_optimizer, make_train_step
 
@@ -164,6 +166,7 @@ __all__ = [
     "save_pretrained",
     "state_dict",
     "stream_generate",
+    "TextGenerator",
     "TokenBatcher",
     "TrainState",
     "load_train_state",

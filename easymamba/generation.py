@@ -29,7 +29,7 @@ in is only read, never donated.
 Stopping: a row stops when it emits any EOS id (which it still consumes); after that it receives
 `pad_token_id` (default: the first EOS id, else 0), its count stops and its cache stops advancing. The loop
 exits when every row has stopped. Unlike transformers, `eos_token_id=None` means "never stop early": the
-model config's EOS id is not implied.
+model config's EOS id is not implied (a `generation_config.json` beside the model is: see `generate`).
 
 Models: any family's causal LM (`easymamba.models.CausalLM`: `backbone` for the prefill, `logits` for the head,
 `init_cache`, and `step` for each decode step), Mamba-2 and Mamba-1 alike. Official counterpart:
@@ -49,6 +49,7 @@ import numpy as np
 from flax import nnx, struct
 
 from easymamba.caching.cache import BaseCache
+from easymamba.config.generation import GenerationDefaults
 from easymamba.layers import check_token_ids, is_concrete
 from easymamba.sampling import SamplingParams, add_seen, sample_next_token, seen_tokens
 
@@ -402,20 +403,50 @@ def _advance(carry: _Carry) -> _Carry:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationConfig) if f.name != "max_new_tokens"}
 
 
-def _config(generation_config: GenerationConfig | None, max_new_tokens, settings: dict) -> GenerationConfig:
-    if generation_config is None:
-        if max_new_tokens is None:
-            raise ValueError("generate needs max_new_tokens (or a generation_config)")
-        return GenerationConfig(max_new_tokens=max_new_tokens, **settings)
-    if not isinstance(generation_config, GenerationConfig):
-        raise ValueError(f"generation_config must be a GenerationConfig; got {type(generation_config).__name__}")
-    clashes = [k for k, v in settings.items() if v != _DEFAULTS[k]]
-    if max_new_tokens is not None:
-        clashes.insert(0, "max_new_tokens")
-    if clashes:
-        raise ValueError(f"{', '.join(clashes)} given both as keyword arguments and through generation_config; "
-                         f"pass generation_config.replace({clashes[0]}=...) instead")
-    return generation_config
+def model_defaults(model) -> dict[str, Any]:
+    """The settings `model.generation_config` (a `GenerationDefaults`, from the `generation_config.json` of the
+    directory the model was loaded from) sets; empty when it has none."""
+    defaults = getattr(model, "generation_config", None)
+    return defaults.settings() if isinstance(defaults, GenerationDefaults) else {}
+
+
+def _length(name: str, value) -> int | None:
+    if value is not None and not (_is_int(value) and value >= 1):
+        raise ValueError(f"{name} ({value!r}) must be an integer >= 1")
+    return value
+
+
+def _config(model, input_ids, generation_config: GenerationConfig | None, max_new_tokens, max_length,
+            settings: dict) -> GenerationConfig:
+    """The call's settings: the keywords given (not None), else `model.generation_config`'s, else the defaults of
+    `GenerationConfig`; or `generation_config` as is. `max_length` counts the prompt: m = max_length - l."""
+    max_new_tokens, max_length = _length("max_new_tokens", max_new_tokens), _length("max_length", max_length)
+    l = np.shape(input_ids)[-1] if np.ndim(input_ids) == 2 else None  # a wrong shape is _validate's to name
+    if max_new_tokens is not None and max_length is not None and l is not None and l + max_new_tokens != max_length:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and max_length ({max_length}) disagree for a prompt "
+                         f"of {l} tokens ({l} + {max_new_tokens} != {max_length}); pass only one of them")
+    if generation_config is not None:
+        if not isinstance(generation_config, GenerationConfig):
+            raise ValueError(f"generation_config must be a GenerationConfig; got {type(generation_config).__name__}")
+        clashes = [k for k, v in settings.items() if v is not None and v != _DEFAULTS[k]]
+        clashes[:0] = [k for k, v in (("max_new_tokens", max_new_tokens), ("max_length", max_length)) if v is not None]
+        if clashes:
+            raise ValueError(f"{', '.join(clashes)} given both as keyword arguments and through generation_config; "
+                             f"pass generation_config.replace({clashes[0]}=...) instead")
+        return generation_config
+    defaults = model_defaults(model)
+    if max_new_tokens is None and max_length is None:
+        max_new_tokens, max_length = defaults.get("max_new_tokens"), defaults.get("max_length")
+    if max_new_tokens is None and max_length is not None and l is not None:
+        if max_length <= l:
+            raise ValueError(f"max_length ({max_length}) counts the prompt and must exceed its {l} tokens; pass "
+                             f"a larger max_length or max_new_tokens")
+        max_new_tokens = max_length - l
+    if max_new_tokens is None:
+        raise ValueError("generate needs max_new_tokens or max_length (or a generation_config, or a model whose "
+                         "generation_config.json sets one)")
+    values = {k: v if v is not None else defaults.get(k, _DEFAULTS[k]) for k, v in settings.items()}
+    return GenerationConfig(max_new_tokens=max_new_tokens, **values)
 
 
 def _is_key(rng) -> bool:
@@ -508,10 +539,20 @@ class _Run:
                               cache=carry.cache, num_generated=carry.num_generated, logits=carry.logits)
 
 
-def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, settings) -> _Run:
+def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, max_length,
+           num_return_sequences, settings) -> _Run:
     """Validate, prefill, and build the loop's carry."""
-    config = _config(generation_config, max_new_tokens, settings)
+    config = _config(model, input_ids, generation_config, max_new_tokens, max_length, settings)
     input_ids, attention_mask = _validate(model, input_ids, attention_mask, cache, rng, config)
+    n = num_return_sequences
+    if not (_is_int(n) and n >= 1):
+        raise ValueError(f"num_return_sequences ({n!r}) must be an integer >= 1")
+    if n > 1 and not config.do_sample:
+        raise ValueError(f"num_return_sequences ({n}) > 1 needs do_sample=True: greedy decoding would return "
+                         f"{n} copies of one sequence (transformers refuses it too)")
+    if n > 1 and cache is not None:
+        raise ValueError(f"num_return_sequences ({n}) > 1 with a cache: a cache holds one state per row of "
+                         "input_ids; repeat the rows of both yourself, or leave num_return_sequences at 1")
     static = _Settings(config.max_new_tokens, config.eos_token_ids, config.resolved_pad_token_id,
                        config.output_logits, config.decode_weights)
     params = SamplingParams.from_config(config)
@@ -521,6 +562,9 @@ def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is not None:
         attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if n > 1:  # each row n times in a row, as transformers' _expand_inputs_for_generation
+        input_ids = jnp.repeat(input_ids, n, axis=0)
+        attention_mask = None if attention_mask is None else jnp.repeat(attention_mask, n, axis=0)
     if cache is None and model.backbone.uses_positions:  # key/value slots for the prompt and every new token
         cache = model.init_cache(input_ids.shape[0], max_length=input_ids.shape[1] + config.max_new_tokens)
     next_logits, cache = entry.prefill(state, input_ids, attention_mask, cache)
@@ -528,16 +572,27 @@ def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_
     return _Run(fns, state, carry, rng, params, input_ids)
 
 
-def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int | None = None, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None, rng=None,
-             cache: BaseCache | None = None, streamer=None, output_logits: bool = False,
-             decode_weights: bool = True, generation_config: GenerationConfig | None = None) -> GenerateOutput:
+def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int | None = None,
+             max_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             repetition_penalty: float | None = None, eos_token_id=None, pad_token_id=None, rng=None,
+             num_return_sequences: int = 1, cache: BaseCache | None = None, streamer=None,
+             output_logits: bool = False, decode_weights: bool = True,
+             generation_config: GenerationConfig | None = None) -> GenerateOutput:
     """Generate `max_new_tokens` tokens after `input_ids [b, l]` (see the module docstring and
     `GenerationConfig` for the settings; pass them as keywords or as one `generation_config`, not both).
 
+    A setting left at None is taken from `model.generation_config` (the `generation_config.json` of the
+    directory the model was loaded from, `easymamba.config.generation.GenerationDefaults`) when it sets it,
+    else it is `GenerationConfig`'s default: greedy, temperature 1, top_k 0 (off), top_p 1, min_p 0,
+    repetition_penalty 1, no EOS (rows never stop early).
+
+    max_length      the length of `out.sequences`, prompt included: max_new_tokens = max_length - l (as
+                    transformers' `max_length`); give one of the two, or both when they agree
     attention_mask  [b, l] of 0/1, left padding only; each row then gets exactly the tokens it gets alone
     rng             a `jax.random.key`, required when do_sample (token t uses `fold_in(rng, t)`)
+    num_return_sequences  sample each row this many times: the rows are repeated (row i becomes rows
+                    i*n .. i*n+n-1, transformers' order) and the result has b * n rows; needs do_sample
     cache           continue from this state (read, not donated); default: a fresh `model.init_cache(b)`.
                     The repetition penalty then sees only `input_ids` and what is generated.
     streamer        an object with `put(ids)` / `end()` (transformers' `BaseStreamer` protocol, so
@@ -549,7 +604,8 @@ def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int | Non
     settings = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                     output_logits=output_logits, decode_weights=decode_weights)
-    run = _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, settings)
+    run = _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, max_length,
+                 num_return_sequences, settings)
     if streamer is None:
         return run.output(run.loop())
     streamer.put(np.asarray(run.input_ids))
@@ -561,17 +617,20 @@ def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int | Non
 
 
 def stream_generate(model, input_ids, *, attention_mask=None, max_new_tokens: int | None = None,
-                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
-                    rng=None, cache: BaseCache | None = None,
+                    max_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                    repetition_penalty: float | None = None, eos_token_id=None, pad_token_id=None, rng=None,
+                    num_return_sequences: int = 1, cache: BaseCache | None = None,
                     generation_config: GenerationConfig | None = None) -> Iterator[np.ndarray]:
     """`generate` as an iterator: yields each step's tokens `[b]` (numpy int32; pad for rows that have
     stopped) as soon as they are chosen, and stops once every row has stopped or m tokens are out.
 
     The arguments are checked and the prompt is prefilled when this is called, so errors surface here.
+    Stopping the iteration early (leaving the loop) runs no further step.
     """
     settings = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                     output_logits=False, decode_weights=True)
-    run = _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, settings)
+    run = _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, max_length,
+                 num_return_sequences, settings)
     return (np.asarray(carry.tokens) for carry in run.steps())

@@ -16,6 +16,7 @@
 """
 
 import argparse
+import importlib.resources
 import json
 import pathlib
 import shutil
@@ -23,7 +24,8 @@ import time
 
 import numpy as np
 
-SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "easymamba" / "assets" / "tiny-shakespeare"
+# The installed package's copy (importlib.resources), so the default works outside a checkout too.
+SHIPPED = importlib.resources.files("easymamba") / "assets" / "tiny-shakespeare"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

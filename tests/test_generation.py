@@ -332,3 +332,42 @@ def test_generate_refuses_bad_inputs(pair, padded):
             em.generate(model, kwargs.pop("input_ids"), **kwargs)
     with pytest.raises(ValueError, match="do_sample=True needs rng"):
         em.stream_generate(model, ids, max_new_tokens=4, do_sample=True)  # checked at the call, not at next()
+
+
+# -- transformers' length and sampling options, and a model directory's defaults ------------------------------
+def test_max_length_num_return_sequences_and_model_defaults(pair, padded):
+    """max_length counts the prompt; num_return_sequences repeats each row in place (transformers' order) and
+    samples them apart; model.generation_config fills what the call leaves out. Shapes as the tests above, so
+    only the sampled b = 6 loop compiles anew."""
+    _, model = pair
+    ids, mask = padded
+    want = em.generate(model, ids, attention_mask=mask, max_new_tokens=M, repetition_penalty=1.5).sequences
+    got = model.generate(ids, attention_mask=mask, max_length=ids.shape[1] + M, repetition_penalty=1.5)
+    np.testing.assert_array_equal(got.sequences, want)
+    key = jax.random.key(5)
+    many = em.generate(model, ids, attention_mask=mask, max_new_tokens=M, do_sample=True, rng=key,
+                       num_return_sequences=2)
+    rep = em.generate(model, np.repeat(ids, 2, axis=0), attention_mask=np.repeat(mask, 2, axis=0),
+                      max_new_tokens=M, do_sample=True, rng=key)
+    np.testing.assert_array_equal(many.sequences, rep.sequences)
+    assert many.sequences.shape == (6, ids.shape[1] + M)
+    assert (np.asarray(many.sequences[0::2]) != np.asarray(many.sequences[1::2])).any()  # sampled apart
+    model.generation_config = em.config.generation.GenerationDefaults.from_hf(
+        {"max_new_tokens": M, "repetition_penalty": 1.5, "transformers_version": "5.25.0"})
+    try:
+        np.testing.assert_array_equal(em.generate(model, ids, attention_mask=mask).sequences, want)
+        with pytest.raises(ValueError, match=r"max_length \(9\) counts the prompt"):  # the call's length wins
+            em.generate(model, ids, attention_mask=mask, max_length=9)
+    finally:
+        model.generation_config = None
+    for kwargs, message in [
+        (dict(max_new_tokens=3, max_length=9 + 4), r"max_new_tokens \(3\) and max_length \(13\) disagree"),
+        (dict(max_length=9), r"max_length \(9\) counts the prompt and must exceed its 9 tokens"),
+        (dict(max_length=0), r"max_length \(0\) must be an integer >= 1"),
+        (dict(max_new_tokens=4, num_return_sequences=2), r"num_return_sequences \(2\) > 1 needs do_sample=True"),
+        (dict(max_new_tokens=4, num_return_sequences=0), r"num_return_sequences \(0\) must be an integer >= 1"),
+        (dict(max_new_tokens=4, num_return_sequences=2, do_sample=True, rng=key, cache=model.init_cache(3)),
+         r"num_return_sequences \(2\) > 1 with a cache"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            em.generate(model, ids, attention_mask=mask, **kwargs)

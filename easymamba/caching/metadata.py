@@ -202,10 +202,14 @@ class Mamba2CacheMetaData(BaseCacheMetaData):
     MODEL_TYPE: ClassVar[str] = "mamba2"
 
     def _check_sizes(self) -> None:
-        if self.num_heads * self.head_dim != self.intermediate_size:
+        h, p, e = self.num_heads, self.head_dim, self.intermediate_size
+        if h * p != e:
+            fixes = [f"intermediate_size={h * p}"]  # the SSM heads fix e = h * p; each of the three may be wrong
+            fixes += [f"num_heads={e // p}"] if e % p == 0 else []
+            fixes += [f"head_dim={e // h}"] if e % h == 0 else []
             raise ValueError(
-                f"num_heads * head_dim ({self.num_heads} * {self.head_dim} = {self.num_heads * self.head_dim}) "
-                f"must equal intermediate_size ({self.intermediate_size})"
+                f"num_heads * head_dim ({h} * {p} = {h * p}) must equal intermediate_size ({e}); change one of "
+                f"them: {' or '.join(fixes)} (intermediate_size is expand * hidden_size of the model config)"
             )
         if self.num_heads % self.n_groups:
             raise ValueError(

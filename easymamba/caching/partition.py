@@ -52,6 +52,13 @@ class PartitionAxis:
         conv_kernel_axis: shards `k` of the conv state (rarely useful: `k` is 4).
         kv_head_axis: shards `kv`, the key/value heads of an attention layer's view (`easymamba.caching.attention`).
             A document written before this field existed reads it as the default.
+
+    EasyDeL's other logical axes (`sequence_axis`, `query_sequence_axis`, `key_sequence_axis`,
+    `hidden_state_axis`, `mlp_intermediate_axis`, `vocab_axis`, `expert_axis`, `expert_gate_axis`,
+    `attention_dim_axis`, `bias_head_sequence_axis`, `bias_key_sequence_axis`) are accepted, checked and kept
+    (in `to_dict` too), so a `PartitionAxis(...)` written for EasyDeL builds here unchanged. They shard nothing:
+    no cache array has a sequence, hidden, vocabulary or expert dimension (an attention view's slots stay whole
+    along their length, as the forward writes them). All default to None; documents without them read as None.
     """
 
     batch_axis: AxisEntry = "data"
@@ -61,6 +68,19 @@ class PartitionAxis:
     conv_channel_axis: AxisEntry = None
     conv_kernel_axis: AxisEntry = None
     kv_head_axis: AxisEntry = "model"
+    # EasyDeL's names, accepted and kept, applied to nothing (docstring); after the fields above, whose
+    # positional order is kept.
+    sequence_axis: AxisEntry = None
+    query_sequence_axis: AxisEntry = None
+    key_sequence_axis: AxisEntry = None
+    hidden_state_axis: AxisEntry = None
+    mlp_intermediate_axis: AxisEntry = None
+    vocab_axis: AxisEntry = None
+    expert_axis: AxisEntry = None
+    expert_gate_axis: AxisEntry = None
+    attention_dim_axis: AxisEntry = None
+    bias_head_sequence_axis: AxisEntry = None
+    bias_key_sequence_axis: AxisEntry = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -94,7 +114,7 @@ class PartitionAxis:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"{where} has unknown fields {unknown}; expected {names}")
-        missing = [name for name in names if name not in d and name != "kv_head_axis"]
+        missing = [name for name in names[:6] if name not in d]  # later fields: their default when absent
         if missing:
             raise ValueError(f"{where} is missing fields {missing}")
         return cls(**{name: normalize_entry(d[name], f"{where}.{name}") for name in names if name in d})
@@ -155,6 +175,14 @@ def check_spec(
 
 def entry_to_json(entry: AxisEntry) -> None | str | list[str]:
     return list(entry) if isinstance(entry, tuple) else entry
+
+
+def fit_spec(spec: PartitionSpec, rank: int) -> PartitionSpec:
+    """`spec` cut or padded with None to `rank` entries: one spec for arrays of several ranks (EasyDeL's
+    single-spec `partition_specs`). The entries past `rank` are dropped, so only a spec written for the
+    largest array keeps all of its axes."""
+    entries = tuple(spec)[:rank]
+    return PartitionSpec(*entries, *([None] * (rank - len(entries))))
 
 
 def spec_to_json(spec: PartitionSpec) -> list[None | str | list[str]]:

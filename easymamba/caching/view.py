@@ -52,7 +52,9 @@ def expected_shapes(metadata: BaseCacheMetaData) -> dict[str, tuple[int, ...]]:
 
 
 def float_dtype(dtype: Any, name: str) -> jnp.dtype:
-    dtype = jnp.dtype(dtype)
+    """`dtype` as a floating dtype; None is float32 (`jnp.dtype(None)` would be float64, which JAX narrows with
+    a warning unless x64 is on)."""
+    dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name} must be a floating dtype; got {dtype}")
     return dtype
@@ -141,19 +143,24 @@ class BaseCacheView:
     @classmethod
     def normalize_specs(cls, partition_specs: Any, metadata: BaseCacheMetaData) -> ViewSpecs:
         """One PartitionSpec per `SPEC_LEAVES`, each checked against its leaf's rank; `None` takes them from
-        `metadata.view_specs()` (that is, from `metadata.partition_axis`)."""
+        `metadata.view_specs()` (that is, from `metadata.partition_axis`). A single PartitionSpec (as EasyDeL
+        passes one) is a convenience: it is applied to every leaf, cut or padded with None to the leaf's rank
+        (`partition.fit_spec`: `P("data", "model")` gives conv `P("data", "model", None)`, SSM
+        `P("data", "model", None, None)`, positions `P("data")`)."""
         names = cls.SPEC_LEAVES
+        shapes = metadata.leaf_shapes()
         if partition_specs is None:
             partition_specs = metadata.view_specs()
-        elif isinstance(partition_specs, PartitionSpec) or not (
+        elif isinstance(partition_specs, PartitionSpec):
+            partition_specs = tuple(partition.fit_spec(partition_specs, len(shapes[n])) for n in names)
+        elif not (
             isinstance(partition_specs, (tuple, list)) and len(partition_specs) == len(names)
         ):
             raise ValueError(
                 f"partition_specs must be a tuple ({', '.join(names)}) of {_COUNT.get(len(names), len(names))} "
-                f"PartitionSpecs; got {partition_specs!r}"
+                f"PartitionSpecs, or one PartitionSpec for all of them; got {partition_specs!r}"
             )
         specs = tuple(partition.normalize_spec(s, f"partition spec for {n}") for n, s in zip(names, partition_specs))
-        shapes = metadata.leaf_shapes()
         for name, spec in zip(names, specs):
             partition.check_spec(spec, shapes[name], metadata.LEAF_DIMS[name], name)
         return specs

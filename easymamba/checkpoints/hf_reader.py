@@ -23,6 +23,8 @@ Choices:
   (sharded activations, cache and kernels); an explicit `shardings(path) -> PartitionSpec | None` hook
   replaces the rules, where `path` is the parameter's module path
   (`("backbone", "layers", 3, "mixer", "in_proj", "x", "kernel")`) and `None` means replicated `P()`.
+- `generation_config.json`, when the directory has one, becomes `model.generation_config`
+  (`easymamba.config.generation.GenerationDefaults`), the defaults `generate` uses.
 - Tied models: a checkpoint without `lm_head.weight` uses the embedding; one whose `lm_head.weight` equals the
   embedding is accepted; one whose `lm_head.weight` differs is refused, since the tied model would differ.
 """
@@ -41,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from easymamba.checkpoints.checks import FLOAT_CODES, check_names, check_source
 from easymamba.checkpoints.errors import CheckpointError, NonFiniteWeightWarning
+from easymamba.config.generation import GENERATION_CONFIG_NAME, GenerationDefaults
 from easymamba.models import FAMILIES, abstract_model, config_from_hf, family_of
 from easymamba.checkpoints.layout import FlaxView, StackedView, split_parts
 from easymamba.checkpoints.safetensors_format import load_json
@@ -189,13 +192,28 @@ def from_pretrained(path: "str | os.PathLike", *, dtype=None, param_dtype=None, 
         raise FileNotFoundError(f"{path} is not a directory: from_pretrained reads a local checkpoint directory "
                                 "(download a hub model first, e.g. huggingface_hub.snapshot_download)")
     config = read_config(directory)
+    defaults = read_generation_config(directory)  # before the weights: a refused file costs no reading
     src = open_weights(directory)
     try:
-        return build_from_source(config, src, str(directory / CONFIG_NAME), dtype=dtype, param_dtype=param_dtype,
-                                 mesh=mesh, shardings=shardings, rules=rules, kernel_impl=kernel_impl,
-                                 progress=progress)
+        model = build_from_source(config, src, str(directory / CONFIG_NAME), dtype=dtype, param_dtype=param_dtype,
+                                  mesh=mesh, shardings=shardings, rules=rules, kernel_impl=kernel_impl,
+                                  progress=progress)
     finally:
         src.close()
+    if defaults is not None:
+        model.generation_config = defaults
+    return model
+
+
+def read_generation_config(path: "str | os.PathLike") -> GenerationDefaults | None:
+    """The `GenerationDefaults` of directory `path`'s `generation_config.json`, None when it has none."""
+    file = pathlib.Path(path) / GENERATION_CONFIG_NAME
+    if not file.is_file():
+        return None
+    try:
+        return GenerationDefaults.from_hf(file)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def checkpoint_dtype(path: "str | os.PathLike") -> np.dtype:
@@ -210,4 +228,4 @@ def checkpoint_dtype(path: "str | os.PathLike") -> np.dtype:
 
 
 __all__ = ["CONFIG_NAME", "ProgressHook", "ShardingHook", "build_from_source", "checkpoint_dtype", "from_pretrained",
-           "param_sharding", "read_config"]
+           "param_sharding", "read_config", "read_generation_config"]

@@ -1,8 +1,9 @@
 """Writing a flax model as an HF checkpoint directory that `transformers` loads: `save_pretrained`.
 
-`config.json` plus safetensors in the parameters' own dtype with `{"format": "pt"}` metadata, sharded with an
-index above `max_shard_size`; tied models carry no `lm_head.weight`, as transformers writes them. Parameters
-are fetched to the host one tensor at a time (`safetensors_writer.py` says why it streams).
+`config.json` (and `generation_config.json` when the model carries one) plus safetensors in the parameters' own
+dtype with `{"format": "pt"}` metadata, sharded with an index above `max_shard_size`; tied models carry no
+`lm_head.weight`, as transformers writes them. Parameters are fetched to the host one tensor at a time
+(`safetensors_writer.py` says why it streams).
 """
 
 import json
@@ -13,6 +14,7 @@ import numpy as np
 
 from easymamba.models import family_of
 from easymamba.checkpoints.hf_reader import CONFIG_NAME, ProgressHook
+from easymamba.config.generation import GENERATION_CONFIG_NAME
 from easymamba.checkpoints.layout import flax_shape, hf_shape, param_at, read_flax, to_hf_layout
 from easymamba.checkpoints.destination import claim
 from easymamba.checkpoints.safetensors_writer import TensorToWrite, parse_size, write_sharded
@@ -54,9 +56,14 @@ def _write(model, directory: pathlib.Path, max_shard_size, progress) -> pathlib.
                   on_tensor=on_tensor)
     config = json.loads(model.config.to_json_string())
     config["dtype"] = str(np.dtype(param_at(model, table[0].targets[0]).dtype))  # transformers 5's name for it
-    tmp = directory / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / CONFIG_NAME)
+    files = {CONFIG_NAME: config}
+    defaults = getattr(model, "generation_config", None)
+    if defaults is not None:  # the generation_config.json the model was loaded with, as it was read
+        files[GENERATION_CONFIG_NAME] = defaults.to_hf()
+    for name, content in files.items():
+        tmp = directory / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, directory / name)
     return directory
 
 

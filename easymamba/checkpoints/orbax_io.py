@@ -49,7 +49,7 @@ from flax import nnx
 from easymamba.checkpoints.destination import claim
 from easymamba.checkpoints.errors import CheckpointError
 from easymamba.models import FAMILIES, abstract_model, config_from_hf
-from easymamba.checkpoints.hf_reader import ShardingHook, param_sharding
+from easymamba.checkpoints.hf_reader import ShardingHook, param_sharding, read_generation_config
 
 FORMAT = "easymamba.orbax"
 FORMAT_VERSION = 1
@@ -211,7 +211,11 @@ def load_checkpoint(directory: "str | os.PathLike", *, dtype=None, param_dtype=N
         raise CheckpointError(f"cannot restore the parameters of {version}: {exc}") from None
     for key, (path, var) in variables.items():
         var.set_value(restored["params"][key])
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    defaults = read_generation_config(directory)  # a generation_config.json kept beside the versions
+    if defaults is not None:
+        model.generation_config = defaults
+    return model
 
 
 # ---- training state: parameters, optimizer state, step and rng -----------------------------------------

@@ -20,6 +20,7 @@ Two entry points, as mamba_ssm's `forward` and `step`:
   holds (`active_rows`), the weights it prepares once (`decode_weights()`), and the cache counters.
 """
 
+import weakref
 from typing import ClassVar
 
 import jax
@@ -371,6 +372,10 @@ def seq_idx_from_position_ids(position_ids: jax.Array) -> jax.Array:
     return jnp.cumsum(jnp.asarray(position_ids) == 0, axis=1, dtype=jnp.int32)
 
 
+# model -> its GenerationDefaults (`CausalLM.generation_config`)
+_GENERATION_CONFIGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _real_tokens(cache) -> jax.Array:
     """(b,) int32: the real tokens the cache's attention views hold (the next token's rotary position)."""
     for entry in cache.views:
@@ -382,9 +387,32 @@ def _real_tokens(cache) -> jax.Array:
 
 class CausalLM(nnx.Module):
     """A family's language model: backbone + tied or untied output head (HF `Mamba2ForCausalLM`, ...). A family's
-    causal LM (`Mamba2ForCausalLM`, ...) is this class with the family's record as `family`."""
+    causal LM (`Mamba2ForCausalLM`, ...) is this class with the family's record as `family`.
+
+    Hugging Face's methods are here as thin forms of easymamba's functions: `from_pretrained` (a classmethod,
+    `easymamba.from_pretrained` / `easymamba.load_checkpoint`), `save_pretrained`, `generate`
+    (`easymamba.generate`, which returns a `GenerateOutput`, not transformers' bare ids) and `num_parameters`.
+    `generation_config` is the `GenerationDefaults` of the `generation_config.json` the model was loaded with
+    (None without one); `generate` takes the settings its caller leaves out from it.
+    """
 
     family: ClassVar  # the ModelFamily, set by the family's record
+
+    @property
+    def generation_config(self):
+        """The `GenerationDefaults` of the directory the model was loaded from, or None. Kept beside the model,
+        not in it: it is no part of the graph (`nnx.split` / `nnx.clone` leave it behind), so two models that
+        differ only in their defaults share compiled code."""
+        return _GENERATION_CONFIGS.get(self)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "generation_config":  # beside the model: nnx's own __setattr__ would record it in the graph
+            if value is None:
+                _GENERATION_CONFIGS.pop(self, None)
+            else:
+                _GENERATION_CONFIGS[self] = value
+            return
+        super().__setattr__(name, value)
 
     def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  kernel_impl: str = "auto"):
@@ -406,6 +434,55 @@ class CausalLM(nnx.Module):
     def sharding_units(cls, config) -> dict[str, int]:
         """The family's count of each logical axis, for the sharding rules (`easymamba.sharding`)."""
         return cls.family.sharding_units(config)
+
+    # -- Hugging Face's methods, as thin forms of easymamba's functions -------------------------------------------
+    # The checkpoint and generation modules sit above the models in the import order (they read the family
+    # records), so these import them when called.
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "CausalLM":
+        """The model of directory `path`: a Hugging Face or state-spaces checkpoint (`easymamba.from_pretrained`)
+        or an easymamba orbax checkpoint (`easymamba.load_checkpoint`); `kwargs` go to that function (`dtype`,
+        `param_dtype`, `mesh`, ...). On a family's class (`Mamba2ForCausalLM`), a directory of another family is
+        refused with a `ValueError` naming both; `CausalLM.from_pretrained` reads any family."""
+        from easymamba.checkpoints import checkpoint_config, from_pretrained, is_checkpoint, load_checkpoint
+        from easymamba.checkpoints.hf_reader import read_config
+
+        orbax = is_checkpoint(path)
+        if cls is not CausalLM:
+            config = checkpoint_config(path) if orbax else read_config(path)
+            if config.model_type != cls.family.model_type:
+                from easymamba.models import family_of
+
+                raise ValueError(f"{path} holds a {family_of(config).causal_lm.__name__} (model_type "
+                                 f"{config.model_type!r}), not a {cls.__name__} (model_type "
+                                 f"{cls.family.model_type!r}); load it with {family_of(config).causal_lm.__name__}"
+                                 ".from_pretrained or easymamba.from_pretrained")
+        return load_checkpoint(path, **kwargs) if orbax else from_pretrained(path, **kwargs)
+
+    def save_pretrained(self, path, **kwargs):
+        """`easymamba.save_pretrained(self, path, **kwargs)`: a directory transformers loads (`max_shard_size`,
+        `progress`, ...), with `generation_config.json` when the model has a `generation_config`. Returns it."""
+        from easymamba.checkpoints import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
+
+    def generate(self, input_ids, **kwargs):
+        """`easymamba.generate(self, input_ids, **kwargs)`: a `GenerateOutput` (`.sequences [b, l + m]`,
+        `.num_generated`, `.cache`), where transformers returns the ids alone."""
+        from easymamba.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The number of parameters, as transformers' `num_parameters`: a tied head is the embedding, counted
+        once; `exclude_embeddings` leaves out the token embedding matrices (an untied `lm_head` still counts).
+        `only_trainable` is accepted for transformers' signature: every parameter here is trainable."""
+        del only_trainable
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(node.weight) for _, node in nnx.iter_graph(self) if isinstance(node, Embedding)}
+        params = nnx.state(self, nnx.Param)
+        return sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(params) if id(v) not in skip)
 
     @classmethod
     def key_table(cls, config):
