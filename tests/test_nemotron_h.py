@@ -204,3 +204,51 @@ def test_generate_refuses_a_cache_too_short(pair):
     with pytest.raises(ValueError, match=r"holds 8 key/value slots \(max_length\), but its 0 tokens \+ the prompt's 5 "
                                          r"\+ max_new_tokens \(4\) need 9"):
         em.generate(model, jnp.asarray([[5, 6, 7, 8, 9]]), max_new_tokens=4, cache=cache)
+
+
+def test_multi_token_prediction_tensors_load_and_round_trip(tmp_path):
+    # A checkpoint with num_nextn_predict_layers = 1 and mtp.* tensors (names as NVIDIA's Nemotron-3 checkpoints
+    # write them; bfloat16 and float32): transformers 5.25 drops them on load and never runs them, easymamba
+    # carries them (CausalLM.carried_tensors) through save_pretrained and orbax bit for bit.
+    from safetensors.numpy import load_file, save_file
+    import ml_dtypes
+
+    hf = random_hf_model("nemotron_h", seed=31, variant=0, num_nextn_predict_layers=1)
+    src = tmp_path / "src"
+    hf.save_pretrained(src)
+    (weights,) = src.glob("*.safetensors")
+    tensors = load_file(weights)
+    rng = np.random.default_rng(7)
+    d = hf.config.hidden_size
+    mtp = {"mtp.layers.0.enorm.weight": rng.normal(size=(d,)).astype(np.float32),
+           "mtp.layers.0.hnorm.weight": rng.normal(size=(d,)).astype(np.float32),
+           "mtp.layers.0.eh_proj.weight": rng.normal(size=(d, 2 * d)).astype(ml_dtypes.bfloat16),
+           "mtp.layers.0.mixer.q_proj.weight": rng.normal(size=(d, d)).astype(ml_dtypes.bfloat16)}
+    save_file({**tensors, **mtp}, weights, metadata={"format": "pt"})
+
+    model = em.from_pretrained(src)
+    assert set(model.carried_tensors) == set(mtp)
+    for name, array in mtp.items():
+        assert model.carried_tensors[name].dtype == array.dtype
+        np.testing.assert_array_equal(model.carried_tensors[name], array)
+    ids = ids_for(model, 1, 9, 8)
+    assert rel_err(fwd(model, jnp.asarray(ids)).logits, hf_forward(hf, ids)) < TOL  # MTP layers are not run
+
+    out = tmp_path / "out"
+    em.save_pretrained(model, out)
+    written = {}
+    for f in out.glob("*.safetensors"):
+        written.update(load_file(f))
+    for name, array in mtp.items():
+        assert written[name].dtype == array.dtype
+        np.testing.assert_array_equal(written[name], array)
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    import transformers
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager",
+                                                             dtype=torch.float32).eval()
+    assert rel_err(hf_forward(back, ids), hf_forward(hf, ids)) < 1e-6
+
+    restored = em.load_checkpoint(em.save_checkpoint(model, tmp_path / "orbax").parent)
+    for name, array in mtp.items():
+        np.testing.assert_array_equal(restored.carried_tensors[name], array)
+    assert em.from_pretrained(em.save_pretrained(restored, tmp_path / "again")).carried_tensors.keys() == mtp.keys()

@@ -105,7 +105,8 @@ def check_names(config, src, config_name: str, *, strict: bool = True) -> dict[s
         more = f" (and {len(missing) - 1} more: {missing[1:8]})" if len(missing) > 1 else ""
         raise CheckpointError(f"tensor {missing[0]} is missing from {src.description}{more}")
     allowed = {"lm_head.weight"} if ties_lm_head(config) else set()
-    unexpected = [n for n in names if n not in expected and n not in allowed]
+    carried = family.carried_prefixes(config)
+    unexpected = [n for n in names if n not in expected and n not in allowed and not n.startswith(carried)]
     if unexpected and strict:
         listed = "; ".join(f"{n} in {src.file_of(names[n])}" for n in unexpected[:8])
         raise CheckpointError(f"unexpected tensor(s) that a {family.causal_lm.__name__} with this config does "
@@ -134,6 +135,13 @@ def check_source(model, src, config_name: str, *, strict: bool = True) -> dict[s
     if ties_lm_head(config) and "lm_head.weight" in names:
         _check_tied_head(src, names, config_name, _embedding_name(table))
     return {spec.hf_name: names[spec.hf_name] for spec in table}
+
+
+def carried_names(config, src) -> list[str]:
+    """The names in `src` of the tensors its model carries without running them (the family's
+    `carried_prefixes`), in the source's order."""
+    prefixes = family_of(config).carried_prefixes(config)
+    return [n for n in src.names() if prefixes and LEGACY_RENAMES.get(n, n).startswith(prefixes)]
 
 
 def _check_tied_head(src, names: dict[str, str], config_name: str, embedding: str) -> None:

@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from easymamba.checkpoints.checks import FLOAT_CODES, check_names, check_source
+from easymamba.checkpoints.checks import FLOAT_CODES, carried_names, check_names, check_source
 from easymamba.checkpoints.errors import CheckpointError, NonFiniteWeightWarning
 from easymamba.config.generation import GENERATION_CONFIG_NAME, GenerationDefaults
 from easymamba.models import FAMILIES, abstract_model, config_from_hf, family_of
@@ -152,6 +152,9 @@ def build_from_source(config, src, config_name: str, *, dtype=None, param_dtype=
         warnings.warn(f"{src.description}: tensor(s) hold NaN or infinity (expected finite weights; the model's "
                       f"outputs may be NaN): {'; '.join(listed[:8])}{more}", NonFiniteWeightWarning, stacklevel=3)
     model = nnx.merge(graphdef, state)
+    # tensors the model carries without running them, read as stored (host memory, the source's dtype)
+    model.carried_tensors = {name: np.asarray(src.read_slice(name, tuple(slice(None) for _ in src.shape(name))))
+                             for name in carried_names(config, src)}
     return model if by_rules is None else attach(model, by_rules.rules)
 
 

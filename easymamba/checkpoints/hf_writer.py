@@ -45,6 +45,8 @@ def _write(model, directory: pathlib.Path, max_shard_size, progress) -> pathlib.
         entries.append(TensorToWrite(
             spec.hf_name, hf_shape(spec.kind, flax_shape(model, spec)), np.dtype(param.dtype),
             lambda spec=spec: to_hf_layout(spec.kind, read_flax(model, spec))))
+    for name, array in getattr(model, "carried_tensors", {}).items():  # written back as they were read
+        entries.append(TensorToWrite(name, tuple(array.shape), array.dtype, lambda array=array: array))
     done = [0]
 
     def on_tensor(name):

@@ -138,9 +138,15 @@ def save_checkpoint(model, directory: "str | os.PathLike", *, overwrite: bool = 
     """
     ocp = _ocp()
     params = {_key(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
-    return _save_version(directory, {"params": ocp.args.StandardSave(params),
-                                     "meta": ocp.args.JsonSave(_model_meta(model, params))},
-                         overwrite, "save_checkpoint")
+    meta = _model_meta(model, params)
+    items = {"params": ocp.args.StandardSave(params)}
+    carried = getattr(model, "carried_tensors", {})
+    if carried:  # tensors carried without being run (CausalLM.carried_tensors), under keys orbax takes as names
+        meta["carried"] = [{"name": name, "key": f"t{i}", "shape": list(a.shape), "dtype": str(np.dtype(a.dtype))}
+                           for i, (name, a) in enumerate(carried.items())]
+        items["carried"] = ocp.args.StandardSave({f"t{i}": a for i, a in enumerate(carried.values())})
+    items["meta"] = ocp.args.JsonSave(meta)
+    return _save_version(directory, items, overwrite, "save_checkpoint")
 
 
 def _read_meta(version: pathlib.Path, *, any_model: bool = False) -> dict:
@@ -212,6 +218,16 @@ def load_checkpoint(directory: "str | os.PathLike", *, dtype=None, param_dtype=N
     for key, (path, var) in variables.items():
         var.set_value(restored["params"][key])
     model = nnx.merge(graphdef, state)
+    carried = meta.get("carried") or []
+    if carried:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # read, then kept on the host
+        try:
+            found = _restore(version, {"carried": ocp.args.StandardRestore(
+                {e["key"]: jax.ShapeDtypeStruct(tuple(e["shape"]), jnp.dtype(e["dtype"]), sharding=one)
+                 for e in carried})})["carried"]
+        except Exception as exc:
+            raise CheckpointError(f"cannot restore the carried tensors of {version}: {exc}") from None
+        model.carried_tensors = {e["name"]: np.asarray(found[e["key"]]) for e in carried}
     defaults = read_generation_config(directory)  # a generation_config.json kept beside the versions
     if defaults is not None:
         model.generation_config = defaults

@@ -12,8 +12,10 @@ is grouped over `n_groups` and its width is `mamba_num_heads * mamba_head_dim` (
 network). The derived part records (`mixer_config`, `attention_config`, `mlp_config`, `moe_config`) are what the
 shared parts are built from (`easymamba/config/parts.py`).
 
-Not modelled: multi-token-prediction layers (`num_nextn_predict_layers > 0` is refused: transformers 5.25 drops
-their weights on load and never runs them), sliding-window attention (`sliding_window` must be None).
+Multi-token-prediction layers (`num_nextn_predict_layers > 0`, `mtp_layers_block_type`) are not run (nor does
+transformers 5.25, which drops their weights on load): their `mtp.*` tensors are carried through loading and
+saving unchanged (`CausalLM.carried_tensors`). Not modelled: sliding-window attention (`sliding_window` must be
+None).
 """
 
 import dataclasses
@@ -135,9 +137,9 @@ class NemotronHConfig(_ConfigIO):
                  f"mamba_hidden_act ({self.mamba_hidden_act!r}) must be 'silu': the Mamba-2 conv activation")
         _require(self.sliding_window is None,
                  f"sliding_window ({self.sliding_window!r}) must be None: easymamba's attention is full causal")
-        _require(self.num_nextn_predict_layers == 0,
-                 f"num_nextn_predict_layers ({self.num_nextn_predict_layers!r}) must be 0: multi-token-prediction "
-                 "layers are not built (transformers 5.25 drops their weights too)")
+        _require(isinstance(self.num_nextn_predict_layers, int) and not isinstance(self.num_nextn_predict_layers, bool)
+                 and self.num_nextn_predict_layers >= 0,
+                 f"num_nextn_predict_layers ({self.num_nextn_predict_layers!r}) must be a non-negative integer")
         _require(self.moe_latent_size is None or (isinstance(self.moe_latent_size, int) and self.moe_latent_size > 0),
                  f"moe_latent_size ({self.moe_latent_size!r}) must be a positive integer or None")
         _require(self.mamba_ssm_cache_dtype in ("float32", "bfloat16", "float16"),

@@ -372,8 +372,10 @@ def seq_idx_from_position_ids(position_ids: jax.Array) -> jax.Array:
     return jnp.cumsum(jnp.asarray(position_ids) == 0, axis=1, dtype=jnp.int32)
 
 
-# model -> its GenerationDefaults (`CausalLM.generation_config`)
+# model -> its GenerationDefaults (`CausalLM.generation_config`), its carried tensors (`CausalLM.carried_tensors`)
 _GENERATION_CONFIGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CARRIED_TENSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_BESIDE = {"generation_config": _GENERATION_CONFIGS, "carried_tensors": _CARRIED_TENSORS}
 
 
 def _real_tokens(cache) -> jax.Array:
@@ -405,12 +407,20 @@ class CausalLM(nnx.Module):
         differ only in their defaults share compiled code."""
         return _GENERATION_CONFIGS.get(self)
 
+    @property
+    def carried_tensors(self) -> dict:
+        """{HF name: numpy array} of the checkpoint tensors this model carries but does not run (its family's
+        `carried_prefixes`: Nemotron-H's multi-token-prediction layers), as read, in their stored dtype;
+        `save_pretrained` and `save_checkpoint` write them back unchanged. Empty when there are none. Kept beside
+        the model like `generation_config` (no parameters: not sharded, trained or part of the graph)."""
+        return _CARRIED_TENSORS.get(self, {})
+
     def __setattr__(self, name: str, value) -> None:
-        if name == "generation_config":  # beside the model: nnx's own __setattr__ would record it in the graph
-            if value is None:
-                _GENERATION_CONFIGS.pop(self, None)
+        if name in _BESIDE:  # beside the model: nnx's own __setattr__ would record it in the graph
+            if value is None or (name == "carried_tensors" and not value):
+                _BESIDE[name].pop(self, None)
             else:
-                _GENERATION_CONFIGS[self] = value
+                _BESIDE[name][self] = dict(value) if name == "carried_tensors" else value
             return
         super().__setattr__(name, value)
 

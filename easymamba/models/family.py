@@ -108,6 +108,9 @@ class ModelFamily:
     logits_multiplier      config -> the factor the output head's logits are multiplied by, or None for none
     multiplies_inputs_embeds   whether `inputs_embeds` are multiplied by the embedding multiplier too (Granite's
                      HF model multiplies whatever enters layer 0; Falcon-H1's only looked-up rows)
+    carried_prefixes   config -> the name prefixes of checkpoint tensors the network does not run but a
+                     checkpoint holds (Nemotron-H's multi-token-prediction layers, "mtp."): read as they are into
+                     `CausalLM.carried_tensors` and written back unchanged, so they load and round-trip
     """
 
     model_type: str
@@ -125,6 +128,7 @@ class ModelFamily:
     embedding_multiplier: Callable[[Any], float] | None = None
     logits_multiplier: Callable[[Any], float] | None = None
     multiplies_inputs_embeds: bool = False
+    carried_prefixes: Callable[[Any], tuple[str, ...]] = lambda config: ()
 
     def __post_init__(self):
         # The classes find their record here: the record is written after them, in the family's own file.

@@ -156,5 +156,7 @@ FAMILY = ModelFamily(
                                            lambda cfg: cfg.mixer_config.num_heads,
                                            lambda cfg, *args: mamba2_operands(cfg.mixer_config, *args)),
     hidden_states_with_embeddings=True,
+    # multi-token-prediction layers: loaded and written back as they are (transformers 5.25 drops them on load)
+    carried_prefixes=lambda config: ("mtp.",) if config.num_nextn_predict_layers > 0 else (),
 )
 
