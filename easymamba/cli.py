@@ -384,7 +384,7 @@ def _generate(args) -> int:
                       "ids": generated[i], "prompt_tokens": len(row), "generated_tokens": len(generated[i]),
                       "finish_reason": "eos" if stopped[i] else "length", "seconds": round(elapsed, 4),
                       "batch_tokens_per_second": round(total / elapsed, 2) if elapsed > 0 else None,
-                      "seed": seed, "model": str(directory)}
+                      "seed": seed, "model": str(directory), "dtype": str(np.dtype(model.dtype))}
             print(json.dumps(record, ensure_ascii=False))
     elif first is None:  # not streamed
         for i, row in enumerate(rows):
