@@ -410,7 +410,8 @@ def _mixer_sizes(config) -> dict:
                 "state_size": mixer.state_size, "groups": mixer.n_groups, "conv_kernel": mixer.conv_kernel,
                 "chunk_size": mixer.chunk_size}
     return {"mixer": "mamba", "intermediate_size": mixer.intermediate_size, "state_size": mixer.state_size,
-            "conv_kernel": mixer.conv_kernel, "time_step_rank": mixer.time_step_rank}
+            "conv_kernel": mixer.conv_kernel,
+            "time_step_rank": getattr(mixer, "resolved_time_step_rank", mixer.time_step_rank)}
 
 
 def _kernels(sizes: dict, dtype) -> dict:
@@ -431,6 +432,9 @@ def _kernels(sizes: dict, dtype) -> dict:
 
 
 def _describe(directory: pathlib.Path, kind: str) -> dict:
+    """What `info` prints. "parameters" counts the elements of the stored tensors, a tied lm_head once (HF's
+    `num_parameters()` also leaves out the tensors it keeps as buffers, e.g. Nemotron-H's router correction
+    bias)."""
     import jax
     import numpy as np
 
@@ -619,6 +623,8 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     except KeyboardInterrupt:
+        if sys.stdout.isatty():  # end a streamed line, so the message starts a line of its own
+            print(flush=True)
         print("easymamba: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `easymamba generate ... | head -1`: the reader has gone, nothing more to say
