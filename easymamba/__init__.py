@@ -4,174 +4,58 @@ flax.nnx, exact against Hugging Face.
 Start with `TextGenerator.from_pretrained(model_dir)` (text in, text out), or `from_pretrained`, `generate` and
 `Mamba2ForCausalLM`; the notation used everywhere is in
 `easymamba.typing`.
+
+The names below are imported on first use (PEP 562 `__getattr__`): `import easymamba` and the `easymamba`
+command's `--help` do not start JAX; `from easymamba import Mamba2ForCausalLM` and `easymamba.generate` work as
+if everything were imported here.
 """
 
-from easymamba.caching import (
-    AttentionCacheMetaData,
-    AttentionCacheView,
-    HybridCache,
-    HybridCacheMetaData,
-    FalconMambaCache,
-    FalconMambaCacheMetaData,
-    FalconMambaCacheView,
-    Mamba2Cache,
-    Mamba2CacheMetaData,
-    Mamba2CacheView,
-    MambaCache,
-    MambaCacheMetaData,
-    MambaCacheView,
-    PartitionAxis,
-)
-from easymamba.checkpoints import (
-    CheckpointError,
-    NonFiniteWeightWarning,
-    from_pretrained,
-    load_checkpoint,
-    load_state_dict,
-    load_train_state,
-    save_checkpoint,
-    save_pretrained,
-    save_train_state,
-    state_dict,
-)
-from easymamba.config import (
-    BambaConfig,
-    FalconH1Config,
-    FalconMambaConfig,
-    GraniteMoeHybridConfig,
-    JambaConfig,
-    Mamba2Config,
-    MambaConfig,
-    NemotronHConfig,
-    Zamba2Config,
-)
-from easymamba.generation import GenerationConfig, generate, stream_generate
-from easymamba.interp import compute_effective_attention, run_with_cache
-from easymamba.models import (
-    BambaForCausalLM,
-    BambaModel,
-    GraniteMoeHybridForCausalLM,
-    GraniteMoeHybridModel,
-    HybridDecoderLayer,
-    MLP,
-    Attention,
-    MoE,
-    NemotronHForCausalLM,
-    NemotronHModel,
-    FalconH1Block,
-    FalconH1ForCausalLM,
-    FalconH1Model,
-    FalconMambaBlock,
-    FalconMambaForCausalLM,
-    FalconMambaMixer,
-    FalconMambaModel,
-    JambaForCausalLM,
-    JambaMambaMixer,
-    JambaModel,
-    Mamba2Block,
-    Mamba2CausalLMOutput,
-    Mamba2ForCausalLM,
-    Mamba2Mixer,
-    Mamba2Model,
-    Mamba2Output,
-    MambaBlock,
-    MambaForCausalLM,
-    MambaMixer,
-    MambaModel,
-    Zamba2ForCausalLM,
-    Zamba2Model,
-    causal_lm_loss,
-)
-from easymamba.norms import GatedRMSNorm, RMSNorm
-from easymamba.pipeline import TextGenerator
-from easymamba.sharding import ShardingRules, init_sharded, make_mesh, shard_batch, shard_model
-from easymamba.train import TokenBatcher, TrainState, make_eval_step, make_optimizer, make_train_step
+import importlib
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "Attention",
-    "MLP",
-    "MoE",
-    "NemotronHConfig",
-    "NemotronHForCausalLM",
-    "NemotronHModel",
-    "BambaConfig",
-    "GraniteMoeHybridConfig",
-    "Zamba2Config",
-    "Zamba2ForCausalLM",
-    "Zamba2Model",
-    "ShardingRules",
-    "init_sharded",
-    "make_mesh",
-    "shard_batch",
-    "shard_model",
-    "CheckpointError",
-    "NonFiniteWeightWarning",
-    "FalconH1Block",
-    "FalconH1Config",
-    "FalconH1ForCausalLM",
-    "FalconH1Model",
-    "BambaForCausalLM",
-    "BambaModel",
-    "FalconMambaBlock",
-    "FalconMambaCache",
-    "FalconMambaCacheMetaData",
-    "FalconMambaCacheView",
-    "FalconMambaConfig",
-    "FalconMambaForCausalLM",
-    "FalconMambaMixer",
-    "FalconMambaModel",
-    "GatedRMSNorm",
-    "GenerationConfig",
-    "JambaConfig",
-    "JambaForCausalLM",
-    "JambaMambaMixer",
-    "JambaModel",
-    "GraniteMoeHybridForCausalLM",
-    "GraniteMoeHybridModel",
-    "HybridDecoderLayer",
-    "Mamba2Block",
-    "AttentionCacheMetaData",
-    "AttentionCacheView",
-    "HybridCache",
-    "HybridCacheMetaData",
-    "Mamba2Cache",
-    "Mamba2CacheMetaData",
-    "Mamba2CacheView",
-    "Mamba2CausalLMOutput",
-    "Mamba2Config",
-    "Mamba2ForCausalLM",
-    "Mamba2Mixer",
-    "Mamba2Model",
-    "Mamba2Output",
-    "MambaBlock",
-    "MambaCache",
-    "MambaCacheMetaData",
-    "MambaCacheView",
-    "MambaConfig",
-    "MambaForCausalLM",
-    "MambaMixer",
-    "MambaModel",
-    "PartitionAxis",
-    "RMSNorm",
-    "causal_lm_loss",
-    "compute_effective_attention",
-    "from_pretrained",
-    "generate",
-    "load_checkpoint",
-    "load_state_dict",
-    "run_with_cache",
-    "save_checkpoint",
-    "save_pretrained",
-    "state_dict",
-    "stream_generate",
-    "TextGenerator",
-    "TokenBatcher",
-    "TrainState",
-    "load_train_state",
-    "make_eval_step",
-    "make_optimizer",
-    "make_train_step",
-    "save_train_state",
-]
+# submodule -> the public names it exports through `easymamba`
+_EXPORTS = {
+    "easymamba.caching": ("AttentionCacheMetaData", "AttentionCacheView", "FalconMambaCache",
+        "FalconMambaCacheMetaData", "FalconMambaCacheView", "HybridCache", "HybridCacheMetaData", "Mamba2Cache",
+        "Mamba2CacheMetaData", "Mamba2CacheView", "MambaCache", "MambaCacheMetaData", "MambaCacheView",
+        "PartitionAxis"),
+    "easymamba.checkpoints": ("CheckpointError", "NonFiniteWeightWarning", "from_pretrained", "load_checkpoint",
+        "load_state_dict", "load_train_state", "save_checkpoint", "save_pretrained", "save_train_state", "state_dict"),
+    "easymamba.config": ("BambaConfig", "FalconH1Config", "FalconMambaConfig", "GraniteMoeHybridConfig",
+        "JambaConfig", "Mamba2Config", "MambaConfig", "NemotronHConfig", "Zamba2Config"),
+    "easymamba.generation": ("GenerationConfig", "generate", "stream_generate"),
+    "easymamba.interp": ("compute_effective_attention", "run_with_cache"),
+    "easymamba.models": ("Attention", "BambaForCausalLM", "BambaModel", "FalconH1Block", "FalconH1ForCausalLM",
+        "FalconH1Model", "FalconMambaBlock", "FalconMambaForCausalLM", "FalconMambaMixer", "FalconMambaModel",
+        "GraniteMoeHybridForCausalLM", "GraniteMoeHybridModel", "HybridDecoderLayer", "JambaForCausalLM",
+        "JambaMambaMixer", "JambaModel", "MLP", "Mamba2Block", "Mamba2CausalLMOutput", "Mamba2ForCausalLM",
+        "Mamba2Mixer", "Mamba2Model", "Mamba2Output", "MambaBlock", "MambaForCausalLM", "MambaMixer", "MambaModel",
+        "MoE", "NemotronHForCausalLM", "NemotronHModel", "Zamba2ForCausalLM", "Zamba2Model", "causal_lm_loss",
+        "seq_idx_from_position_ids"),
+    "easymamba.norms": ("GatedRMSNorm", "RMSNorm"),
+    "easymamba.pipeline": ("TextGenerator",),
+    "easymamba.sharding": ("ShardingRules", "init_sharded", "make_mesh", "shard_batch", "shard_model"),
+    "easymamba.train": ("TokenBatcher", "TrainState", "make_eval_step", "make_optimizer", "make_train_step"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    """A public name (imported from its submodule on first use, then kept here) or a submodule."""
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+        globals()[name] = value
+        return value
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
