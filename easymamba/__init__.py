@@ -50,6 +50,7 @@ from easymamba.interp import compute_effective_attention, run_with_cache
 from easymamba.models import (
     BambaForCausalLM,
     BambaModel,
+    CompiledLM,
     GraniteMoeHybridForCausalLM,
     GraniteMoeHybridModel,
     HybridDecoderLayer,
@@ -114,6 +115,7 @@ __all__ = [
     "FalconH1Model",
     "BambaForCausalLM",
     "BambaModel",
+    "CompiledLM",
     "FalconMambaBlock",
     "FalconMambaCache",
     "FalconMambaCacheMetaData",

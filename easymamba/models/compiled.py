@@ -31,6 +31,9 @@ __all__ = ["CompiledLM"]
 
 IGNORE_INDEX = -100  # causal_lm.IGNORE_INDEX (that module imports this one)
 
+# Traces per function name, for tests: calls with the same shapes, dtypes and optional inputs must not add any.
+_TRACES: collections.Counter = collections.Counter()
+
 
 # -- the traced functions: `graphdef` is (nnx graphdef, treedef of the model's State), `state` the State's leaves ---
 def _merge(graphdef, state):
@@ -40,12 +43,14 @@ def _merge(graphdef, state):
 
 def _forward(graphdef, output_hidden_states, state, input_ids, attention_mask, cache, labels, position_ids,
              seq_idx):
+    _TRACES["forward"] += 1
     model = _merge(graphdef, state)
     return model(input_ids, attention_mask=attention_mask, cache=cache, labels=labels, position_ids=position_ids,
                  seq_idx=seq_idx, output_hidden_states=output_hidden_states)
 
 
 def _prefill(graphdef, max_length, state, input_ids, attention_mask):
+    _TRACES["prefill"] += 1
     model = _merge(graphdef, state)
     cache = model.init_cache(input_ids.shape[0], max_length=max_length)
     out = model.backbone(input_ids, attention_mask=attention_mask, cache=cache)
@@ -54,6 +59,7 @@ def _prefill(graphdef, max_length, state, input_ids, attention_mask):
 
 
 def _score(graphdef, state, input_ids, attention_mask):
+    _TRACES["score"] += 1
     model = _merge(graphdef, state)
     logits = model(input_ids, attention_mask=attention_mask).logits                         # (b, l, v) float32
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)                                      # (b, l-1, v)
