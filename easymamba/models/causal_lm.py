@@ -488,7 +488,7 @@ class CausalLM(nnx.Module):
     def compile(self) -> CompiledLM:
         """This model's forward, `prefill` and `score` jitted over its parameters split once (`CompiledLM`): a
         call costs the device time and microseconds more, where `nnx.jit` walks the model's graph in Python on
-        every call (~0.5 ms per layer on a CPU host; docs/generation.md). It reflects the parameters at this
+        every call (1-2 ms per layer on a CPU host; docs/getting-started.md). It reflects the parameters at this
         call: after training or loading weights, call its `refresh()`."""
         return CompiledLM(self)
 

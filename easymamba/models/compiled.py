@@ -1,8 +1,8 @@
 """A causal LM's forward, prefill and scoring as jitted functions over a state split once (`CausalLM.compile()`).
 
 Why not `nnx.jit(model)`: an `nnx.jit`-ed function walks the model's whole graph in Python on every call (split
-its Variables, hash the graph definition, merge them back afterwards), about 0.5 ms per layer on a CPU host, so a
-64-layer model pays tens of milliseconds per call before any device work (docs/benchmarks.md, "Per-call
+its Variables, hash the graph definition, merge them back afterwards), 1 to 2 ms per layer on a CPU host, so a
+64-layer model pays 65 to 150 milliseconds per call before any device work (docs/benchmarks.md, "Per-call
 overhead"). `CompiledLM` does that walk once, at `compile()` / `refresh()`: it keeps the graph definition and the
 flat list of parameter arrays, and each call hands that list to a plain `jax.jit`, whose C++ dispatch flattens a
 list of arrays in microseconds.
