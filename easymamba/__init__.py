@@ -26,7 +26,7 @@ _EXPORTS = {
         "JambaConfig", "Mamba2Config", "MambaConfig", "NemotronHConfig", "Zamba2Config"),
     "easymamba.generation": ("GenerationConfig", "generate", "stream_generate"),
     "easymamba.interp": ("compute_effective_attention", "run_with_cache"),
-    "easymamba.models": ("Attention", "BambaForCausalLM", "BambaModel", "FalconH1Block", "FalconH1ForCausalLM",
+    "easymamba.models": ("Attention", "BambaForCausalLM", "CompiledLM", "BambaModel", "FalconH1Block", "FalconH1ForCausalLM",
         "FalconH1Model", "FalconMambaBlock", "FalconMambaForCausalLM", "FalconMambaMixer", "FalconMambaModel",
         "GraniteMoeHybridForCausalLM", "GraniteMoeHybridModel", "HybridDecoderLayer", "JambaForCausalLM",
         "JambaMambaMixer", "JambaModel", "MLP", "Mamba2Block", "Mamba2CausalLMOutput", "Mamba2ForCausalLM",

@@ -324,6 +324,8 @@ API_NAMES = (
     # Hugging Face's methods on every causal LM
     "Mamba2ForCausalLM.from_pretrained", "Mamba2ForCausalLM.save_pretrained", "Mamba2ForCausalLM.generate",
     "Mamba2ForCausalLM.num_parameters",
+    # a compiled forward (model.compile())
+    "Mamba2ForCausalLM.compile", "CompiledLM", "CompiledLM.prefill", "CompiledLM.score", "CompiledLM.refresh",
     # generation
     "generate", "GenerationConfig", "generation.GenerateOutput.sequences", "generation.GenerateOutput.cache",
     "generation.GenerateOutput.num_generated",

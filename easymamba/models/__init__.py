@@ -33,6 +33,7 @@ from easymamba.models.causal_lm import (
     causal_lm_loss_sum,
     seq_idx_from_position_ids,
 )
+from easymamba.models.compiled import CompiledLM
 from easymamba.models.falcon_h1 import FalconH1Block, FalconH1ForCausalLM, FalconH1Model, falcon_h1_key_table
 from easymamba.models.falcon_mamba import (
     FalconMambaBlock,
@@ -119,7 +120,7 @@ def abstract_model(config, *, dtype=jnp.float32, param_dtype=jnp.float32, kernel
 
 __all__ = [
     "FAMILIES", "family_of", "config_from_hf", "abstract_model", "ModelFamily", "KeySpec", "IGNORE_INDEX",
-    "Backbone", "CausalLM", "ResidualBlock",
+    "Backbone", "CausalLM", "CompiledLM", "ResidualBlock",
     "Mamba2Output", "Mamba2CausalLMOutput", "causal_lm_loss", "causal_lm_loss_sum",
     "seq_idx_from_position_ids", "Mamba2Block", "Mamba2Model", "Mamba2ForCausalLM", "Mamba2Mixer", "mamba2_key_table",
     "MambaBlock", "MambaModel", "MambaForCausalLM", "MambaMixer", "mamba1_key_table",

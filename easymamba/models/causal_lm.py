@@ -32,6 +32,7 @@ from easymamba.config.common import check_resource_bounds
 from easymamba.layers import Embedding, is_concrete, normal_init
 from easymamba.models.attention import position_ids_from_mask
 from easymamba.models.common import as_array, check_attention_mask, check_left_padded, sow_hook
+from easymamba.models.compiled import CompiledLM
 from easymamba.models.family import ties_lm_head
 from easymamba.norms import RMSNorm
 from easymamba.sharding import MeshRules, constrain
@@ -493,6 +494,13 @@ class CausalLM(nnx.Module):
             skip = {id(node.weight) for _, node in nnx.iter_graph(self) if isinstance(node, Embedding)}
         params = nnx.state(self, nnx.Param)
         return sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(params) if id(v) not in skip)
+
+    def compile(self) -> CompiledLM:
+        """This model's forward, `prefill` and `score` jitted over its parameters split once (`CompiledLM`): a
+        call costs the device time and microseconds more, where `nnx.jit` walks the model's graph in Python on
+        every call (1-2 ms per layer on a CPU host; docs/getting-started.md). It reflects the parameters at this
+        call: after training or loading weights, call its `refresh()`."""
+        return CompiledLM(self)
 
     @classmethod
     def key_table(cls, config):
