@@ -47,6 +47,11 @@ def test_generation_config_json_reader():
                                     "num_beams": 1, "typical_p": 1, "use_cache": True, "bos_token_id": 1})
     assert d.settings() == {"do_sample": True, "temperature": 0.7, "top_k": 50, "eos_token_id": (1, 2)}
     assert d.to_hf()["eos_token_id"] == [1, 2] and d.to_hf()["use_cache"] is True
+    # silent on top_k: transformers' GenerationConfig default (50) is implied, and not written back
+    silent = GenerationDefaults.from_hf({"do_sample": True, "temperature": 0.7})
+    assert silent.top_k == 50 and silent.to_hf() == {"do_sample": True, "temperature": 0.7}
+    import transformers  # generate fills a config's unset fields from these (transformers 5.25)
+    assert transformers.GenerationConfig._get_default_generation_params()["top_k"] == silent.top_k
     for raw, message in [({"num_beams": 4}, r"sets num_beams = 4, which easymamba's decode loop does not do"),
                          ({"no_repeat_ngram_size": 3}, r"sets no_repeat_ngram_size = 3"),
                          ({"top_k": -1}, r"top_k \(-1\) must be an integer >= 0"),

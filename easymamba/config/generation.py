@@ -6,6 +6,8 @@ setting the caller leaves out (None) from it. Every field is optional: None mean
 `generate`'s own default applies (greedy, temperature 1, top_k 0, top_p 1, no early stop).
 
     max_new_tokens      tokens to generate (wins over max_length, as in transformers)
+    top_k               a file that does not set it implies the default transformers' generate fills in, 50 (used
+                        only when sampling, as there); a model without a file samples with top_k 0 (off)
     max_length          the total length, prompt included (transformers' default 20 is NOT implied)
     do_sample, temperature, top_k, top_p, min_p, repetition_penalty
     eos_token_id        an id or a tuple of ids
@@ -113,8 +115,8 @@ class GenerationDefaults:
                 raise ValueError(f"{where} sets {key} = {value!r}, which easymamba's decode loop does not do "
                                  f"(greedy and sampling only); remove it or set it to {neutral[0]!r}")
         try:
-            return cls(**{k: source[k] for k in _FIELDS if source.get(k) is not None},
-                       source=json.dumps(source, sort_keys=True))
+            fields = {**_IMPLIED, **{k: source[k] for k in _FIELDS if source.get(k) is not None}}
+            return cls(**fields, source=json.dumps(source, sort_keys=True))
         except ValueError as exc:
             if where == "generation config":
                 raise
@@ -123,7 +125,8 @@ class GenerationDefaults:
     def to_hf(self) -> dict:
         """The dict that was read (`from_hf`), or the fields set, for `generation_config.json`."""
         out = json.loads(self.source)
-        out.update({k: getattr(self, k) for k in _FIELDS if getattr(self, k) is not None and k not in out})
+        out.update({k: getattr(self, k) for k in _FIELDS
+                    if getattr(self, k) is not None and k not in out and k not in _IMPLIED})
         if isinstance(out.get("eos_token_id"), tuple):
             out["eos_token_id"] = list(out["eos_token_id"])
         return out
@@ -132,5 +135,9 @@ class GenerationDefaults:
         """The fields the file sets, by name (those `generate` reads: all but bos_token_id)."""
         return {k: getattr(self, k) for k in _FIELDS if k != "bos_token_id" and getattr(self, k) is not None}
 
+
+# what a generation_config.json implies where it is silent (transformers' GenerationConfig defaults that differ
+# from generate's own); never written back by `to_hf`
+_IMPLIED = {"top_k": 50}
 
 __all__ = ["GENERATION_CONFIG_NAME", "GenerationDefaults"]
