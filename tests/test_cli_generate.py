@@ -77,6 +77,24 @@ def test_greedy_text_matches_the_python_api(capsys, monkeypatch):
                monkeypatch=monkeypatch)[1] == out
 
 
+def test_the_command_in_a_pipe_end_to_end(tmp_path):
+    # what a shell user runs: the module as a program, the prompt on stdin, JSON on stdout; and a user error
+    # (a file given as --model) as one line on stderr and exit 1, no traceback
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "easymamba", "generate", "--max-new-tokens", "8", "--temperature",
+                           "0", "--json"], input="ROMEO:\n", capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["prompt"] == "ROMEO:" and record["text"] == reference_continuation("ROMEO:", 8)
+    a_file = tmp_path / "weights.bin"
+    a_file.write_bytes(b"not a model")
+    proc = subprocess.run([sys.executable, "-m", "easymamba", "generate", "x", "--model", str(a_file)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("easymamba: error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert "is a file" in proc.stderr, proc.stderr
+
+
 def test_sampling_prints_its_seed_and_the_seed_repeats_the_run(capsys):
     """Default decoding samples with a fresh seed and prints it; --seed N repeats the run, and samples as the Python
     API does with rng=jax.random.key(N)."""
