@@ -57,4 +57,12 @@ def loads(data: "bytes | str", where: str, error: type[Exception] = ValueError) 
     return obj
 
 
-__all__ = ["MAX_DEPTH", "depth", "loads"]
+def load_object(path, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in file `path` (`loads`'s rules), or `error` naming the file when it holds anything else."""
+    obj = loads(open(path, "rb").read(), str(path), error)
+    if not isinstance(obj, dict):
+        raise error(f"{path} must hold a JSON object; got {type(obj).__name__}")
+    return obj
+
+
+__all__ = ["MAX_DEPTH", "depth", "loads", "load_object"]

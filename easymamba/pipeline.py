@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from easymamba import jsonio
 from easymamba.checkpoints import from_pretrained, is_checkpoint, load_checkpoint
 from easymamba.checkpoints.hf_reader import read_generation_config
 from easymamba.generation import generate, model_defaults, stream_generate
@@ -98,12 +99,7 @@ class TextGenerator:
         config_file = directory / TOKENIZER_CONFIG_NAME
         tokenizer_config = None
         if config_file.is_file():
-            try:
-                tokenizer_config = json.loads(config_file.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{config_file} is not valid JSON: {exc}") from None
-            if not isinstance(tokenizer_config, dict):
-                raise ValueError(f"{config_file} must hold a JSON object; got {type(tokenizer_config).__name__}")
+            tokenizer_config = jsonio.load_object(config_file)
         return cls(model, Tokenizer.from_file(str(tokenizer_file)), tokenizer_config)
 
     # -- settings ------------------------------------------------------------------------------------------------

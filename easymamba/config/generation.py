@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from easymamba import jsonio
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 # transformers settings the decode loop does not implement, with the values at which they change nothing.
@@ -102,10 +104,7 @@ class GenerationDefaults:
             path = pathlib.Path(source)
             path = path / GENERATION_CONFIG_NAME if path.is_dir() else path
             where = str(path)
-            try:
-                source = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON: {exc}") from None
+            source = jsonio.load_object(path)
         if not isinstance(source, dict):
             raise ValueError(f"{where} must hold a JSON object; got {type(source).__name__}")
         for key, neutral in _NEUTRAL.items():
