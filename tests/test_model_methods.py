@@ -31,7 +31,9 @@ def test_from_pretrained_save_pretrained_round_trip_and_family_check(tmp_path):
     assert type(loaded) is em.Mamba2ForCausalLM and loaded.generation_config == model.generation_config
     assert em.state_dict(loaded).keys() == em.state_dict(model).keys()
     em.save_checkpoint(model, tmp_path / "orbax")
-    assert type(CausalLM.from_pretrained(tmp_path / "orbax")) is em.Mamba2ForCausalLM  # the base reads any family
+    from_orbax = CausalLM.from_pretrained(tmp_path / "orbax")
+    assert type(from_orbax) is em.Mamba2ForCausalLM  # the base reads any family
+    assert from_orbax.generation_config == model.generation_config  # saved with the orbax checkpoint too
     with pytest.raises(ValueError, match=r"holds a Mamba2ForCausalLM \(model_type 'mamba2'\), not a "
                                          r"MambaForCausalLM \(model_type 'mamba'\)"):
         em.MambaForCausalLM.from_pretrained(hf_dir)

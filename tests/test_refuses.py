@@ -162,6 +162,10 @@ def test_non_finite_weights_warn_once_naming_the_tensors(good, caplog):
     target = random_model()
     with pytest.warns(em.NonFiniteWeightWarning, match=r"the state dict: .*backbone\.norm_f\.weight"):
         em.load_state_dict(target, tensors)
+    # and from an orbax checkpoint of such a model
+    saved = em.save_checkpoint(target, good.parent / "orbax-nonfinite")
+    with pytest.warns(em.NonFiniteWeightWarning, match=r"norm_f"):
+        em.load_checkpoint(saved.parent)
 
     # A pickle is opened with weights_only=True, and said so in one line.
     torch = pytest.importorskip("torch")

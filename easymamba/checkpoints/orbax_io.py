@@ -40,6 +40,7 @@ import contextlib
 import json
 import os
 import pathlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +48,10 @@ import numpy as np
 from flax import nnx
 
 from easymamba.checkpoints.destination import claim
-from easymamba.checkpoints.errors import CheckpointError
+from easymamba.checkpoints.errors import CheckpointError, NonFiniteWeightWarning
 from easymamba.models import FAMILIES, abstract_model, config_from_hf
 from easymamba.checkpoints.hf_reader import ShardingHook, param_sharding, read_generation_config
+from easymamba.config.generation import GenerationDefaults
 
 FORMAT = "easymamba.orbax"
 FORMAT_VERSION = 1
@@ -145,6 +147,9 @@ def save_checkpoint(model, directory: "str | os.PathLike", *, overwrite: bool = 
         meta["carried"] = [{"name": name, "key": f"t{i}", "shape": list(a.shape), "dtype": str(np.dtype(a.dtype))}
                            for i, (name, a) in enumerate(carried.items())]
         items["carried"] = ocp.args.StandardSave({f"t{i}": a for i, a in enumerate(carried.values())})
+    defaults = getattr(model, "generation_config", None)
+    if defaults is not None:  # the generation_config.json the model was loaded with, as it was read
+        meta["generation_config"] = defaults.to_hf()
     items["meta"] = ocp.args.JsonSave(meta)
     return _save_version(directory, items, overwrite, "save_checkpoint")
 
@@ -215,8 +220,16 @@ def load_checkpoint(directory: "str | os.PathLike", *, dtype=None, param_dtype=N
         restored = _restore(version, {"params": ocp.args.StandardRestore(targets)})
     except Exception as exc:
         raise CheckpointError(f"cannot restore the parameters of {version}: {exc}") from None
+    nonfinite = []
     for key, (path, var) in variables.items():
-        var.set_value(restored["params"][key])
+        value = restored["params"][key]
+        if not bool(jnp.isfinite(value).all()):
+            nonfinite.append(key)
+        var.set_value(value)
+    if nonfinite:  # as from_pretrained warns: one warning naming the parameters
+        more = f" (and {len(nonfinite) - 8} more)" if len(nonfinite) > 8 else ""
+        warnings.warn(f"{version}: parameter(s) hold NaN or infinity (expected finite weights; the model's outputs "
+                      f"may be NaN): {'; '.join(nonfinite[:8])}{more}", NonFiniteWeightWarning, stacklevel=2)
     model = nnx.merge(graphdef, state)
     carried = meta.get("carried") or []
     if carried:
@@ -228,7 +241,10 @@ def load_checkpoint(directory: "str | os.PathLike", *, dtype=None, param_dtype=N
         except Exception as exc:
             raise CheckpointError(f"cannot restore the carried tensors of {version}: {exc}") from None
         model.carried_tensors = {e["name"]: np.asarray(found[e["key"]]) for e in carried}
-    defaults = read_generation_config(directory)  # a generation_config.json kept beside the versions
+    saved_defaults = meta.get("generation_config")
+    # the generation_config.json saved with the model, else one kept beside the versions (easymamba convert)
+    defaults = (GenerationDefaults.from_hf(saved_defaults) if isinstance(saved_defaults, dict)
+                else read_generation_config(directory))
     if defaults is not None:
         model.generation_config = defaults
     return model
