@@ -211,7 +211,7 @@ class TextGenerator:
                  repetition_penalty: float | None = None, eos_token_id=None, pad_token_id=None,
                  stop: "str | list[str] | None" = None, seed: int | None = None, rng=None,
                  return_full_text: bool = False, skip_special_tokens: bool = True,
-                 add_special_tokens: bool = True) -> "str | list[str]":
+                 add_special_tokens: bool = True, num_return_sequences: int = 1) -> "str | list":
         """The continuation of `prompts` (a string -> a string; a list -> a list, run as one left-padded batch).
 
         The settings are `easymamba.generate`'s; None takes the model directory's defaults (module docstring).
@@ -219,18 +219,29 @@ class TextGenerator:
         seed / rng           the sampling key (an int, or a `jax.random.key`); neither: a fresh one
         return_full_text     prompt + continuation instead of the continuation alone
         add_special_tokens   let the tokenizer add its special tokens (a BOS) to the prompts
+        num_return_sequences n > 1 samples per prompt (sampling only), as `generate`'s: a string -> a list of n
+                             strings; a list -> a list of such lists
         """
         texts, single = self._prompts(prompts)
         stop = self._check_stop(stop)
+        n = num_return_sequences
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"num_return_sequences ({n!r}) must be an integer >= 1")
         settings = self._settings(dict(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
                                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                                        pad_token_id=pad_token_id), seed, rng)
-        outs = [""] * len(texts)
-        for outs in self._rows(texts, settings, stop, skip_special_tokens, add_special_tokens):
+        if n > 1 and not settings.get("do_sample", model_defaults(self.model).get("do_sample", False)):
+            raise ValueError(f"num_return_sequences={n} needs sampling (do_sample=True): greedy decoding gives "
+                             "the same text every time")
+        rows = [t for t in texts for _ in range(n)]  # each prompt's n rows together, as generate repeats them
+        outs = [""] * len(rows)
+        for outs in self._rows(rows, settings, stop, skip_special_tokens, add_special_tokens):
             pass
         if return_full_text:
-            outs = [t + o for t, o in zip(texts, outs)]
+            outs = [t + o for t, o in zip(rows, outs)]
+        if n > 1:
+            outs = [outs[i * n:(i + 1) * n] for i in range(len(texts))]
         return outs[0] if single else outs
 
     def stream(self, prompt: str, *, max_new_tokens: int | None = None, max_length: int | None = None,

@@ -112,3 +112,21 @@ def test_bad_input_is_named(gen, tmp_path):
         gen.generate("a", max_new_tokens=M, stop=[""])
     with pytest.raises(ValueError, match="pass seed or rng, not both"):
         gen.generate("a", max_new_tokens=M, seed=1, rng=np.zeros(2, np.uint32))
+
+
+def test_num_return_sequences_are_generates_rows(gen):
+    # n samples of one prompt: the texts of easymamba.generate's repeated rows, same key, decoded by tokenizers
+    import jax
+    import jax.numpy as jnp
+
+    tok = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    ids = tok.encode("ROMEO:").ids
+    out = em.generate(gen.model, jnp.asarray([ids]), max_new_tokens=M, do_sample=True, temperature=1.0,
+                      rng=jax.random.key(3), num_return_sequences=3, eos_token_id=0, pad_token_id=0)
+    want = [tok.decode(row[len(ids):].tolist()) for row in np.asarray(out.sequences)]
+    texts = gen.generate("ROMEO:", max_new_tokens=M, do_sample=True, temperature=1.0, seed=3, num_return_sequences=3)
+    assert texts == want and len(set(texts)) > 1
+    nested = gen.generate(["ROMEO:", "JULIET:"], max_new_tokens=M, do_sample=True, seed=3, num_return_sequences=2)
+    assert [len(x) for x in nested] == [2, 2]
+    with pytest.raises(ValueError, match="needs sampling"):
+        gen.generate("ROMEO:", max_new_tokens=M, num_return_sequences=2)
