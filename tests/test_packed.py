@@ -3,7 +3,8 @@ Face's `DataCollatorWithFlattening` convention), each computed as if it ran alon
 
 The reference is transformers' model run on each sequence alone (random weights, every parameter redrawn), so the
 check is independent of easymamba's own forward: the conv window and the SSM state must restart at every sequence
-(and, in Nemotron-H, attention must stay inside it). float32, relative error within 1e-5 of the largest logit.
+and attention must stay inside it (Mamba-2; the hybrids Nemotron-H, Bamba, Granite-4.0-H, Falcon-H1 and Zamba2,
+whose reference runs in float64). float32, relative error within 1e-5 of the largest logit.
 Gradients: the packed loss's gradient equals the gradient of the per-sequence losses summed, within 1e-5.
 """
 
@@ -93,14 +94,25 @@ def test_packed_loss_leaves_out_each_sequence_start(mamba2_pair):
     assert abs(float(total) - alone) < TOL * abs(alone)
 
 
-def test_nemotron_h_packed_rows_equal_each_sequence_alone_in_transformers(tmp_path):
-    # Mamba-2, attention (kept inside each sequence), MLP and MoE layers
-    hf = random_hybrid_hf_model("nemotron_h", seed=21, variant=0)
+@pytest.mark.parametrize("model_type", ["nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2"])
+def test_hybrid_packed_rows_equal_each_sequence_alone_in_transformers(model_type, tmp_path):
+    # Mamba-2 and attention (kept inside each sequence, rotary positions restarting), MLP and MoE layers;
+    # Falcon-H1 runs Mamba-2 and attention side by side, Zamba2 a shared attention block before its mixers
+    if model_type == "falcon_h1":
+        from helpers_falcon_h1 import TINY_B, random_hf_falcon_h1
+        hf = random_hf_falcon_h1(seed=21, **TINY_B)
+    elif model_type == "zamba2":
+        from helpers_zamba2 import random_hf_zamba2, temper_attention_
+        hf = temper_attention_(random_hf_zamba2(seed=21, name="b"))  # rotary, LoRA adapters, two shared blocks
+    else:
+        hf = random_hybrid_hf_model(model_type, seed=21, variant=0)
     hf.save_pretrained(tmp_path)
     model = em.from_pretrained(tmp_path)
     ids, seq_idx, pos, pieces = packed_batch(np.random.default_rng(3), model.config.vocab_size)
     logits = np.asarray(fwd(model, jnp.asarray(ids), seq_idx=jnp.asarray(seq_idx)).logits)
-    check_against_alone(logits, pieces, lambda part: hf_forward(hf, part))
+    # the reference in float64 (transformers' own float32 logits of the sharper configs are ~1e-5 from it)
+    hf64 = hf.double()
+    check_against_alone(logits, pieces, lambda part: hf_forward(hf64, part))
     np.testing.assert_array_equal(seq_idx_from_position_ids(pos), seq_idx + 1)
 
 

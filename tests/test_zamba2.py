@@ -30,22 +30,12 @@ import torch
 import transformers
 from helpers import check_cache_json_round_trip, fwd, rel_err
 from helpers_hybrid import hf_forward
-from helpers_zamba2 import random_hf_zamba2
+from helpers_zamba2 import random_hf_zamba2, temper_attention_
 
 import easymamba as em
 from easymamba.interp import compute_effective_attention, run_with_cache
 
 TOL = 1e-5
-
-
-def temper_attention_(hf):
-    """Halve q_proj, k_proj and their adapters' up weights (attention logits x 1/4): see the module docstring."""
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            adapter_up = name.endswith(".1.weight") and ("_q_adapter_list" in name or "_k_adapter_list" in name)
-            if name.endswith(("q_proj.weight", "k_proj.weight")) or adapter_up:
-                p.mul_(0.5)
-    return hf
 
 
 @pytest.fixture(scope="module", params=["a", "b"], ids=["untied-gqa-biases", "tied-two-blocks-rope-adapters"])

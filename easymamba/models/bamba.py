@@ -74,17 +74,21 @@ class HybridDecoderLayer(nnx.Module):
         moe = config.moe_config
         self.feed_forward = MoE(moe, **kw) if moe is not None else MLP(config.mlp_config, **kw)
 
-    def __call__(self, hidden: jax.Array, *, attention_mask=None, view=None, position_ids=None, embeddings=None):
+    takes_packed = True  # its mixer (Mamba-2 or attention) and feed-forward (per token) take seq_idx
+
+    def __call__(self, hidden: jax.Array, *, attention_mask=None, view=None, position_ids=None, embeddings=None,
+                 seq_idx=None):
         """hidden (b, l, d), the layer's cache view or None -> (hidden (b, l, d), the renewed view or None).
-        attention_mask (b, >= l) 0/1; position_ids (b, l) reach the attention's rotary embedding."""
+        attention_mask (b, >= l) 0/1; position_ids (b, l) reach the attention's rotary embedding; seq_idx (b, l)
+        marks packed sequences."""
         del embeddings
         if self.remat:
-            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, view, position_ids)
-        return self._forward(hidden, attention_mask, view, position_ids)
+            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, view, position_ids, seq_idx)
+        return self._forward(hidden, attention_mask, view, position_ids, seq_idx)
 
-    def _forward(self, hidden, attention_mask, view, position_ids):
+    def _forward(self, hidden, attention_mask, view, position_ids, seq_idx=None):
         out, view = self.mixer.run(self._norm(self.input_layernorm, hidden), view, attention_mask=attention_mask,
-                                   position_ids=position_ids)
+                                   position_ids=position_ids, seq_idx=seq_idx)
         return self._feed_forward(self._add(hidden, out, "hook_resid_mid")), view
 
     def step(self, hidden: jax.Array, view, *, attention_mask=None, active_rows=None, decode_weights=None,

@@ -80,12 +80,17 @@ class FalconH1Block(nnx.Module):
         self.attention_out_multiplier = float(config.attention_out_multiplier)
         self.mesh_rules: MeshRules | None = None  # set by easymamba.sharding when the model is sharded
 
-    def __call__(self, hidden: jax.Array, *, attention_mask=None, view=None, position_ids=None, embeddings=None):
-        """hidden (b, l, d), the layer's views or None -> (hidden (b, l, d), the renewed views or None)."""
+    takes_packed = True  # Mamba-2 and attention side by side, both take seq_idx
+
+    def __call__(self, hidden: jax.Array, *, attention_mask=None, view=None, position_ids=None, embeddings=None,
+                 seq_idx=None):
+        """hidden (b, l, d), the layer's views or None -> (hidden (b, l, d), the renewed views or None); seq_idx
+        (b, l) marks packed sequences."""
         del embeddings
         if self.remat:
-            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, view, position_ids)
-        return self._forward(hidden, attention_mask, view, position_ids)
+            return nnx.remat(type(self)._forward)(self, hidden, attention_mask, view, position_ids,
+                                                  seq_idx=seq_idx)
+        return self._forward(hidden, attention_mask, view, position_ids, seq_idx=seq_idx)
 
     def step(self, hidden: jax.Array, view, *, attention_mask=None, active_rows=None, decode_weights=None,
              position_ids=None, embeddings=None):
@@ -107,7 +112,7 @@ class FalconH1Block(nnx.Module):
         return view[self.kinds.index("mamba2")], view[self.kinds.index("attention")]
 
     def _forward(self, hidden, attention_mask, view, position_ids, *, step=False, active_rows=None,
-                 decode_weights=None):
+                 decode_weights=None, seq_idx=None):
         mamba_view, attn_view = self._views(view)
         residual = hidden
         u = self.input_layernorm(hidden)                                          # (b, l, d)
@@ -119,9 +124,11 @@ class FalconH1Block(nnx.Module):
                                                    attention_mask=attention_mask, position_ids=position_ids,
                                                    active_rows=active_rows)
         else:
-            m, mamba_view = self.mamba.run(u * self.ssm_in_multiplier, mamba_view, attention_mask=attention_mask)
+            m, mamba_view = self.mamba.run(u * self.ssm_in_multiplier, mamba_view, attention_mask=attention_mask,
+                                           seq_idx=seq_idx)
             a, attn_view = self.self_attn.run(u * self.attention_in_multiplier, attn_view,
-                                              attention_mask=attention_mask, position_ids=position_ids)
+                                              attention_mask=attention_mask, position_ids=position_ids,
+                                              seq_idx=seq_idx)
         hidden = residual + (m * self.ssm_out_multiplier + a * self.attention_out_multiplier)
         sow_hook(self, "hook_resid_mid", hidden)
         hidden = hidden + self.feed_forward(self.pre_ff_layernorm(hidden))

@@ -137,13 +137,15 @@ class Zamba2SharedTransformer(nnx.Module):
             self.adapters = nnx.List([Zamba2Adapter(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                       for _ in block_slots(config, self.block)])
 
-    def __call__(self, hidden, embeddings, *, attention_mask=None, position_ids=None, view=None, active_rows=None):
-        """hidden, embeddings (b, l, d) -> (out (b, l, d), the attention's renewed view or None)."""
+    def __call__(self, hidden, embeddings, *, attention_mask=None, position_ids=None, view=None, active_rows=None,
+                 seq_idx=None):
+        """hidden, embeddings (b, l, d) -> (out (b, l, d), the attention's renewed view or None); seq_idx (b, l)
+        keeps the attention inside each packed sequence."""
         adapter = self.adapters[self.slot_position]
         norm = self.input_layernorm
         x = norm(jnp.concatenate([hidden, embeddings.astype(hidden.dtype)], axis=-1).astype(norm.weight.dtype))
         attn, view = self.self_attn(x, attention_mask=attention_mask, position_ids=position_ids, view=view,
-                                    active_rows=active_rows, lora=adapter.attention_lora())
+                                    active_rows=active_rows, lora=adapter.attention_lora(), seq_idx=seq_idx)
         y = self.pre_ff_layernorm(attn.astype(self.pre_ff_layernorm.weight.dtype))
         return self.feed_forward(y, lora=adapter.mlp_lora()), view
 
@@ -187,20 +189,24 @@ class Zamba2HybridBlock(nnx.Module):
                                  param_dtype=param_dtype, kernel_impl=kernel_impl)
         self.mesh_rules: MeshRules | None = None
 
-    def _shared(self, hidden, embeddings, attention_mask, position_ids, view, active_rows):
+    takes_packed = True  # the shared attention and the Mamba-2 mixer take seq_idx; the MLP is per token
+
+    def _shared(self, hidden, embeddings, attention_mask, position_ids, view, active_rows, seq_idx=None):
         if embeddings is None:
             raise ValueError("a Zamba2 hybrid layer needs embeddings= (the backbone's input embeddings)")
         t, view = self.shared_transformer(hidden, embeddings, attention_mask=attention_mask,
-                                          position_ids=position_ids, view=view, active_rows=active_rows)
+                                          position_ids=position_ids, view=view, active_rows=active_rows,
+                                          seq_idx=seq_idx)
         t = self.linear(t)
         sow_hook(self, "hook_shared_out", t)
         return self.norm((hidden + t).astype(self.norm.weight.dtype)), view
 
-    def __call__(self, hidden, *, attention_mask=None, view=None, position_ids=None, embeddings=None):
-        """hidden (b, l, d), the layer's (attention, mamba2) views or None -> (hidden (b, l, d), views or None)."""
+    def __call__(self, hidden, *, attention_mask=None, view=None, position_ids=None, embeddings=None, seq_idx=None):
+        """hidden (b, l, d), the layer's (attention, mamba2) views or None -> (hidden (b, l, d), views or None);
+        seq_idx (b, l) marks packed sequences."""
         attn_view, ssm_view = (None, None) if view is None else view
-        normed, attn_view = self._shared(hidden, embeddings, attention_mask, position_ids, attn_view, None)
-        out, ssm_view = self.mixer.run(normed, ssm_view, attention_mask=attention_mask)
+        normed, attn_view = self._shared(hidden, embeddings, attention_mask, position_ids, attn_view, None, seq_idx)
+        out, ssm_view = self.mixer.run(normed, ssm_view, attention_mask=attention_mask, seq_idx=seq_idx)
         return self._post(hidden, out), None if view is None else (attn_view, ssm_view)
 
     def step(self, hidden, view, *, attention_mask=None, active_rows=None, decode_weights=None, position_ids=None,
