@@ -40,6 +40,7 @@ PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "third_pa
 SHAPES = {
     "130M": dict(hidden_size=768, num_hidden_layers=24, num_heads=24),
     "1.3B": dict(hidden_size=2048, num_hidden_layers=48, num_heads=64),
+    "2.7B": dict(hidden_size=2560, num_hidden_layers=64, num_heads=80),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=32, state_size=16),
 }
 
