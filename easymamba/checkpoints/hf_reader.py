@@ -153,8 +153,7 @@ def build_from_source(config, src, config_name: str, *, dtype=None, param_dtype=
                       f"outputs may be NaN): {'; '.join(listed[:8])}{more}", NonFiniteWeightWarning, stacklevel=3)
     model = nnx.merge(graphdef, state)
     # tensors the model carries without running them, read as stored (host memory, the source's dtype)
-    model.carried_tensors = {name: np.asarray(src.read_slice(name, tuple(slice(None) for _ in src.shape(name))))
-                             for name in carried_names(config, src)}
+    model.carried_tensors = {name: np.asarray(src.read(name)) for name in carried_names(config, src)}
     return model if by_rules is None else attach(model, by_rules.rules)
 
 

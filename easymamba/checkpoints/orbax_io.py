@@ -220,12 +220,10 @@ def load_checkpoint(directory: "str | os.PathLike", *, dtype=None, param_dtype=N
         restored = _restore(version, {"params": ocp.args.StandardRestore(targets)})
     except Exception as exc:
         raise CheckpointError(f"cannot restore the parameters of {version}: {exc}") from None
-    nonfinite = []
     for key, (path, var) in variables.items():
-        value = restored["params"][key]
-        if not bool(jnp.isfinite(value).all()):
-            nonfinite.append(key)
-        var.set_value(value)
+        var.set_value(restored["params"][key])
+    finite = jax.device_get({key: jnp.isfinite(value).all() for key, value in restored["params"].items()})
+    nonfinite = [key for key in variables if not finite[key]]  # one transfer for all flags, not one per parameter
     if nonfinite:  # as from_pretrained warns: one warning naming the parameters
         more = f" (and {len(nonfinite) - 8} more)" if len(nonfinite) > 8 else ""
         warnings.warn(f"{version}: parameter(s) hold NaN or infinity (expected finite weights; the model's outputs "

@@ -111,8 +111,8 @@ class ResidualBlock(nnx.Module):
 
     def _forward(self, hidden, attention_mask, view, position_ids, seq_idx=None):
         residual, normed = self._pre(hidden)
-        extra = {} if seq_idx is None else {"seq_idx": seq_idx}
-        out, view = self.mixer.run(normed, view, attention_mask=attention_mask, position_ids=position_ids, **extra)
+        out, view = self.mixer.run(normed, view, attention_mask=attention_mask, position_ids=position_ids,
+                                   seq_idx=seq_idx)
         return self._post(residual, out), view
 
     def step(self, hidden: jax.Array, view, *, attention_mask=None, active_rows=None, decode_weights=None,
