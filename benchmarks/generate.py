@@ -18,7 +18,8 @@ generated greedily after a 16-token prompt with EOS disabled, so every row runs 
   generate, so its own jitted `forward` with a cache is called once per token in a Python loop (greedy argmax
   inside the jit), which is how its README decodes.
 
-Prefill: one jitted forward over [1, 2048] tokens filling the cache (ours: `model(ids, cache=...)`).
+Prefill: [b, 2048] tokens into a fresh cache, the head on the last position only (ours: `model.compile().prefill`,
+at each of `--prefill-batches`; transformers: its full forward at b 1).
 `--prefill-lens 512,...,16384` also times that forward at each length (`prefill_ms_by_len` in the JSON); a
 length that fails, e.g. out of memory, is recorded as its error and the rest goes on (the decode numbers are
 kept). `benchmarks/plots.py` draws the decode and prefill sweeps. Peers that are absent are skipped and
@@ -95,7 +96,7 @@ def sweep_lengths(prefill_ms, lengths):
     return out
 
 
-def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None):
+def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None, prefill_batches=(1,)):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -117,25 +118,28 @@ def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats, prefil
             out = em.generate(model, ids, max_new_tokens=new)
             jax.block_until_ready(out.sequences)
 
-        rows[b] = b * new / timed(run, repeats)
-    graphdef, state = nnx.split(model)
+        try:
+            rows[b] = b * new / timed(run, repeats)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest batch: recorded, the rest runs
+            rows[b] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        print(f"#   decode b{b}: {rows[b]}", flush=True)
+    # The prefill a user calls: `model.compile().prefill` (the head on the last position only, the cache built
+    # inside the jit), as mamba_ssm's peer runs its forward with `num_last_tokens=1`.
+    fast = model.compile()
 
-    @jax.jit
-    def prefill(state, ids, cache):
-        out = nnx.merge(graphdef, state)(ids, cache=cache)
-        return out.logits[:, -1], out.cache
+    def prefill_ms(length, batch=1):
+        ids = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (batch, length)), jnp.int32)
+        return timed(lambda: jax.block_until_ready(fast.prefill(ids, max_length=length)), max(repeats, 5)) * 1e3
 
-    def prefill_ms(length):
-        ids = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (1, length)), jnp.int32)
-        cache = model.init_cache(1, max_length=length)
-        return timed(lambda: jax.block_until_ready(prefill(state, ids, cache)), repeats) * 1e3
-
-    return {"decode_tok_s": rows, "prefill_ms": sweep_lengths(prefill_ms, [prefill_len])[prefill_len],
+    by_batch = {}
+    for b in prefill_batches:
+        by_batch[b] = sweep_lengths(lambda length: prefill_ms(length, b), [prefill_len])[prefill_len]
+    return {"decode_tok_s": rows, "prefill_ms": by_batch.get(1), "prefill_ms_by_batch": by_batch,
             "prefill_ms_by_len": sweep_lengths(prefill_ms, prefill_lens),
             "kernels": em.kernels.describe() if hasattr(em, "kernels") else None}
 
 
-def bench_transformers(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None):
+def bench_transformers(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None, prefill_batches=()):
     try:
         import torch
         import transformers
@@ -179,7 +183,7 @@ def bench_transformers(name, batches, new, prompt_len, prefill_len, repeats, pre
             "prefill_ms_by_len": sweep_lengths(prefill_ms, prefill_lens), "version": transformers.__version__}
 
 
-def bench_mamba2_jax(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None):
+def bench_mamba2_jax(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None, prefill_batches=()):
     if name in HYBRID_SHAPES:
         return {"skipped": "mamba2-jax has no hybrid models"}
     if os.path.isdir(PEERS) and PEERS not in sys.path:
@@ -249,6 +253,8 @@ def main():
     parser.add_argument("--prefill-len", type=int, default=2048)
     parser.add_argument("--prefill-lens", default=None,
                         help="comma-separated lengths: also time the prefill at each (a sweep for the plots)")
+    parser.add_argument("--prefill-batches", default="1",
+                        help="easymamba: batch sizes of the [b, prefill-len] prefill (the mamba_ssm peer's default: 1,8)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", default="easymamba,transformers,mamba2_jax", help="which to run, in order")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CPU)")
@@ -256,7 +262,9 @@ def main():
     args = parser.parse_args()
     if args.tiny:
         args.shapes, args.batches, args.new, args.prefill_len, args.repeats = "tiny,nemotron-h-tiny", "1,4", 8, 64, 1
+        args.prefill_batches = "1,2"
     prefill_lens = [int(v) for v in args.prefill_lens.split(",")] if args.prefill_lens else None
+    prefill_batches = [int(v) for v in args.prefill_batches.split(",")]
     import jax
 
     batches = [int(b) for b in args.batches.split(",")]
@@ -270,14 +278,14 @@ def main():
             t0 = time.time()
             try:
                 res = runners[name](shape, batches, args.new, 16, args.prefill_len, args.repeats,
-                                    prefill_lens=prefill_lens)
+                                    prefill_lens=prefill_lens, prefill_batches=prefill_batches)
             except Exception as exc:  # a peer that breaks is reported, not fatal
                 res = {"skipped": f"{type(exc).__name__}: {exc}"}
             res["wall_s"] = round(time.time() - t0, 1)
             results["runs"][f"{shape}/{name}"] = res
             print(f"# {shape} {name}: {res}", flush=True)
     print(f"\n{results['device']}, jax {results['jax']}, {results['date']}; greedy, {args.new} new tokens, "
-          f"bf16; prefill of 1 x {args.prefill_len}")
+          f"bf16; prefill of [b, {args.prefill_len}] (ms)")
     header = "| shape | impl | " + " | ".join(f"decode tok/s b{b}" for b in batches) + " | prefill ms |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -286,9 +294,11 @@ def main():
         if "skipped" in res:
             print(f"| {shape} | {name} | skipped: {res['skipped'][:80]} |")
             continue
-        cells = " | ".join(f"{res['decode_tok_s'][b]:,.0f}" for b in batches)
-        prefill = res["prefill_ms"]
-        prefill = f"{prefill:.1f}" if isinstance(prefill, float) else prefill[:60]
+        cells = " | ".join(f"{v:,.0f}" if isinstance(v := res["decode_tok_s"][b], float) else str(v)[:40]
+                           for b in batches)
+        by_batch = res.get("prefill_ms_by_batch") or {1: res["prefill_ms"]}
+        prefill = ", ".join(f"b{b} {ms:.1f}" if isinstance(ms, float) else f"b{b} {str(ms)[:60]}"
+                            for b, ms in by_batch.items())
         print(f"| {shape} | {name} | {cells} | {prefill} |")
     if args.out:
         with open(args.out, "w") as f:

@@ -95,11 +95,15 @@ def main():
         for b in (int(v) for v in args.batches.split(",")):
             ids = torch.randint(3, 50288, (b, args.prompt_len), device="cuda")
             max_length = args.prompt_len + args.new
-            with torch.inference_mode():
-                ms = median_ms(lambda: model.generate(ids, max_length=max_length, top_k=1, cg=True,
-                                                      eos_token_id=None), torch, args.repeats)
-            row["decode_tok_s"][b] = b * args.new / (ms / 1e3)
-            print(f"# {name} b{b}: {row['decode_tok_s'][b]:,.0f} tok/s", flush=True)
+            try:
+                with torch.inference_mode():
+                    ms = median_ms(lambda: model.generate(ids, max_length=max_length, top_k=1, cg=True,
+                                                          eos_token_id=None), torch, args.repeats)
+                row["decode_tok_s"][b] = b * args.new / (ms / 1e3)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: recorded, the other batches still run
+                row["decode_tok_s"][b] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+                torch.cuda.empty_cache()
+            print(f"# {name} b{b}: {row['decode_tok_s'][b]} tok/s", flush=True)
         for b in (int(v) for v in args.prefill_batches.split(",")):
             ids = torch.randint(3, 50288, (b, args.prefill_len), device="cuda")
 
@@ -117,7 +121,7 @@ def main():
     print("| shape | impl | " + " | ".join(f"decode tok/s b{b}" for b in batches) + " | prefill ms |")
     print("|---|---|" + "---|" * len(batches) + "---|")
     for name, row in rows.items():
-        cells = [f"{row['decode_tok_s'][b]:,.0f}" for b in batches]
+        cells = [f"{v:,.0f}" if isinstance(v := row["decode_tok_s"][b], float) else str(v)[:40] for b in batches]
         prefill = ", ".join(f"b{b} {ms:.1f}" for b, ms in row["prefill_ms"].items())
         print(f"| {name} | mamba_ssm (cg) | " + " | ".join(cells) + f" | {prefill} |")
     if args.out:

@@ -175,6 +175,10 @@ def run_ssd(rows, bandwidth, flops, quick, peers=True, only=None):
         row["pallas"] = bench_jax(fn, *main)
         cfg = default_config(args["x"].shape[1], p, n, args["x"].dtype)
         row["pallas_config"] = type(cfg).__name__
+        # the public entry as a model's prefill calls it: impl="auto", y in x's dtype (bf16) by default
+        from easymamba import kernels
+        row["auto"] = bench_jax(jax.jit(functools.partial(kernels.ssd, chunk_size=256, impl="auto", **common)), *main)
+        row["auto_impl"] = kernels.describe().get("ssd") if isinstance(kernels.describe(), dict) else None
         if row.get("triton"):
             row["pallas/triton"] = row["pallas"] / row["triton"]
 
@@ -476,11 +480,13 @@ def main():
         for peer in ("mamba_ssm", "jla", "xla"):
             if r.get("pallas") and r.get(peer):
                 r[f"pallas/{peer}"] = r["pallas"] / r[peer]
+        if r.get("auto") and r.get("mamba_ssm"):
+            r["auto/mamba_ssm"] = r["auto"] / r["mamba_ssm"]
     for r in ssd_rows:
         if r.get("pallas"):
             r["pallas/floor"] = r["pallas"] / r["floor"]
-    table(ssd_rows, ["floor", "pallas", "triton", "mosaic", "mosaic exact-exp", "mosaic no-overlap", "xla",
-                     "mamba_ssm", "jla", "mamba2_jax", "pallas/floor", "pallas/mamba_ssm", "pallas/jla",
+    table(ssd_rows, ["floor", "pallas", "auto", "triton", "mosaic", "mosaic exact-exp", "mosaic no-overlap", "xla",
+                     "mamba_ssm", "jla", "mamba2_jax", "pallas/floor", "pallas/mamba_ssm", "auto/mamba_ssm", "pallas/jla",
                      "pallas/triton", "pallas/xla", "mosaic_vs_triton_rel", "pallas_config", "triton_config"])
     print()
     table([r for r in rows if r not in ssd_rows], ["floor", "copy", "pallas", "xla", "mamba_ssm"])

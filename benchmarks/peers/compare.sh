@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# easymamba beside mamba_ssm on one GPU machine, stage by stage, each result into $OUT (default ./bench-out):
+#
+#   bash benchmarks/peers/compare.sh build kernels peer-generate generate
+#   SHAPES=2.7B bash benchmarks/peers/compare.sh generate hybrid train tests
+#
+# Stages (run in the order given; one that fails is reported and the next still runs):
+#   build          causal-conv1d for sm_90 into /tmp/peers (setup_gpu_peers.sh), in the background: later stages
+#                  that need it (peer-generate) wait for it
+#   kernels        benchmarks/ssd.py (SSD forward at every shape, decode step, conv1d; mamba_ssm's Triton SSD in
+#                  the same run) and benchmarks/ssd_backward.py (forward + backward, beside mamba_ssm's autograd)
+#   peer-generate  benchmarks/generate_mamba_ssm.py: MambaLMHeadModel.generate with CUDA graphs (no JAX there)
+#   generate       benchmarks/generate.py --impls easymamba at the same shapes, batches and lengths
+#   hybrid         generate.py at the Nemotron-H-8B shape, easymamba beside transformers (pure torch)
+#   train          benchmarks/train_step.py, 130M-shaped, unpacked and packed with 8 sequences a row
+#   tests          pytest -m gpu (the compiled kernels against their references)
+# Variables: SHAPES (default 130M,1.3B,2.7B), BATCHES (1,4,16,64,256), NEW (128), STAGE_TIMEOUT (seconds, 540).
+# Peer sources: docs/benchmarks.md, "Peers" (third_party_peers/, git-ignored, carried with the call).
+set -uo pipefail
+OUT="${OUT:-bench-out}"
+mkdir -p "$OUT"
+SHAPES="${SHAPES:-130M,1.3B,2.7B}"
+BATCHES="${BATCHES:-1,4,16,64,256}"
+NEW="${NEW:-128}"
+STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+PEER_PATH="third_party_peers/site:/tmp/peers${PYTHONPATH:+:$PYTHONPATH}"
+OURS_PATH=".${PYTHONPATH:+:$PYTHONPATH}"  # a carried site (e.g. /tmp/site) stays on the path
+
+stage() {  # name, command...: timed, logged to $OUT/<name>.log, never fatal
+    local name="$1"; shift
+    local t0=$SECONDS
+    echo "== $name: $*"
+    timeout "$STAGE_TIMEOUT" "$@" 2>&1 | tee "$OUT/$name.log" | grep -E '^\||^#|rror|skipped|passed|failed' || true
+    echo "== $name: rc ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
+}
+
+for s in "$@"; do
+    case "$s" in
+        build)
+            (bash benchmarks/peers/setup_gpu_peers.sh > "$OUT/build.log" 2>&1; echo "rc $?" >> "$OUT/build.log") &
+            BUILD_PID=$! ;;
+        kernels)
+            stage ssd_fwd env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/ssd.py --quick \
+                --parts ssd,decode,conv --out "$OUT/ssd.json"
+            stage ssd_bwd env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/ssd_backward.py --quick \
+                --out "$OUT/ssd_backward.json" ;;
+        peer-generate)
+            [ -n "${BUILD_PID:-}" ] && { wait "$BUILD_PID"; tail -2 "$OUT/build.log"; }
+            stage peer_generate env PYTHONPATH="$PEER_PATH" python3 benchmarks/generate_mamba_ssm.py \
+                --shapes "$SHAPES" --batches "$BATCHES" --new "$NEW" --prefill-batches 1,8 --out "$OUT/peer.json" ;;
+        generate)
+            stage generate env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/generate.py --impls easymamba \
+                --shapes "$SHAPES" --batches "$BATCHES" --new "$NEW" --prefill-batches 1,8 --out "$OUT/ours.json" ;;
+        hybrid)
+            stage hybrid env PYTHONPATH="$OURS_PATH" python3 benchmarks/generate.py --impls easymamba,transformers \
+                --shapes nemotron-h-8b --batches 1,16 --new 64 --repeats 2 --prefill-batches 1,8 \
+                --out "$OUT/hybrid.json" ;;
+        train)
+            stage train env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/train_step.py --batches 8 \
+                --packed 1,8 --out "$OUT/train.json" ;;
+        tests)
+            stage tests env JAX_PLATFORMS=cuda,cpu PYTHONPATH="$OURS_PATH" python3 -m pytest -q -m gpu -p no:cacheprovider \
+                tests/test_kernels_pallas.py tests/test_decode_step_pallas.py tests/test_kernels_backward.py ;;
+        *) echo "unknown stage $s" >&2 ;;
+    esac
+done
