@@ -540,8 +540,19 @@ class _Run:
 
 
 def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, max_length,
-           num_return_sequences, settings) -> _Run:
+           num_return_sequences, settings, state_dtype=None) -> _Run:
     """Validate, prefill, and build the loop's carry."""
+    if state_dtype is not None:
+        if cache is not None:
+            raise ValueError("state_dtype applies to the cache generate builds; with cache=..., build that cache "
+                             "with model.init_cache(batch, ssm_dtype=...) instead")
+        try:
+            state_dtype = np.dtype(state_dtype)
+        except TypeError as exc:
+            raise ValueError(f"state_dtype must be a floating dtype (jnp.float32, jnp.bfloat16); got "
+                             f"{state_dtype!r}") from exc
+        if not jnp.issubdtype(state_dtype, jnp.floating):
+            raise ValueError(f"state_dtype must be a floating dtype (jnp.float32, jnp.bfloat16); got {state_dtype}")
     config = _config(model, input_ids, generation_config, max_new_tokens, max_length, settings)
     input_ids, attention_mask = _validate(model, input_ids, attention_mask, cache, rng, config)
     n = num_return_sequences
@@ -565,8 +576,10 @@ def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_
     if n > 1:  # each row n times in a row, as transformers' _expand_inputs_for_generation
         input_ids = jnp.repeat(input_ids, n, axis=0)
         attention_mask = None if attention_mask is None else jnp.repeat(attention_mask, n, axis=0)
-    if cache is None and model.backbone.uses_positions:  # key/value slots for the prompt and every new token
-        cache = model.init_cache(input_ids.shape[0], max_length=input_ids.shape[1] + config.max_new_tokens)
+    if cache is None and (model.backbone.uses_positions or state_dtype is not None):
+        # key/value slots for the prompt and every new token; SSM states in state_dtype (prefill replaces it)
+        kw = {} if state_dtype is None else {"ssm_dtype": state_dtype}
+        cache = model.init_cache(input_ids.shape[0], max_length=input_ids.shape[1] + config.max_new_tokens, **kw)
     next_logits, cache = entry.prefill(state, input_ids, attention_mask, cache)
     carry = fns.start(next_logits, cache, input_ids, attention_mask, params)
     return _Run(fns, state, carry, rng, params, input_ids)
@@ -577,7 +590,7 @@ def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int | Non
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, eos_token_id=None, pad_token_id=None, rng=None,
              num_return_sequences: int = 1, cache: BaseCache | None = None, streamer=None,
-             output_logits: bool = False, decode_weights: bool = True,
+             output_logits: bool = False, decode_weights: bool = True, state_dtype=None,
              generation_config: GenerationConfig | None = None) -> GenerateOutput:
     """Generate `max_new_tokens` tokens after `input_ids [b, l]` (see the module docstring and
     `GenerationConfig` for the settings; pass them as keywords or as one `generation_config`, not both).
@@ -595,6 +608,10 @@ def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int | Non
                     i*n .. i*n+n-1, transformers' order) and the result has b * n rows; needs do_sample
     cache           continue from this state (read, not donated); default: a fresh `model.init_cache(b)`.
                     The repetition penalty then sees only `input_ids` and what is generated.
+    state_dtype     the dtype the fresh cache keeps SSM states in (default float32). `jnp.bfloat16` halves the
+                    bytes each decode step reads and writes, and the cache's memory (what mamba_ssm and
+                    transformers keep in a bf16 model): faster at large batch, at the cost of rounding the state
+                    to bf16 after every token. Not with `cache` (build it with `init_cache(..., ssm_dtype=)`).
     streamer        an object with `put(ids)` / `end()` (transformers' `BaseStreamer` protocol, so
                     `transformers.TextStreamer` works for b = 1): `put` gets the prompt `[b, l]` once, then
                     each step's tokens `[b]` (numpy) as they come, from the same step the loop runs
@@ -605,7 +622,7 @@ def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int | Non
                     repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                     output_logits=output_logits, decode_weights=decode_weights)
     run = _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, max_length,
-                 num_return_sequences, settings)
+                 num_return_sequences, settings, state_dtype)
     if streamer is None:
         return run.output(run.loop())
     streamer.put(np.asarray(run.input_ids))
@@ -620,7 +637,7 @@ def stream_generate(model, input_ids, *, attention_mask=None, max_new_tokens: in
                     max_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                     repetition_penalty: float | None = None, eos_token_id=None, pad_token_id=None, rng=None,
-                    num_return_sequences: int = 1, cache: BaseCache | None = None,
+                    num_return_sequences: int = 1, cache: BaseCache | None = None, state_dtype=None,
                     generation_config: GenerationConfig | None = None) -> Iterator[np.ndarray]:
     """`generate` as an iterator: yields each step's tokens `[b]` (numpy int32; pad for rows that have
     stopped) as soon as they are chosen, and stops once every row has stopped or m tokens are out.
@@ -632,5 +649,5 @@ def stream_generate(model, input_ids, *, attention_mask=None, max_new_tokens: in
                     repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                     output_logits=False, decode_weights=True)
     run = _start(model, input_ids, attention_mask, cache, rng, generation_config, max_new_tokens, max_length,
-                 num_return_sequences, settings)
+                 num_return_sequences, settings, state_dtype)
     return (np.asarray(carry.tokens) for carry in run.steps())

@@ -169,6 +169,34 @@ def test_returned_cache_continues_the_generation(pair, rows):
     assert not part.cache.views[0].ssm_states.is_deleted()
 
 
+def test_state_dtype_bfloat16_keeps_bf16_states_close_to_float32(pair, padded):
+    """`state_dtype=jnp.bfloat16`: the cache keeps its SSM states in bf16 through prefill and loop, and the logits
+    stay within bf16 rounding of the float32-state run (checked over the steps whose tokens agree so far)."""
+    _, model = pair
+    ids, mask = padded
+    ref = em.generate(model, ids, attention_mask=mask, max_new_tokens=M, output_logits=True)
+    low = em.generate(model, ids, attention_mask=mask, max_new_tokens=M, output_logits=True,
+                      state_dtype=jnp.bfloat16)
+    assert all(v.ssm_states.dtype == jnp.bfloat16 for v in low.cache.views)
+    assert all(v.ssm_states.dtype == jnp.float32 for v in ref.cache.views)
+    a, b = np.asarray(ref.sequences)[:, ids.shape[1]:], np.asarray(low.sequences)[:, ids.shape[1]:]
+    same = int(np.argmin(np.all(a == b, axis=0))) if not np.array_equal(a, b) else M
+    assert same >= M // 2, f"bf16 states changed a greedy token at step {same}"
+    err = rel_err(np.asarray(low.logits)[:, :same], np.asarray(ref.logits)[:, :same])
+    assert 0 < err < 2e-2, err  # differs (the state is rounded) but only by bf16 rounding
+
+
+def test_state_dtype_refuses_a_cache_and_non_float_dtypes(pair, rows):
+    _, model = pair
+    ids = rows[0][None]
+    cache = model.init_cache(1)
+    with pytest.raises(ValueError, match="state_dtype applies to the cache generate builds"):
+        em.generate(model, ids, max_new_tokens=2, cache=cache, state_dtype=jnp.bfloat16)
+    for bad in (jnp.int32, "nonsense"):
+        with pytest.raises(ValueError, match="state_dtype must be a floating dtype"):
+            em.generate(model, ids, max_new_tokens=2, state_dtype=bad)
+
+
 # -- sampling through generate ---------------------------------------------------------------------------------
 def test_sampling_reproduces_with_a_fixed_rng_and_top_k_1_is_greedy(pair, rows):
     _, model = pair
