@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+STATE_DTYPE = None  # --state-dtype: generate's state_dtype for the easymamba runs
 PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "third_party_peers", "site")
 
 SHAPES = {
@@ -115,7 +116,7 @@ def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats, prefil
         ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (b, prompt_len)), jnp.int32)
 
         def run():
-            out = em.generate(model, ids, max_new_tokens=new)
+            out = em.generate(model, ids, max_new_tokens=new, state_dtype=STATE_DTYPE)
             jax.block_until_ready(out.sequences)
 
         try:
@@ -255,6 +256,8 @@ def main():
                         help="comma-separated lengths: also time the prefill at each (a sweep for the plots)")
     parser.add_argument("--prefill-batches", default="1",
                         help="easymamba: batch sizes of the [b, prefill-len] prefill (the mamba_ssm peer's default: 1,8)")
+    parser.add_argument("--state-dtype", default=None,
+                        help="easymamba: generate's state_dtype (bfloat16: SSM states kept in bf16, as mamba_ssm)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", default="easymamba,transformers,mamba2_jax", help="which to run, in order")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CPU)")
@@ -264,11 +267,13 @@ def main():
         args.shapes, args.batches, args.new, args.prefill_len, args.repeats = "tiny,nemotron-h-tiny", "1,4", 8, 64, 1
         args.prefill_batches = "1,2"
     prefill_lens = [int(v) for v in args.prefill_lens.split(",")] if args.prefill_lens else None
-    prefill_batches = [int(v) for v in args.prefill_batches.split(",")]
+    global STATE_DTYPE
+    STATE_DTYPE = args.state_dtype
+    prefill_batches = [int(v) for v in args.prefill_batches.split(",") if v]
     import jax
 
     batches = [int(b) for b in args.batches.split(",")]
-    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "state_dtype": args.state_dtype,
                "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new, "prefill_len": args.prefill_len,
                "prefill_lens": prefill_lens, "batches": batches, "versions": versions(), "runs": {}}
     runners = {"easymamba": bench_easymamba, "transformers": bench_transformers, "mamba2_jax": bench_mamba2_jax}
