@@ -311,14 +311,15 @@ def _prefill(graphdef, state, input_ids, attention_mask, cache):
     return model.logits(out.last_hidden_state[:, -1]), out.cache
 
 
-def _start_carry(settings: _Settings, next_logits, cache, input_ids, attention_mask,
-                 params: SamplingParams) -> _Carry:
+def _start_carry(settings: _Settings, next_logits, input_ids, attention_mask, params: SamplingParams) -> _Carry:
+    """The loop's first carry, with no cache: the caller puts the prefill's cache in outside the jit (a jit that
+    returns its input cache copies it, a second cache-sized buffer: 43 GB at 2.7B b256 in float32)."""
     b, v = next_logits.shape
     m = settings.max_new_tokens
     return _Carry(
         step=jnp.int32(0), tokens=jnp.full((b,), settings.pad_token_id, jnp.int32), next_logits=next_logits,
         generated=jnp.full((b, m), settings.pad_token_id, jnp.int32), num_generated=jnp.zeros((b,), jnp.int32),
-        done=jnp.zeros((b,), jnp.bool_), cache=cache,
+        done=jnp.zeros((b,), jnp.bool_), cache=None,
         seen=seen_tokens(input_ids, v, attention_mask) if params.use_repetition_penalty else None,
         logits=jnp.zeros((b, m, v), jnp.float32) if settings.output_logits else None)
 
@@ -581,7 +582,7 @@ def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_
         kw = {} if state_dtype is None else {"ssm_dtype": state_dtype}
         cache = model.init_cache(input_ids.shape[0], max_length=input_ids.shape[1] + config.max_new_tokens, **kw)
     next_logits, cache = entry.prefill(state, input_ids, attention_mask, cache)
-    carry = fns.start(next_logits, cache, input_ids, attention_mask, params)
+    carry = fns.start(next_logits, input_ids, attention_mask, params).replace(cache=cache)
     return _Run(fns, state, carry, rng, params, input_ids)
 
 
