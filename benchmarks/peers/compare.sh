@@ -11,7 +11,8 @@
 #                  the same run) and benchmarks/ssd_backward.py (forward + backward, beside mamba_ssm's autograd)
 #   peer-generate  benchmarks/generate_mamba_ssm.py: MambaLMHeadModel.generate with CUDA graphs (no JAX there)
 #   generate       benchmarks/generate.py --impls easymamba at the same shapes, batches and lengths
-#   hybrid         generate.py at the Nemotron-H-8B shape, easymamba beside transformers (pure torch)
+#   hybrid         generate.py at the Nemotron-H-8B shape, easymamba, then transformers (pure torch) in its own process
+#   decode-bf16    generate.py at b64 and b256 with state_dtype=bfloat16 (the peer keeps its states in bf16)
 #   train          benchmarks/train_step.py, 130M-shaped, unpacked and packed with 8 sequences a row
 #   tests          pytest -m gpu (the compiled kernels against their references)
 # Variables: SHAPES (default 130M,1.3B,2.7B), BATCHES (1,4,16,64,256), NEW (128), STAGE_TIMEOUT (seconds, 540).
@@ -52,10 +53,17 @@ for s in "$@"; do
         generate)
             stage generate env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/generate.py --impls easymamba \
                 --shapes "$SHAPES" --batches "$BATCHES" --new "$NEW" --prefill-batches 1,8 --out "$OUT/ours.json" ;;
-        hybrid)
-            stage hybrid env PYTHONPATH="$OURS_PATH" python3 benchmarks/generate.py --impls easymamba,transformers \
+        hybrid)  # one process per framework: JAX keeps the memory it has used, and transformers then runs out
+            stage hybrid env PYTHONPATH="$OURS_PATH" python3 benchmarks/generate.py --impls easymamba \
                 --shapes nemotron-h-8b --batches 1,16 --new 64 --repeats 2 --prefill-batches 1,8 \
-                --out "$OUT/hybrid.json" ;;
+                --out "$OUT/hybrid.json"
+            stage hybrid_hf env PYTHONPATH="$OURS_PATH" python3 benchmarks/generate.py \
+                --impls transformers --shapes nemotron-h-8b --batches 1,16 --new 64 --repeats 2 \
+                --out "$OUT/hybrid_hf.json" ;;
+        decode-bf16)  # the decode batches that are bound by the SSM state's bytes, with bf16 states (as the peer)
+            stage decode_bf16 env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/generate.py \
+                --impls easymamba --shapes "$SHAPES" --batches 64,256 --new "$NEW" --prefill-batches "" \
+                --state-dtype bfloat16 --out "$OUT/decode_bf16.json" ;;
         train)
             stage train env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/train_step.py --batches 8 \
                 --packed 1,8 --out "$OUT/train.json" ;;
