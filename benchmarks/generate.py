@@ -255,7 +255,7 @@ def main():
     parser.add_argument("--prefill-lens", default=None,
                         help="comma-separated lengths: also time the prefill at each (a sweep for the plots)")
     parser.add_argument("--prefill-batches", default="1",
-                        help="easymamba: batch sizes of the [b, prefill-len] prefill (the mamba_ssm peer's default: 1,8)")
+                        help="easymamba: batches of the [b, prefill-len] prefill (the mamba_ssm peer's default: 1,8)")
     parser.add_argument("--state-dtype", default=None,
                         help="easymamba: generate's state_dtype (bfloat16: SSM states kept in bf16, as mamba_ssm)")
     parser.add_argument("--repeats", type=int, default=3)

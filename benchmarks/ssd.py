@@ -486,8 +486,9 @@ def main():
         if r.get("pallas"):
             r["pallas/floor"] = r["pallas"] / r["floor"]
     table(ssd_rows, ["floor", "pallas", "auto", "triton", "mosaic", "mosaic exact-exp", "mosaic no-overlap", "xla",
-                     "mamba_ssm", "jla", "mamba2_jax", "pallas/floor", "pallas/mamba_ssm", "auto/mamba_ssm", "pallas/jla",
-                     "pallas/triton", "pallas/xla", "mosaic_vs_triton_rel", "pallas_config", "triton_config"])
+                     "mamba_ssm", "jla", "mamba2_jax", "pallas/floor", "pallas/mamba_ssm", "auto/mamba_ssm",
+                     "pallas/jla", "pallas/triton", "pallas/xla", "mosaic_vs_triton_rel", "pallas_config",
+                     "triton_config"])
     print()
     table([r for r in rows if r not in ssd_rows], ["floor", "copy", "pallas", "xla", "mamba_ssm"])
 

@@ -206,6 +206,27 @@ def test_state_dtype_bfloat16_keeps_bf16_states_close_to_float32(pair, padded):
     assert 0 < err < 2e-2, err  # differs (the state is rounded) but only by bf16 rounding
 
 
+@pytest.mark.parametrize("family", ["mamba1", "nemotron_h"])
+def test_state_dtype_reaches_every_familys_ssm_views(family):
+    """Mamba-1's views and a hybrid's SSM views (beside its key/value views) take state_dtype too."""
+    if family == "mamba1":
+        cfg = em.MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=8)
+        model = em.MambaForCausalLM(cfg, rngs=nnx.Rngs(3))
+    else:
+        cfg = em.NemotronHConfig(vocab_size=128, hidden_size=32, layers_block_type=("mamba", "mlp", "attention"),
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
+                                 mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=8,
+                                 chunk_size=8)
+        model = em.NemotronHForCausalLM(cfg, rngs=nnx.Rngs(3))
+    ids = np.random.default_rng(4).integers(1, 128, (2, 7))
+    ref = em.generate(model, ids, max_new_tokens=6, output_logits=True)
+    low = em.generate(model, ids, max_new_tokens=6, output_logits=True, state_dtype=jnp.bfloat16)
+    ssm = [v.ssm_states for v in low.cache.views if getattr(v, "ssm_states", None) is not None]
+    assert ssm and all(s.dtype == jnp.bfloat16 for s in ssm)
+    np.testing.assert_array_equal(np.asarray(low.sequences), np.asarray(ref.sequences))
+    assert rel_err(np.asarray(low.logits), np.asarray(ref.logits)) < 2e-2
+
+
 def test_state_dtype_refuses_a_cache_and_non_float_dtypes(pair, rows):
     _, model = pair
     ids = rows[0][None]
