@@ -235,8 +235,11 @@ def _lookup(key: tuple, build):
         return entry
 
 
-def _prefill_fn(graphdef):
-    return _lookup(("prefill", graphdef), lambda: _jit("prefill", _prefill, graphdef))
+def _prefill_fn(graphdef, donate_cache: bool = False):
+    """The jitted prefill; `donate_cache` for a cache generate built itself (a caller's is only read): its
+    buffers are then reused for the output, not held beside it (two key/value or SSM caches at the peak)."""
+    return _lookup(("prefill", graphdef, donate_cache),
+                   lambda: _jit("prefill", _prefill, graphdef, donate_argnums=(3,) if donate_cache else ()))
 
 
 def _decode_fns(graphdef, settings: _Settings) -> _Compiled:
@@ -263,7 +266,8 @@ class _ModelEntry:
     variables: list               # the model's own Variables, in the State's leaf order
     nodes: list
     structure: tuple
-    prefill: Any
+    prefill: Any                  # (state, input_ids, attention_mask, cache) -> (logits, cache); reads the cache
+    prefill_own: Any              # the same, donating the cache (one generate built)
     decode: dict
 
 
@@ -280,7 +284,8 @@ def _split(model) -> _ModelEntry:
     graphdef = (graphdef, jax.tree.structure(state))
     variables = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     nodes = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Pytree)]
-    entry = _ModelEntry(graphdef, variables, nodes, _structure(nodes), _prefill_fn(graphdef), {})
+    entry = _ModelEntry(graphdef, variables, nodes, _structure(nodes), _prefill_fn(graphdef),
+                        _prefill_fn(graphdef, donate_cache=True), {})
     with _LOCK:
         _MODELS[model] = entry
     return entry
@@ -577,11 +582,13 @@ def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_
     if n > 1:  # each row n times in a row, as transformers' _expand_inputs_for_generation
         input_ids = jnp.repeat(input_ids, n, axis=0)
         attention_mask = None if attention_mask is None else jnp.repeat(attention_mask, n, axis=0)
+    prefill = entry.prefill
     if cache is None and (model.backbone.uses_positions or state_dtype is not None):
-        # key/value slots for the prompt and every new token; SSM states in state_dtype (prefill replaces it)
+        # key/value slots for the prompt and every new token; SSM states in state_dtype. Ours: prefill donates it
         kw = {} if state_dtype is None else {"ssm_dtype": state_dtype}
         cache = model.init_cache(input_ids.shape[0], max_length=input_ids.shape[1] + config.max_new_tokens, **kw)
-    next_logits, cache = entry.prefill(state, input_ids, attention_mask, cache)
+        prefill = entry.prefill_own
+    next_logits, cache = prefill(state, input_ids, attention_mask, cache)
     carry = fns.start(next_logits, input_ids, attention_mask, params).replace(cache=cache)
     return _Run(fns, state, carry, rng, params, input_ids)
 

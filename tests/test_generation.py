@@ -227,6 +227,25 @@ def test_state_dtype_reaches_every_familys_ssm_views(family):
     assert rel_err(np.asarray(low.logits), np.asarray(ref.logits)) < 2e-2
 
 
+def test_a_cache_generate_builds_is_donated_to_the_prefill_a_callers_is_not(pair, rows, monkeypatch):
+    """generate builds the cache itself for state_dtype (and for attention layers' key/value slots): the prefill
+    then reuses its buffers rather than holding a second cache beside it. A caller's cache stays readable."""
+    _, model = pair
+    built = []
+    init_cache = type(model).init_cache
+
+    def recording(self, *args, **kwargs):
+        built.append(init_cache(self, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(type(model), "init_cache", recording)
+    em.generate(model, rows[0][None], max_new_tokens=3, state_dtype=jnp.bfloat16)
+    assert len(built) == 1 and all(v.ssm_states.is_deleted() for v in built[0].views)
+    mine = model.init_cache(1)
+    em.generate(model, rows[0][None], max_new_tokens=3, cache=mine)
+    assert not any(v.ssm_states.is_deleted() for v in mine.views)
+
+
 def test_state_dtype_refuses_a_cache_and_non_float_dtypes(pair, rows):
     _, model = pair
     ids = rows[0][None]
