@@ -23,8 +23,10 @@ settings. start / step / loop are cached per (graphdef, settings); two models of
 them, and calls with the same shapes and settings never retrace. Settings are what fixes the code: sampling
 on/off, top_k, whether top-p / min-p / the penalty apply, the EOS and pad ids, m and `output_logits`. The
 values of temperature, top-p, min-p and the penalty are arguments, so changing them reuses compiled code.
-The loop and step donate their carry (cache, buffers), which this module created; a cache the caller passes
-in is only read, never donated.
+The loop and step donate their carry (cache, buffers), which this module created, and so does the prefill
+with a cache this module built (attention layers' key/value slots, `state_dtype`); the prefill's cache goes
+into the loop's carry outside any jit (a jit returning it would copy it). A cache the caller passes in is only
+read, never donated.
 
 Stopping: a row stops when it emits any EOS id (which it still consumes); after that it receives
 `pad_token_id` (default: the first EOS id, else 0), its count stops and its cache stops advancing. The loop
