@@ -36,7 +36,6 @@ import time
 
 import numpy as np
 
-STATE_DTYPE = None  # --state-dtype: generate's state_dtype for the easymamba runs
 PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "third_party_peers", "site")
 
 SHAPES = {
@@ -97,7 +96,8 @@ def sweep_lengths(prefill_ms, lengths):
     return out
 
 
-def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None, prefill_batches=(1,)):
+def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats, prefill_lens=None, prefill_batches=(1,),
+                    state_dtype=None):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -116,7 +116,7 @@ def bench_easymamba(name, batches, new, prompt_len, prefill_len, repeats, prefil
         ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (b, prompt_len)), jnp.int32)
 
         def run():
-            out = em.generate(model, ids, max_new_tokens=new, state_dtype=STATE_DTYPE)
+            out = em.generate(model, ids, max_new_tokens=new, state_dtype=state_dtype)
             jax.block_until_ready(out.sequences)
 
         try:
@@ -267,8 +267,6 @@ def main():
         args.shapes, args.batches, args.new, args.prefill_len, args.repeats = "tiny,nemotron-h-tiny", "1,4", 8, 64, 1
         args.prefill_batches = "1,2"
     prefill_lens = [int(v) for v in args.prefill_lens.split(",")] if args.prefill_lens else None
-    global STATE_DTYPE
-    STATE_DTYPE = args.state_dtype
     prefill_batches = [int(v) for v in args.prefill_batches.split(",") if v]
     import jax
 
@@ -282,8 +280,9 @@ def main():
         for name in names:
             t0 = time.time()
             try:
+                extra = {"state_dtype": args.state_dtype} if name == "easymamba" else {}
                 res = runners[name](shape, batches, args.new, 16, args.prefill_len, args.repeats,
-                                    prefill_lens=prefill_lens, prefill_batches=prefill_batches)
+                                    prefill_lens=prefill_lens, prefill_batches=prefill_batches, **extra)
             except Exception as exc:  # a peer that breaks is reported, not fatal
                 res = {"skipped": f"{type(exc).__name__}: {exc}"}
             res["wall_s"] = round(time.time() - t0, 1)

@@ -53,6 +53,7 @@ from flax import nnx, struct
 from easymamba.caching.cache import BaseCache
 from easymamba.config.generation import GenerationDefaults
 from easymamba.layers import check_token_ids, is_concrete
+from easymamba.models.compiled import merge_flat
 from easymamba.sampling import SamplingParams, add_seen, sample_next_token, seen_tokens
 
 _INT32_MAX = 2**31 - 1
@@ -303,19 +304,11 @@ def _entry_decode_fns(entry: _ModelEntry, settings: _Settings) -> _Compiled:
 # -- the traced functions (graphdef and settings bound by _Compiled) --------------------------------------------
 # `graphdef` here is the pair (nnx graphdef, treedef of the model's State) and `state` the State's leaves: a flat
 # list of arrays is what jit flattens fastest (a State is ~10 Python-level flattens per layer and call).
-def _merge(graphdef, state):
-    nnx_graphdef, treedef = graphdef
-    return nnx.merge(nnx_graphdef, jax.tree.unflatten(treedef, state))
-
-
 def _prefill(graphdef, state, input_ids, attention_mask, cache):
     """The prompt through the model -> (logits of its last position [b, v] float32, cache)."""
-    model = _merge(graphdef, state)
-    if cache is None:
-        cache = model.init_cache(input_ids.shape[0])
-    out = model.backbone(input_ids, attention_mask=attention_mask, cache=cache)
-    # the head on the last position only: XLA does not push the slice through the full [b, l, v] product itself
-    return model.logits(out.last_hidden_state[:, -1]), out.cache
+    model = merge_flat(graphdef, state)
+    return model.prefill(input_ids, model.init_cache(input_ids.shape[0]) if cache is None else cache,
+                         attention_mask=attention_mask)
 
 
 def _start_carry(settings: _Settings, next_logits, input_ids, attention_mask, params: SamplingParams) -> _Carry:
@@ -350,7 +343,7 @@ def _step(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
         done = done | jnp.isin(token, jnp.asarray(settings.eos_token_ids, jnp.int32))
     seen = None if carry.seen is None else add_seen(carry.seen, token)
 
-    model = _merge(graphdef, state)
+    model = merge_flat(graphdef, state)
     if settings.eos_token_ids:  # a row stopped before this step keeps its state: pads must not enter it
         next_logits, cache = model.step(token, carry.cache, active_rows=live,  # held in place (the fused kernel's own)
                                         update_seq=update_seq, decode_weights=decode_weights)
@@ -377,7 +370,7 @@ def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     result: the rows' tokens are pads, their states are held (the model's `active_rows`) and so is
     `seqlen_offset`."""
     m = settings.max_new_tokens
-    model = _merge(graphdef, state)
+    model = merge_flat(graphdef, state)
     # made once, outside the loop (GenerationConfig.decode_weights)
     weights = model.decode_weights() if settings.decode_weights else None
     # A model with attention layers writes each token's key and value at the cache's `seqlen_offset`, so its

@@ -107,18 +107,21 @@ class TextGenerator:
         settings = {k: v for k, v in kwargs.items() if v is not None}
         for name, value in self._fallback.items():
             settings.setdefault(name, value)
-        sampling = settings.get("do_sample", model_defaults(self.model).get("do_sample", False))
         if seed is not None and rng is not None:
             raise ValueError("pass seed or rng, not both")
         if seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
                 raise ValueError(f"seed ({seed!r}) must be an integer")
             rng = jax.random.key(int(seed))
-        if rng is None and sampling:
+        if rng is None and self._samples(settings):
             rng = jax.random.key(int(np.random.SeedSequence().entropy % 2**63))  # a fresh sample per call
         if rng is not None:
             settings["rng"] = rng
         return settings
+
+    def _samples(self, settings: dict) -> bool:
+        """Whether these settings sample: their do_sample, else the model directory's, else greedy."""
+        return bool(settings.get("do_sample", model_defaults(self.model).get("do_sample", False)))
 
     def _eos_ids(self, settings: dict) -> tuple[int, ...]:
         eos = settings.get("eos_token_id", model_defaults(self.model).get("eos_token_id"))
@@ -231,7 +234,7 @@ class TextGenerator:
                                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                                        pad_token_id=pad_token_id), seed, rng)
-        if n > 1 and not settings.get("do_sample", model_defaults(self.model).get("do_sample", False)):
+        if n > 1 and not self._samples(settings):
             raise ValueError(f"num_return_sequences={n} needs sampling (do_sample=True): greedy decoding gives "
                              "the same text every time")
         rows = [t for t in texts for _ in range(n)]  # each prompt's n rows together, as generate repeats them

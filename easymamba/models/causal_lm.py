@@ -552,6 +552,13 @@ class CausalLM(nnx.Module):
             loss = causal_lm_loss(logits, labels, self.config.vocab_size)
         return Mamba2CausalLMOutput(logits, loss, out.cache, out.hidden_states)               # logits (b, l, v)
 
+    def prefill(self, input_ids: jax.Array, cache, *, attention_mask=None) -> tuple[jax.Array, object]:
+        """A prompt (b, l) into `cache` -> (logits of its last position (b, v) float32, the new cache): the head
+        runs on the last position only, since XLA does not push that slice through the full (b, l, v) product.
+        What `generate` and `CompiledLM.prefill` jit."""
+        out = self.backbone(input_ids, attention_mask=attention_mask, cache=cache)
+        return self.logits(out.last_hidden_state[:, -1]), out.cache
+
     def step(self, tokens: jax.Array, cache, *, attention_mask=None, active_rows=None, decode_weights=None,
              update_seq: bool = True) -> tuple[jax.Array, object]:
         """One decode step: tokens (b,) int -> (logits (b, v) float32, the new cache). The options are

@@ -36,7 +36,9 @@ _TRACES: collections.Counter = collections.Counter()
 
 
 # -- the traced functions: `graphdef` is (nnx graphdef, treedef of the model's State), `state` the State's leaves ---
-def _merge(graphdef, state):
+def merge_flat(graphdef, state):
+    """The model back from `graphdef` = (nnx graphdef, treedef of its State) and `state`, the State's leaves (a
+    flat list of arrays is what jit flattens fastest); `easymamba.generation` splits the same way."""
     nnx_graphdef, treedef = graphdef
     return nnx.merge(nnx_graphdef, jax.tree.unflatten(treedef, state))
 
@@ -44,23 +46,21 @@ def _merge(graphdef, state):
 def _forward(graphdef, output_hidden_states, state, input_ids, attention_mask, cache, labels, position_ids,
              seq_idx):
     _TRACES["forward"] += 1
-    model = _merge(graphdef, state)
+    model = merge_flat(graphdef, state)
     return model(input_ids, attention_mask=attention_mask, cache=cache, labels=labels, position_ids=position_ids,
                  seq_idx=seq_idx, output_hidden_states=output_hidden_states)
 
 
 def _prefill(graphdef, max_length, state, input_ids, attention_mask):
     _TRACES["prefill"] += 1
-    model = _merge(graphdef, state)
-    cache = model.init_cache(input_ids.shape[0], max_length=max_length)
-    out = model.backbone(input_ids, attention_mask=attention_mask, cache=cache)
-    # the head on the last position only: XLA does not push the slice through the full (b, l, v) product itself
-    return model.logits(out.last_hidden_state[:, -1]), out.cache
+    model = merge_flat(graphdef, state)
+    return model.prefill(input_ids, model.init_cache(input_ids.shape[0], max_length=max_length),
+                         attention_mask=attention_mask)
 
 
 def _score(graphdef, state, input_ids, attention_mask):
     _TRACES["score"] += 1
-    model = _merge(graphdef, state)
+    model = merge_flat(graphdef, state)
     logits = model(input_ids, attention_mask=attention_mask).logits                         # (b, l, v) float32
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)                                      # (b, l-1, v)
     picked = jnp.take_along_axis(logp, input_ids[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]  # (b, l-1)
