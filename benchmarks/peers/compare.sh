@@ -6,16 +6,23 @@
 #
 # Stages (run in the order given; one that fails is reported and the next still runs):
 #   build          causal-conv1d for sm_90 into /tmp/peers (setup_gpu_peers.sh), in the background: later stages
-#                  that need it (peer-generate) wait for it
+#                  that need it (peer-generate) wait for it. The build is also packed into
+#                  $OUT/causal_conv1d_sm90.tgz: kept as third_party_peers/causal_conv1d_sm90.tgz, the next call
+#                  unpacks it instead of building (~5 minutes saved)
 #   kernels        benchmarks/ssd.py (SSD forward at every shape, decode step, conv1d; mamba_ssm's Triton SSD in
 #                  the same run) and benchmarks/ssd_backward.py (forward + backward, beside mamba_ssm's autograd)
 #   peer-generate  benchmarks/generate_mamba_ssm.py: MambaLMHeadModel.generate with CUDA graphs (no JAX there)
 #   generate       benchmarks/generate.py --impls easymamba at the same shapes, batches and lengths
 #   hybrid         generate.py at the Nemotron-H-8B shape, easymamba, then transformers (pure torch) in its own process
+#   graphs         130M decode at b1 and b16 with XLA's CUDA graphs (command buffers) taking in the decode loop
+#                  (WHILE / CONDITIONAL), beside the default; the default run also dumps the loop's optimised HLO
+#                  into $OUT/hlo (to count the kernels a step launches)
 #   decode-bf16    generate.py at b64 and b256 with state_dtype=bfloat16 (the peer keeps its states in bf16)
 #   train          benchmarks/train_step.py, 130M-shaped, unpacked and packed with 8 sequences a row
-#   tests          pytest -m gpu (the compiled kernels against their references)
-# Variables: SHAPES (default 130M,1.3B,2.7B), BATCHES (1,4,16,64,256), NEW (128), STAGE_TIMEOUT (seconds, 540).
+#   tests          pytest -m gpu (the compiled kernels against their references), in TEST_WORKERS processes
+#                  (default 6: the time is mostly compiling, on the CPU)
+# Variables: SHAPES (default 130M,1.3B,2.7B), BATCHES (1,4,16,64,256), NEW (128), STAGE_TIMEOUT (seconds, 540),
+# TEST_WORKERS (6).
 # Peer sources: docs/benchmarks.md, "Peers" (third_party_peers/, git-ignored, carried with the call).
 set -uo pipefail
 OUT="${OUT:-bench-out}"
@@ -39,7 +46,8 @@ stage() {  # name, command...: timed, logged to $OUT/<name>.log, never fatal
 for s in "$@"; do
     case "$s" in
         build)
-            (bash benchmarks/peers/setup_gpu_peers.sh > "$OUT/build.log" 2>&1; echo "rc $?" >> "$OUT/build.log") &
+            (bash benchmarks/peers/setup_gpu_peers.sh > "$OUT/build.log" 2>&1; rc=$?; echo "rc $rc" >> "$OUT/build.log"
+             [ "$rc" = 0 ] && tar -czf "$OUT/causal_conv1d_sm90.tgz" -C /tmp/peers . && ls -l "$OUT/causal_conv1d_sm90.tgz" >> "$OUT/build.log") &
             BUILD_PID=$! ;;
         kernels)
             stage ssd_fwd env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/ssd.py --quick \
@@ -60,6 +68,19 @@ for s in "$@"; do
             stage hybrid_hf env PYTHONPATH="$OURS_PATH" python3 benchmarks/generate.py \
                 --impls transformers --shapes nemotron-h-8b --batches 1,16 --new 64 --repeats 2 \
                 --out "$OUT/hybrid_hf.json" ;;
+        graphs)
+            graph_types="FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+            for variant in default while while_unrolled; do
+                flags=""
+                case "$variant" in
+                    default) flags="--xla_dump_to=$OUT/hlo --xla_dump_hlo_module_re=.*generate_loop.*" ;;
+                    while) flags="--xla_gpu_enable_command_buffer=$graph_types --xla_gpu_graph_min_graph_size=1" ;;
+                    while_unrolled) flags="--xla_gpu_enable_command_buffer=$graph_types --xla_gpu_graph_min_graph_size=1 --xla_gpu_command_buffer_unroll_loops=true" ;;
+                esac
+                stage "graphs_$variant" env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" XLA_FLAGS="$flags" \
+                    python3 benchmarks/generate.py --impls easymamba --shapes 130M --batches 1,16 --new "$NEW" \
+                    --prefill-batches "" --out "$OUT/graphs_$variant.json"
+            done ;;
         decode-bf16)  # the decode batches that are bound by the SSM state's bytes, with bf16 states (as the peer)
             stage decode_bf16 env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/generate.py \
                 --impls easymamba --shapes "$SHAPES" --batches 64,256 --new "$NEW" --prefill-batches "" \
@@ -68,7 +89,7 @@ for s in "$@"; do
             stage train env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/train_step.py --batches 8 \
                 --packed 1,8 --out "$OUT/train.json" ;;
         tests)
-            stage tests env JAX_PLATFORMS=cuda,cpu PYTHONPATH="$OURS_PATH" python3 -m pytest -q -m gpu -p no:cacheprovider \
+            stage tests env JAX_PLATFORMS=cuda,cpu PYTHONPATH="$OURS_PATH" python3 -m pytest -q -m gpu -p no:cacheprovider -n "${TEST_WORKERS:-6}" \
                 tests/test_kernels_pallas.py tests/test_decode_step_pallas.py tests/test_kernels_backward.py ;;
         *) echo "unknown stage $s" >&2 ;;
     esac

@@ -10,6 +10,15 @@
 set -euo pipefail
 SRC="${1:-third_party_peers/causal-conv1d}"
 DEST="${2:-/tmp/peers}"
+# A build saved by an earlier call (compare.sh's `build` writes $OUT/causal_conv1d_sm90.tgz; keep it as
+# third_party_peers/causal_conv1d_sm90.tgz) is unpacked instead, when it was made against this torch.
+SAVED="${SAVED:-third_party_peers/causal_conv1d_sm90.tgz}"
+torch_version="$(python3 -c 'import torch; print(torch.__version__)')"
+if [ -f "$SAVED" ] && tar -xOzf "$SAVED" ./TORCH_VERSION 2>/dev/null | grep -qxF "$torch_version"; then
+    mkdir -p "$DEST" && tar -xzf "$SAVED" -C "$DEST"
+    echo "causal-conv1d unpacked from $SAVED (built against torch $torch_version)"
+    exit 0
+fi
 [ -f "$SRC/setup.py" ] || { echo "no causal-conv1d checkout at $SRC (docs/benchmarks.md, Peers)" >&2; exit 2; }
 work="$(mktemp -d)"
 cp -r "$SRC"/. "$work"
@@ -29,3 +38,4 @@ start=$(date +%s)
 CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS="${MAX_JOBS:-14}" \
     python3 -m pip install -q --no-build-isolation --no-deps --target "$DEST" .
 echo "causal-conv1d built into $DEST in $(( $(date +%s) - start )) s"
+echo "$torch_version" > "$DEST/TORCH_VERSION"
