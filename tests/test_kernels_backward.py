@@ -30,7 +30,7 @@ from helpers import rel_err
 from easymamba.kernels import pallas_util as pu
 from easymamba.kernels.conv1d.reference import causal_conv1d_ref
 from easymamba.kernels.conv1d.triton import causal_conv1d_pallas
-from easymamba.kernels.ssd_scan.gpu import SSDBlockConfig, ssd_pallas
+from easymamba.kernels.ssd_scan.gpu import MosaicSSDConfig, SSDBlockConfig, ssd_pallas
 from easymamba.kernels.ssd_scan.reference import ssd_chunked
 from easymamba.kernels.ssd_scan.triton_bwd import SSDBackwardConfig, ssd_backward_pallas
 
@@ -113,11 +113,13 @@ def test_ssd_backward_float64_derivation():
         check_grads(got, want, SSD_NAMES, inputs, TOL["float64"])
 
 
-def check_ssd_vjp(seed, *, b, l, h, p, g, n, dtype, full, y_dtype, block_q, interpret):
-    """jax.vjp of the public `ssd_pallas` (forward kernel + custom VJP -> backward kernels)."""
+def check_ssd_vjp(seed, *, b, l, h, p, g, n, dtype, full, y_dtype, block_q, interpret, config=None):
+    """jax.vjp of the public `ssd_pallas` (forward kernel + custom VJP -> backward kernels); the forward's
+    `config` defaults to the Triton form's `SSDBlockConfig(block_q)`."""
     inputs, static, seq_idx, cot = ssd_case(seed, b=b, l=l, h=h, p=p, g=g, n=n, dtype=dtype, full=full,
                                             y_dtype=y_dtype)
-    fn = functools.partial(ssd_pallas, chunk_size=8, y_dtype=y_dtype, config=SSDBlockConfig(block_q=block_q),
+    config = SSDBlockConfig(block_q=block_q) if config is None else config
+    fn = functools.partial(ssd_pallas, chunk_size=8, y_dtype=y_dtype, config=config,
                            backward_config=SSDBackwardConfig(block_q=block_q), interpret=interpret, **static)
 
     def grads(x, dt, A, B, C, D, z, dt_bias, init):
@@ -139,6 +141,13 @@ def test_ssd_backward_bfloat16_full():
     # bf16 x, B, C, z, y; every option; g = 2 groups of 2 heads; l = 37 with a chunk of 16
     check_ssd_vjp(2, b=2, l=37, h=4, p=3, g=2, n=5, dtype=jnp.bfloat16, full=True, y_dtype=jnp.bfloat16,
                   block_q=16, interpret=True)
+
+
+def test_ssd_backward_after_the_mosaic_forward_at_head_dim_80():
+    # the Mosaic forward runs head dim 80 as 80; the backward kernels take powers of two, so the custom VJP pads
+    # the residuals and cotangents to 128 and slices the gradients back: against the reference VJP
+    check_ssd_vjp(5, b=1, l=100, h=4, p=80, g=2, n=64, dtype=jnp.bfloat16, full=True, y_dtype=jnp.bfloat16,
+                  block_q=64, interpret=True, config=MosaicSSDConfig())
 
 
 def test_ssd_backward_option_routes():

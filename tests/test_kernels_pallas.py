@@ -38,7 +38,7 @@ from easymamba.kernels.ssd_scan.gpu import (
     mosaic_gpu_here,
     ssd_pallas,
 )
-from easymamba.kernels.ssd_scan.mosaic_gpu import mgpu_supported
+from easymamba.kernels.ssd_scan.mosaic_gpu import mgpu_dims, mgpu_supported
 from easymamba.kernels.ssd_scan.triton import kernel_dims, ssd_supported
 from easymamba.kernels.ssd_scan.reference import ssd_naive
 from easymamba.kernels.state_update.reference import selective_state_update_ref
@@ -261,7 +261,7 @@ def test_ssd_gpu(variant, dtype):
     check_ssd(10, variant, b=2, l=300, h=8, p=64, g=2, n=128, dtype=dtype, interpret=False, block_q=64)
 
 
-# The Mosaic GPU form (TMA + wgmma, Hopper): bf16 / f16 operands, p and n multiples of 64. On the CPU it runs in
+# The Mosaic GPU form (TMA + wgmma, Hopper): bf16 / f16 operands, p a multiple of 16, n of 64. On the CPU it runs in
 # jax's GPU interpreter (TMA copies, barriers and wgmma simulated; register layouts skipped), so the shapes are the
 # smallest the form takes: p = n = 64 (n = 128 once), one chunk of 64 plus a padded one (l = 100), g = 2 groups.
 MOSAIC_CPU = dict(b=1, l=100, h=4, p=64, g=2, n=64, dtype=jnp.bfloat16, interpret=True)
@@ -296,8 +296,34 @@ def test_ssd_mosaic_refuses_what_it_cannot_compile():
 
 
 def test_ssd_mosaic_interpret_padded_head_dim():
-    # head_dim 48 and state 40 run padded to the form's 64 x 64 (kernel_dims): exact against the float64 recurrence
+    # head_dim 48 runs as 48 (32-byte swizzled tiles), state 40 padded to 64 (mgpu_dims): exact against the
+    # float64 recurrence
+    assert mgpu_dims(48, 40) == (48, 64)
     check_ssd(16, "full", config=MosaicSSDConfig(), **dict(MOSAIC_CPU, p=48, n=40))
+
+
+def test_ssd_mosaic_interpret_head_dim_80():
+    # Nemotron-H-Nano-9B-v2 / Nemotron-3's head dim 80 runs natively (no padding to 128): 160-byte rows, every
+    # wgmma operand tile swizzled at 32 bytes
+    assert mgpu_dims(80, 128) == (80, 128)
+    check_ssd(19, "full", config=MosaicSSDConfig(), **dict(MOSAIC_CPU, p=80))
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CUDA lowering from a CPU-only machine")
+@pytest.mark.parametrize("p,n", [(64, 128), (80, 128), (48, 64), (96, 128), (64, 256)])
+def test_ssd_mosaic_lowers_for_cuda(p, n):
+    # Mosaic GPU's lowering (layouts, swizzles, shared-memory budget) runs without a GPU; interpret mode skips
+    # it. Lower the forward kernel for CUDA at each head dim / state size the form takes, every option on.
+    from easymamba.kernels.ssd_scan.mosaic_gpu import ssd_forward_mgpu
+    b, l, h, g = 1, 256, 4, 2
+    S = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    args = (S((b, l, h, p), bf), S((b, l, h), jnp.float32), S((b, l, h), jnp.float32), S((b, l, g, n), bf),
+            S((b, l, g, n), bf), S((h,), jnp.float32), S((b, l, h, p), bf), S((b, h, p, n), jnp.float32),
+            S((b, l), jnp.int32))
+    fn = functools.partial(ssd_forward_mgpu, y_dtype=bf, config=MosaicSSDConfig())
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 def test_ssd_kernel_dims_cover_real_checkpoints(monkeypatch):
@@ -306,7 +332,8 @@ def test_ssd_kernel_dims_cover_real_checkpoints(monkeypatch):
     for p in (64, 80, 96, 128):
         for n in (16, 64, 128, 256):
             assert ssd_supported(p, n), (p, n)
-            assert mgpu_supported(p, n, jnp.bfloat16) == (n >= 64), (p, n)  # wgmma tiles: n a multiple of 64
+            # wgmma tiles: n a multiple of 64; the float32 state [n, p] in registers at most 128 x 128
+            assert mgpu_supported(p, n, jnp.bfloat16) == (n >= 64 and p * n <= 128 * 128), (p, n)
     assert ssd_supported(256, 128) and not ssd_supported(256, 256)
     assert not mgpu_supported(80, 128, jnp.float32)
     # on a GPU, impl="pallas" refuses what no form compiles with the rule in words; "auto" says why it takes XLA

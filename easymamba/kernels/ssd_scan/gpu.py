@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from easymamba.kernels import pallas_util as pu
 from easymamba.kernels import resolver
-from easymamba.kernels.ssd_scan.mosaic_gpu import MosaicSSDConfig, mgpu_supported, ssd_forward_mgpu
+from easymamba.kernels.ssd_scan.mosaic_gpu import MosaicSSDConfig, mgpu_dims, mgpu_supported, ssd_forward_mgpu
 from easymamba.kernels.ssd_scan.reference import _check_ssd_args, _process_dt, _segment_ids, ssd_chunked_vjp
 from easymamba.kernels.ssd_scan.triton import SSDBlockConfig, forward_triton, kernel_dims, ssd_supported
 from easymamba.kernels.ssd_scan.triton_bwd import (
@@ -104,11 +104,20 @@ def _ssd_bwd(static, residuals, cotangents):
     dt_softplus, dt_limit, y_dtype, _, chunk_size, backward, interpret = static
     *diff, seq_idx = residuals
     x, B = diff[0], diff[3]
-    if backward != "reference" and (interpret or ssd_backward_supported(x.shape[3], B.shape[3])):
+    p, n = x.shape[3], B.shape[3]
+    kp, kn = kernel_dims(p, n)  # the backward kernels' sizes (the forward's form may have run at others)
+    if backward != "reference" and (interpret or ssd_backward_supported(kp, kn)):
         dy, dfinal = cotangents
-        grads = ssd_backward_pallas(*diff, seq_idx, dy, dfinal, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                                    config=backward, interpret=interpret)
-        return (*grads, None)
+        if (kp, kn) != (p, n):  # e.g. head dim 80, run natively by the Mosaic forward, at 128 here
+            x, dt, A, B, C, D, z, dt_bias, init = diff
+            diff = (_pad_last(x, kp), dt, A, _pad_last(B, kn), _pad_last(C, kn), D,
+                    None if z is None else _pad_last(z, kp), dt_bias, None if init is None else _pad_state(init, kp, kn))
+            dy, dfinal = _pad_last(dy, kp), _pad_state(dfinal, kp, kn)
+        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ssd_backward_pallas(
+            *diff, seq_idx, dy, dfinal, dt_softplus=dt_softplus, dt_limit=dt_limit, config=backward,
+            interpret=interpret)
+        return (dx[..., :p], ddt, dA, dB[..., :n], dC[..., :n], dD, None if dz is None else dz[..., :p], ddt_bias,
+                None if dinit is None else dinit[:, :, :p, :n], None)
     return ssd_chunked_vjp(diff, seq_idx, cotangents, chunk_size=chunk_size, dt_softplus=dt_softplus,
                            dt_limit=dt_limit, y_dtype=y_dtype)
 
@@ -164,25 +173,33 @@ def ssd_pallas(
         config = default_config(x.shape[1], p, n, x.dtype, interpret=interpret)
     if isinstance(config, MosaicSSDConfig) and not mgpu_supported(p, n, x.dtype):
         raise ValueError(
-            f"the Mosaic GPU SSD form (MosaicSSDConfig) takes bf16 / f16 x with head_dim and state size (rounded "
-            f"up to powers of two) multiples of 64, <= 128 and <= 256; got x {x.dtype}, head_dim {p}, state size {n}"
+            f"the Mosaic GPU SSD form (MosaicSSDConfig) takes bf16 / f16 x with head_dim <= 128, a state size "
+            f"that rounds up to a power of two of 64 to 256 and head_dim x state <= 128 x 128 (rounded up: "
+            f"`mgpu_dims`); got x {x.dtype}, head_dim {p}, state size {n}"
         )
     if backward == "pallas":
         backward = default_backward_config(x.shape[1]) if backward_config is None else backward_config
     static = (bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), y_dtype, config, int(chunk_size),
               backward, interpret)
-    kp, kn = kernel_dims(p, n)
+    # the forward form's sizes: powers of two for the Triton form (`kernel_dims`), multiples of 16 for head dims
+    # in the Mosaic form (`mgpu_dims`: head dim 80 runs at 80); the backward pads further where it must
+    kp, kn = mgpu_dims(p, n) if isinstance(config, MosaicSSDConfig) else kernel_dims(p, n)
     if (kp, kn) == (p, n):
         return _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)
-    # Run at the kernels' sizes (`kernel_dims`: exact, zero columns stay zero); autodiff slices the gradients back.
+    # Run at the kernels' sizes (exact, zero columns stay zero); autodiff slices the gradients back.
     x, z = _pad_last(x, kp), None if z is None else _pad_last(z, kp)
     B, C = _pad_last(B, kn), _pad_last(C, kn)
     if initial_state is not None:
-        initial_state = jnp.pad(initial_state, [(0, 0), (0, 0), (0, kp - p), (0, kn - n)])
+        initial_state = _pad_state(initial_state, kp, kn)
     y, final_state = _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)
     return y[..., :p], final_state[:, :, :p, :n]
 
 
 def _pad_last(a, size):
     """`a` zero-padded at the end of its last axis to `size`."""
-    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, size - a.shape[-1])])
+    return a if a.shape[-1] == size else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, size - a.shape[-1])])
+
+
+def _pad_state(s, kp, kn):
+    """A state [b, h, p, n] zero-padded to [b, h, kp, kn]."""
+    return jnp.pad(s, [(0, 0), (0, 0), (0, kp - s.shape[2]), (0, kn - s.shape[3])])

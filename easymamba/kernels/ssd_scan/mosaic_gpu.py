@@ -20,7 +20,9 @@ walk, x / B / C / z / dt read once, y and the final state written once), differe
   given) are computed by XLA, as in the Triton form, and packed [b, h, chunk, rows, q] so one TMA brings them.
 
 y is rounded to `y_dtype` in shared memory and stored by TMA (one buffer). Only bf16 / f16 x, B, C (the
-matmul operand dtype) take this form; p and n must be multiples of 64 (wgmma tiles), at most 128 and 256.
+matmul operand dtype) take this form; p must be a multiple of 16 up to 128 and n a multiple of 64 up to 256
+(wgmma tiles). The product pairs tie C, Bᵀ, Sᵀ and x to one shared-memory swizzle, the widest their rows allow
+(128 bytes at p 64 or 128; 32 at head dim 80, whose rows are 160 bytes).
 """
 
 import dataclasses
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from easymamba.kernels.ssd_scan.triton import kernel_dims
+from easymamba.kernels import pallas_util as pu
 
 try:  # Mosaic GPU ships with every jaxlib >= 0.9; guard unusual builds
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -43,7 +45,7 @@ try:  # the GPU interpreter (TMA, barriers, wgmma on the CPU); its import path i
 except ImportError:  # pragma: no cover
     InterpretGPUParams = None
 
-__all__ = ["MosaicSSDConfig", "mgpu_supported", "ssd_forward_mgpu"]
+__all__ = ["MosaicSSDConfig", "mgpu_dims", "mgpu_supported", "ssd_forward_mgpu"]
 
 # rows of the packed per-token scalars
 _ACUM, _DT, _SEG, _INTO_MASK, _IN_MASK, _KEEP_MASK = range(6)
@@ -65,21 +67,31 @@ class MosaicSSDConfig:
             raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
 
 
+def mgpu_dims(p: int, n: int) -> tuple[int, int]:
+    """The head dim and state size this form runs at for a problem of head dim p and state size n: p rounded up
+    to a multiple of 16 (a wgmma N side and one 32-byte swizzle row of 16-bit values: head dim 80 runs at 80),
+    n to a power of two >= 16. `ssd_pallas` zero-pads to these sizes (exact: `triton.kernel_dims` says why)."""
+    return -(-p // 16) * 16, pu.pow2_at_least(n, 16)
+
+
 def mgpu_supported(p: int, n: int, dtype) -> bool:
-    """Shapes and dtypes this form compiles: 16-bit operands, p and n wgmma-tileable once padded to
-    `kernel_dims` (`ssd_pallas` pads; head dim 80 runs at 128)."""
-    kp, kn = kernel_dims(p, n)
+    """Shapes and dtypes this form compiles: 16-bit operands, p and n padded to `mgpu_dims` with p <= 128, n a
+    multiple of 64 (the state update's wgmma M tile) up to 256, and the float32 state Sᵀ [n, p], held in the
+    registers of one warpgroup, at most 128 x 128 (128 registers a thread; p 128 with n 256 would also overflow
+    shared memory: 280 KB)."""
+    kp, kn = mgpu_dims(p, n)
     return (
         plgpu is not None
         and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and kp % 64 == 0 and kn % 64 == 0 and kp <= 128 and kn <= 256
+        and kp <= 128 and kn % 64 == 0 and kn <= 256 and kp * kn <= 128 * 128
     )
 
 
-def _smem(shape, dtype):
-    """Shared memory laid out as TMA and wgmma want it: 8-row tiles, rows swizzled at the widest width that fits."""
+def _smem(shape, dtype, swizzle=None):
+    """Shared memory laid out as TMA and wgmma want it: 8-row tiles, rows swizzled at `swizzle` bytes (None: the
+    widest width that fits)."""
     itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
+    swizzle = swizzle or plgpu.find_swizzle(shape[-1] * itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
@@ -236,18 +248,22 @@ def _body(*refs, q, nchunks, r, nslots, overlap, has_D, has_z, has_init, has_seg
 
         return lax.fori_loop(jnp.int32(0), jnp.int32(nchunks), step, state)
 
+    # wgmma wants both shared-memory operands of a product swizzled alike, so every operand tile takes the
+    # widest swizzle all their rows allow: 128 bytes at p, n, q multiples of 64; 32 at head dim 80 (160-byte rows)
+    sw = min(plgpu.find_swizzle(d * jnp.dtype(mm).itemsize * 8) for d in (p, n, q))
+
     def scopes(bars, init_bar):
         state = pl.run_scoped(lambda st_s: load_state(st_s, init_bar), _smem((n, p), jnp.float32))
         state = pl.run_scoped(
             functools.partial(walk, state, bars),
-            _smem((nslots, q, p), mm),  # x (then xw)
-            _smem((nslots, n, q), mm),  # Bᵀ
-            _smem((nslots, q, n), mm),  # C
+            _smem((nslots, q, p), mm, sw),  # x (then xw)
+            _smem((nslots, n, q), mm, sw),  # Bᵀ
+            _smem((nslots, q, n), mm, sw),  # C
             plgpu.SMEM((nslots, v_g.shape[-2], q), jnp.float32),  # packed scalars
             _smem((nslots, q, p), mm) if has_z else None,  # z
             _smem((q, p), y_g.dtype),  # y
-            _smem((n, p), mm),  # Sᵀ in the operand dtype
-            _smem((q, q), mm) if interpret else None,  # W, interpreter only (compiled, it stays in registers)
+            _smem((n, p), mm, sw),  # Sᵀ in the operand dtype
+            _smem((q, q), mm, sw) if interpret else None,  # W, interpreter only (compiled, it stays in registers)
         )
         pl.run_scoped(lambda st_s: store_state(st_s, state), _smem((n, p), jnp.float32))
 
