@@ -45,7 +45,7 @@ SHAPES = [  # name, b, l, h, p, n, g
     ("2.7B b4 l8k", 4, 8192, 80, 64, 128, 1),
     ("130M b4 l8k", 4, 8192, 24, 64, 128, 1),
     ("Codestral b2 l4k", 2, 4096, 128, 64, 128, 8),
-    # Nemotron-H-Nano-9B-v2 / Nemotron-3 mixers: head dim 80 (runs padded to 128), 8 groups
+    # Nemotron-H-Nano-9B-v2 / Nemotron-3 mixers: head dim 80 (the Mosaic form runs it at 80, Triton at 128), 8 groups
     ("Nemotron-Nano p80 g8 b2 l8k", 2, 8192, 128, 80, 128, 8),
     ("Falcon-H1 n256 b4 l4k", 4, 4096, 48, 64, 256, 1),  # state 256
 ]

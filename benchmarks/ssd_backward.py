@@ -51,6 +51,12 @@ CONFIGS = [  # block_q, num_warps, num_stages, states_num_warps, states_num_stag
     SSDBackwardConfig(32, 2, 2, 4, 2, False),
     SSDBackwardConfig(16, 2, 2, 4, 2, False),
     SSDBackwardConfig(32, 4, 3, 4, 2, False),
+    # 8 warps: at p x n = 128 x 128 (head dim 80 padded) and 64 x 256 the state and its cotangent, [p, n] float32
+    # each, take 256 registers a thread with 4 warps and 128 with 8
+    SSDBackwardConfig(32, 8, 1, 8, 2, True),
+    SSDBackwardConfig(32, 8, 2, 8, 2, True),
+    SSDBackwardConfig(16, 8, 1, 8, 2, True),
+    SSDBackwardConfig(64, 8, 1, 8, 2, True),
 ]
 TINY_SHAPES = [("tiny h4 g2", 2, 40, 4, 16, 16, 2)]
 DIFF = ("x", "dt", "A", "B", "C", "D", "dt_bias")
