@@ -57,6 +57,10 @@ CONFIGS = [  # block_q, num_warps, num_stages, states_num_warps, states_num_stag
     SSDBackwardConfig(32, 8, 2, 8, 2, True),
     SSDBackwardConfig(16, 8, 1, 8, 2, True),
     SSDBackwardConfig(64, 8, 1, 8, 2, True),
+    # the head dim in blocks (block_p), each a head of its own: a [block_p, n] state a program
+    SSDBackwardConfig(32, 4, 1, 4, 2, True, block_p=64),
+    SSDBackwardConfig(32, 4, 1, 4, 2, True, block_p=32),
+    SSDBackwardConfig(32, 4, 1, 4, 2, True, block_p=16),
 ]
 TINY_SHAPES = [("tiny h4 g2", 2, 40, 4, 16, 16, 2)]
 DIFF = ("x", "dt", "A", "B", "C", "D", "dt_bias")
@@ -64,7 +68,7 @@ DIFF = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
 def config_name(cfg: SSDBackwardConfig) -> str:
     name = f"q{cfg.block_q} w{cfg.num_warps} s{cfg.num_stages} sw{cfg.states_num_warps} ss{cfg.states_num_stages}"
-    return name + (" lp" if cfg.input_dtype_partials else "")
+    return name + (" lp" if cfg.input_dtype_partials else "") + (f" bp{cfg.block_p}" if cfg.block_p else "")
 
 
 def fwd_bwd(backward, config, chunk_size):

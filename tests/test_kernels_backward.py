@@ -32,7 +32,8 @@ from easymamba.kernels.conv1d.reference import causal_conv1d_ref
 from easymamba.kernels.conv1d.triton import causal_conv1d_pallas
 from easymamba.kernels.ssd_scan.gpu import MosaicSSDConfig, SSDBlockConfig, ssd_pallas
 from easymamba.kernels.ssd_scan.reference import ssd_chunked
-from easymamba.kernels.ssd_scan.triton_bwd import SSDBackwardConfig, ssd_backward_pallas
+from easymamba.kernels.ssd_scan import triton_bwd
+from easymamba.kernels.ssd_scan.triton_bwd import SSDBackwardConfig, backward_dims, ssd_backward_pallas
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.gpu
@@ -148,6 +149,33 @@ def test_ssd_backward_after_the_mosaic_forward_at_head_dim_80():
     # the residuals and cotangents to 128 and slices the gradients back: against the reference VJP
     check_ssd_vjp(5, b=1, l=100, h=4, p=80, g=2, n=64, dtype=jnp.bfloat16, full=True, y_dtype=jnp.bfloat16,
                   block_q=64, interpret=True, config=MosaicSSDConfig())
+
+
+@pytest.mark.parametrize("p,block_p,padded", [(80, 16, 80), (80, 64, 128), (64, 32, 64)])
+def test_ssd_backward_in_head_dim_blocks(p, block_p, padded, monkeypatch):
+    # block_p cuts the head dim into blocks run as heads of their own (dt, A, D, dt_bias repeated, their
+    # gradients summed back; dB, dC summed with the group's heads): the same gradients, every option on, bf16.
+    # The Mosaic forward runs head dim 80 as 80, so block_p 16 takes it in five blocks with no padding.
+    config = SSDBackwardConfig(block_q=16, block_p=block_p)
+    assert backward_dims(p, 64, config)[0] == padded
+    split = []
+    blocks = triton_bwd._backward_in_head_dim_blocks
+    monkeypatch.setattr(triton_bwd, "_backward_in_head_dim_blocks",
+                        lambda x, *a, **k: split.append(x.shape[-1]) or blocks(x, *a, **k))
+    inputs, static, seq_idx, cot = ssd_case(6, b=2, l=37, h=4, p=p, g=2, n=64, dtype=jnp.bfloat16, full=True,
+                                            y_dtype=jnp.bfloat16)
+    fn = functools.partial(ssd_pallas, chunk_size=8, y_dtype=jnp.bfloat16, config=MosaicSSDConfig(),
+                           backward_config=config, interpret=True, **static)
+
+    def grads(x, dt, A, B, C, D, z, dt_bias, init):
+        primal = lambda *a: fn(*a[:5], D=a[5], z=a[6], dt_bias=a[7], initial_state=a[8], seq_idx=seq_idx)  # noqa: E731
+        return jax.vjp(primal, x, dt, A, B, C, D, z, dt_bias, init)[1](cot)
+
+    check_grads(jax.jit(grads)(*inputs), ssd_reference_grads(inputs, static, seq_idx, cot), SSD_NAMES, inputs,
+                TOL["bfloat16"])
+    assert split == [padded]  # the kernels ran at `padded`, in padded / block_p blocks
+    with pytest.raises(ValueError, match="block_p must be a power of two"):
+        SSDBackwardConfig(block_p=80)
 
 
 def test_ssd_backward_option_routes():

@@ -26,6 +26,7 @@ from easymamba.kernels.ssd_scan.reference import _check_ssd_args, _process_dt, _
 from easymamba.kernels.ssd_scan.triton import SSDBlockConfig, forward_triton, kernel_dims, ssd_supported
 from easymamba.kernels.ssd_scan.triton_bwd import (
     SSDBackwardConfig,
+    backward_dims,
     default_backward_config,
     ssd_backward_pallas,
     ssd_backward_supported,
@@ -105,13 +106,15 @@ def _ssd_bwd(static, residuals, cotangents):
     *diff, seq_idx = residuals
     x, B = diff[0], diff[3]
     p, n = x.shape[3], B.shape[3]
-    kp, kn = kernel_dims(p, n)  # the backward kernels' sizes (the forward's form may have run at others)
-    if backward != "reference" and (interpret or ssd_backward_supported(kp, kn)):
+    if backward != "reference":  # the backward kernels' sizes (the forward's form may have run at others)
+        kp, kn = backward_dims(p, n, backward)
+    if backward != "reference" and (interpret or ssd_backward_supported(min(kp, backward.block_p or kp), kn)):
         dy, dfinal = cotangents
-        if (kp, kn) != (p, n):  # e.g. head dim 80, run natively by the Mosaic forward, at 128 here
+        if (kp, kn) != (p, n):  # e.g. head dim 80, run natively by the Mosaic forward: at 128, or 80 in blocks
             x, dt, A, B, C, D, z, dt_bias, init = diff
             diff = (_pad_last(x, kp), dt, A, _pad_last(B, kn), _pad_last(C, kn), D,
-                    None if z is None else _pad_last(z, kp), dt_bias, None if init is None else _pad_state(init, kp, kn))
+                    None if z is None else _pad_last(z, kp), dt_bias,
+                    None if init is None else _pad_state(init, kp, kn))
             dy, dfinal = _pad_last(dy, kp), _pad_state(dfinal, kp, kn)
         dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ssd_backward_pallas(
             *diff, seq_idx, dy, dfinal, dt_softplus=dt_softplus, dt_limit=dt_limit, config=backward,

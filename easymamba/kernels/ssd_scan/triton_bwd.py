@@ -57,7 +57,8 @@ from jax.experimental import pallas as pl
 from easymamba.kernels import pallas_util as pu
 from easymamba.kernels.ssd_scan.reference import _process_dt, _segment_ids
 
-__all__ = ["SSDBackwardConfig", "default_backward_config", "ssd_backward_supported", "ssd_backward_pallas"]
+__all__ = ["SSDBackwardConfig", "backward_dims", "default_backward_config", "ssd_backward_supported",
+           "ssd_backward_pallas"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,26 @@ class SSDBackwardConfig:
     # bytes; each partial rounded to 2^-9 relative before the float32 sum, the same size as the rounding of the
     # bf16 gradient itself). False: float32 partials. float32 inputs get float32 partials either way.
     input_dtype_partials: bool = True
+    # Head-dim block: with p > block_p, the head dim is cut into p / block_p blocks, each run as a head of its
+    # own (the SSD never mixes head-dim columns; dt, A, D, dt_bias are repeated per block and their gradients
+    # summed back, dB and dC summed with the group's heads). Each program then holds a [block_p, n] state and its
+    # cotangent instead of [p, n]: at p x n = 128 x 128 (head dim 80, padded) 4 warps would need 256 registers a
+    # thread for them. It costs C Bᵀ recomputed per block. None: the whole head dim in one program.
+    block_p: int | None = None
+
+    def __post_init__(self):
+        if self.block_p is not None and not (pu.is_pow2(self.block_p) and self.block_p >= 16):
+            raise ValueError(f"block_p must be a power of two >= 16 or None, got {self.block_p}")
+
+
+def backward_dims(p: int, n: int, config: SSDBackwardConfig) -> tuple[int, int]:
+    """The head dim and state size `ssd_backward_pallas` takes for a problem of head dim p and state size n: n a
+    power of two >= 16; p a power of two >= 16, or with `config.block_p` below that, p rounded up to a multiple of
+    block_p (head dim 80 at block_p 16: 80, five blocks; at 64: 128, two)."""
+    kp = pu.pow2_at_least(p, 16)
+    if config.block_p is not None and config.block_p < kp:
+        kp = -(-p // config.block_p) * config.block_p
+    return kp, pu.pow2_at_least(n, 16)
 
 
 def default_backward_config(l: int) -> SSDBackwardConfig:
@@ -285,6 +306,10 @@ def ssd_backward_pallas(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, d
     cdtype = jnp.promote_types(x.dtype, jnp.float32)
     mm = x.dtype if x.dtype != jnp.float64 else cdtype
     config = default_backward_config(l) if config is None else config
+    if config.block_p is not None and p > config.block_p:
+        return _backward_in_head_dim_blocks(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dy, dfinal,
+                                            dt_softplus=dt_softplus, dt_limit=dt_limit, config=config,
+                                            interpret=interpret)
     q = config.block_q
     pad = (-l) % q
     lp = l + pad
@@ -386,3 +411,29 @@ def ssd_backward_pallas(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, d
     dz = None if z is None else unpad(dz)
     dinit = None if dinit is None else dinit.astype(initial_state.dtype)
     return unpad(dx), ddt, dA, dB, dC, dD, dz, ddt_bias, dinit
+
+
+def _backward_in_head_dim_blocks(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, dy, dfinal, *, config,
+                                 **kw):
+    """`ssd_backward_pallas` with the head dim cut into `config.block_p` blocks, each a head of its own
+    (`SSDBackwardConfig.block_p` says why); p must be a multiple of block_p (`backward_dims`)."""
+    b, l, h, p = x.shape
+    n, bp = B.shape[3], config.block_p
+    if p % bp:
+        raise ValueError(f"head dim {p} is not a multiple of block_p {bp}: pad it to backward_dims(p, n, config)")
+    s = p // bp
+    cdtype = jnp.promote_types(x.dtype, jnp.float32)
+    heads = lambda a: None if a is None else a.reshape(*a.shape[:-2], h * s, bp)  # noqa: E731  [.., h, p]
+    state = lambda a: None if a is None else a.reshape(b, h * s, bp, n)  # noqa: E731  [b, h, p, n]
+    rep = lambda a: None if a is None else jnp.repeat(a, s, axis=-1)  # noqa: E731  [.., h] per block
+    grads = ssd_backward_pallas(heads(x), rep(dt), rep(A), B, C, rep(D), heads(z), rep(dt_bias), state(initial_state),
+                                seq_idx, heads(dy), state(dfinal), config=dataclasses.replace(config, block_p=None),
+                                **kw)
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
+
+    def fold(a):  # a per-block gradient of a per-head input [.., h * s] -> [.., h], summed over the blocks
+        return None if a is None else a.reshape(*a.shape[:-1], h, s).sum(-1, dtype=cdtype).astype(a.dtype)
+
+    unheads = lambda a: None if a is None else a.reshape(*a.shape[:-2], h, p)  # noqa: E731
+    return (unheads(dx), fold(ddt), fold(dA), dB, dC, fold(dD), unheads(dz), fold(ddt_bias),
+            None if dinit is None else dinit.reshape(b, h, p, n))
