@@ -57,6 +57,13 @@ HYBRID_SHAPES = {
                             num_key_value_heads=2, head_dim=16, intermediate_size=128, mamba_num_heads=4,
                             mamba_head_dim=32, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=32),
 }
+# --loop-graphs: the decode loop's XLA options (easymamba.generation.LOOP_COMPILER_OPTIONS)
+_GRAPH_TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+LOOP_GRAPHS = {
+    "while": {"xla_gpu_enable_command_buffer": _GRAPH_TYPES, "xla_gpu_graph_min_graph_size": 1},
+    "while-unrolled": {"xla_gpu_enable_command_buffer": _GRAPH_TYPES, "xla_gpu_graph_min_graph_size": 1,
+                       "xla_gpu_command_buffer_unroll_loops": True},
+}
 _LETTERS = {"M": "mamba", "-": "mlp", "*": "attention", "E": "moe"}
 
 
@@ -258,6 +265,9 @@ def main():
                         help="easymamba: batches of the [b, prefill-len] prefill (the mamba_ssm peer's default: 1,8)")
     parser.add_argument("--state-dtype", default=None,
                         help="easymamba: generate's state_dtype (bfloat16: SSM states kept in bf16, as mamba_ssm)")
+    parser.add_argument("--loop-graphs", choices=("while", "while-unrolled"), default=None,
+                        help="easymamba: compile the decode loop with XLA command buffers for WHILE / CONDITIONAL "
+                             "(the whole loop one CUDA graph; -unrolled: its body unrolled in the graph)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", default="easymamba,transformers,mamba2_jax", help="which to run, in order")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CPU)")
@@ -270,8 +280,12 @@ def main():
     prefill_batches = [int(v) for v in args.prefill_batches.split(",") if v]
     import jax
 
+    if args.loop_graphs:
+        from easymamba import generation
+        generation.LOOP_COMPILER_OPTIONS.update(LOOP_GRAPHS[args.loop_graphs])
     batches = [int(b) for b in args.batches.split(",")]
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "state_dtype": args.state_dtype,
+               "loop_graphs": args.loop_graphs,
                "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new, "prefill_len": args.prefill_len,
                "prefill_lens": prefill_lens, "batches": batches, "versions": versions(), "runs": {}}
     runners = {"easymamba": bench_easymamba, "transformers": bench_transformers, "mamba2_jax": bench_mamba2_jax}

@@ -210,6 +210,12 @@ def _jit(name: str, fn, *bound, **jit_kwargs):
     return jax.jit(traced, **jit_kwargs)
 
 
+# XLA options the decode loop is compiled with (`jax.jit`'s `compiler_options`; read when a model's loop is first
+# compiled). Empty: XLA's defaults. E.g. {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,
+# CUDNN,WHILE,CONDITIONAL"} records the whole loop as one CUDA graph (benchmarks/generate.py --loop-graphs).
+LOOP_COMPILER_OPTIONS: dict[str, Any] = {}
+
+
 class _Compiled:
     """start / step / loop of one (graphdef, settings), closed over both (so a call hashes the key once, in
     `_lookup`, rather than jit hashing a large graphdef per function)."""
@@ -218,7 +224,8 @@ class _Compiled:
         self.settings = settings
         self.start = _jit("start", _start_carry, settings)
         self.step = _jit("step", _step, graphdef, settings, donate_argnums=(1,))  # (state, carry, rng, params)
-        self.loop = _jit("loop", _loop, graphdef, settings, donate_argnums=(1,))
+        self.loop = _jit("loop", _loop, graphdef, settings, donate_argnums=(1,),
+                         compiler_options=dict(LOOP_COMPILER_OPTIONS) or None)
 
 
 _CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()

@@ -189,6 +189,24 @@ def test_the_prefills_cache_reaches_the_loop_without_a_copy(pair, rows, monkeypa
     assert seen and [v.ssm_states.unsafe_buffer_pointer() for v in run.carry.cache.views] == seen[0]
 
 
+def test_loop_compiler_options_reach_the_loops_compilation(pair, rows, monkeypatch):
+    """`LOOP_COMPILER_OPTIONS` is what the decode loop is compiled with: an option XLA does not know is refused
+    when the loop compiles, and a known one (a GPU option, inert on the CPU) leaves the tokens unchanged."""
+    _, model = pair
+    want = np.asarray(em.generate(model, rows[0][None], max_new_tokens=5).sequences)
+    for options in ({"xla_no_such_option": 1}, {"xla_gpu_graph_min_graph_size": 1}):
+        # a fresh copy and an empty function cache: the loop compiles afresh, with the options
+        monkeypatch.setattr(generation, "_CACHE", collections.OrderedDict())
+        monkeypatch.setattr(generation, "LOOP_COMPILER_OPTIONS", options)
+        fresh = nnx.clone(model)
+        if "xla_no_such_option" in options:
+            with pytest.raises(Exception, match="xla_no_such_option"):
+                em.generate(fresh, rows[0][None], max_new_tokens=5)
+        else:
+            out = em.generate(fresh, rows[0][None], max_new_tokens=5)
+            np.testing.assert_array_equal(np.asarray(out.sequences), want)
+
+
 def test_state_dtype_bfloat16_keeps_bf16_states_close_to_float32(pair, padded):
     """`state_dtype=jnp.bfloat16`: the cache keeps its SSM states in bf16 through prefill and loop, and the logits
     stay within bf16 rounding of the float32-state run (checked over the steps whose tokens agree so far)."""

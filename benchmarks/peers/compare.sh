@@ -15,8 +15,8 @@
 #   generate       benchmarks/generate.py --impls easymamba at the same shapes, batches and lengths
 #   hybrid         generate.py at the Nemotron-H-8B shape, easymamba, then transformers (pure torch) in its own process
 #   graphs         130M decode at b1 and b16 with XLA's CUDA graphs (command buffers) taking in the decode loop
-#                  (WHILE / CONDITIONAL), beside the default; the default run also dumps the loop's optimised HLO
-#                  into $OUT/hlo (to count the kernels a step launches)
+#                  (WHILE / CONDITIONAL: generate.py --loop-graphs), beside the default; the default run also
+#                  dumps the loop's optimised HLO into $OUT/hlo (to count the kernels a step launches)
 #   decode-bf16    generate.py at b64 and b256 with state_dtype=bfloat16 (the peer keeps its states in bf16)
 #   train          benchmarks/train_step.py, 130M-shaped, unpacked and packed with 8 sequences a row
 #   tests          pytest -m gpu (the compiled kernels against their references), in TEST_WORKERS processes
@@ -69,17 +69,15 @@ for s in "$@"; do
                 --impls transformers --shapes nemotron-h-8b --batches 1,16 --new 64 --repeats 2 \
                 --out "$OUT/hybrid_hf.json" ;;
         graphs)
-            graph_types="FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-            for variant in default while while_unrolled; do
-                flags=""
-                case "$variant" in
-                    default) flags="--xla_dump_to=$OUT/hlo --xla_dump_hlo_module_re=.*generate_loop.*" ;;
-                    while) flags="--xla_gpu_enable_command_buffer=$graph_types --xla_gpu_graph_min_graph_size=1" ;;
-                    while_unrolled) flags="--xla_gpu_enable_command_buffer=$graph_types --xla_gpu_graph_min_graph_size=1 --xla_gpu_command_buffer_unroll_loops=true" ;;
-                esac
+            for variant in default while while-unrolled; do
+                if [ "$variant" = default ]; then
+                    flags="--xla_dump_to=$OUT/hlo --xla_dump_hlo_module_re=.*generate_loop.*"; graphs=()
+                else
+                    flags=""; graphs=(--loop-graphs "$variant")
+                fi
                 stage "graphs_$variant" env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" XLA_FLAGS="$flags" \
                     python3 benchmarks/generate.py --impls easymamba --shapes 130M --batches 1,16 --new "$NEW" \
-                    --prefill-batches "" --out "$OUT/graphs_$variant.json"
+                    --prefill-batches "" ${graphs[@]+"${graphs[@]}"} --out "$OUT/graphs_$variant.json"
             done ;;
         decode-bf16)  # the decode batches that are bound by the SSM state's bytes, with bf16 states (as the peer)
             stage decode_bf16 env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/generate.py \
