@@ -159,9 +159,11 @@ def run_ssd(rows, bandwidth, flops, quick, peers=True, only=None):
         if best:
             row["triton"], row["triton_config"] = best[0], str(best[1])
         # the Mosaic GPU form (Hopper), its default and the two knobs off; then what ssd_pallas picks by default
-        for label, cfg in [("mosaic", MosaicSSDConfig()),
-                           ("mosaic exact-exp", MosaicSSDConfig(approx_math=False)),
-                           ("mosaic no-overlap", MosaicSSDConfig(overlap=False))][:1 if quick else 3]:
+        mosaic = [("mosaic", MosaicSSDConfig()), ("mosaic exact-exp", MosaicSSDConfig(approx_math=False)),
+                  ("mosaic no-overlap", MosaicSSDConfig(overlap=False))][:1 if quick else 3]
+        if p % 16 == 0 and p & (p - 1):  # a head dim that is no power of two: also at its own size (head dim 80)
+            mosaic.append(("mosaic native-p", MosaicSSDConfig(native_head_dim=True)))
+        for label, cfg in mosaic:
             try:
                 fn = jax.jit(functools.partial(ssd_pallas, chunk_size=256, y_dtype=jnp.bfloat16, config=cfg, **common))
                 row[label] = bench_jax(fn, *main)
@@ -485,7 +487,8 @@ def main():
     for r in ssd_rows:
         if r.get("pallas"):
             r["pallas/floor"] = r["pallas"] / r["floor"]
-    table(ssd_rows, ["floor", "pallas", "auto", "triton", "mosaic", "mosaic exact-exp", "mosaic no-overlap", "xla",
+    table(ssd_rows, ["floor", "pallas", "auto", "triton", "mosaic", "mosaic exact-exp", "mosaic no-overlap",
+                     "mosaic native-p", "xla",
                      "mamba_ssm", "jla", "mamba2_jax", "pallas/floor", "pallas/mamba_ssm", "auto/mamba_ssm",
                      "pallas/jla", "pallas/triton", "pallas/xla", "mosaic_vs_triton_rel", "pallas_config",
                      "triton_config"])

@@ -145,10 +145,10 @@ def test_ssd_backward_bfloat16_full():
 
 
 def test_ssd_backward_after_the_mosaic_forward_at_head_dim_80():
-    # the Mosaic forward runs head dim 80 as 80; the backward kernels take powers of two, so the custom VJP pads
-    # the residuals and cotangents to 128 and slices the gradients back: against the reference VJP
+    # the Mosaic forward (native_head_dim) runs head dim 80 as 80; the backward kernels take powers of two, so the
+    # custom VJP pads the residuals and cotangents to 128 and slices the gradients back: against the reference VJP
     check_ssd_vjp(5, b=1, l=100, h=4, p=80, g=2, n=64, dtype=jnp.bfloat16, full=True, y_dtype=jnp.bfloat16,
-                  block_q=64, interpret=True, config=MosaicSSDConfig())
+                  block_q=64, interpret=True, config=MosaicSSDConfig(native_head_dim=True))
 
 
 @pytest.mark.parametrize("p,block_p,padded", [(80, 16, 80), (80, 64, 128), (64, 32, 64)])
@@ -164,8 +164,9 @@ def test_ssd_backward_in_head_dim_blocks(p, block_p, padded, monkeypatch):
                         lambda x, *a, **k: split.append(x.shape[-1]) or blocks(x, *a, **k))
     inputs, static, seq_idx, cot = ssd_case(6, b=2, l=37, h=4, p=p, g=2, n=64, dtype=jnp.bfloat16, full=True,
                                             y_dtype=jnp.bfloat16)
-    fn = functools.partial(ssd_pallas, chunk_size=8, y_dtype=jnp.bfloat16, config=MosaicSSDConfig(),
-                           backward_config=config, interpret=True, **static)
+    fn = functools.partial(ssd_pallas, chunk_size=8, y_dtype=jnp.bfloat16,
+                           config=MosaicSSDConfig(native_head_dim=True), backward_config=config, interpret=True,
+                           **static)
 
     def grads(x, dt, A, B, C, D, z, dt_bias, init):
         primal = lambda *a: fn(*a[:5], D=a[5], z=a[6], dt_bias=a[7], initial_state=a[8], seq_idx=seq_idx)  # noqa: E731

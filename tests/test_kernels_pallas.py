@@ -298,15 +298,18 @@ def test_ssd_mosaic_refuses_what_it_cannot_compile():
 def test_ssd_mosaic_interpret_padded_head_dim():
     # head_dim 48 runs as 48 (32-byte swizzled tiles), state 40 padded to 64 (mgpu_dims): exact against the
     # float64 recurrence
-    assert mgpu_dims(48, 40) == (48, 64)
+    native = MosaicSSDConfig(native_head_dim=True)
+    assert mgpu_dims(48, 40, native) == (48, 64) and mgpu_dims(48, 40) == (64, 64)
+    check_ssd(16, "full", config=native, **dict(MOSAIC_CPU, p=48, n=40))
     check_ssd(16, "full", config=MosaicSSDConfig(), **dict(MOSAIC_CPU, p=48, n=40))
 
 
 def test_ssd_mosaic_interpret_head_dim_80():
-    # Nemotron-H-Nano-9B-v2 / Nemotron-3's head dim 80 runs natively (no padding to 128): 160-byte rows, every
-    # wgmma operand tile swizzled at 32 bytes
-    assert mgpu_dims(80, 128) == (80, 128)
-    check_ssd(19, "full", config=MosaicSSDConfig(), **dict(MOSAIC_CPU, p=80))
+    # Nemotron-H-Nano-9B-v2 / Nemotron-3's head dim 80 at its own size with `native_head_dim` (no padding to
+    # 128): 160-byte rows, every wgmma operand tile swizzled at 32 bytes
+    native = MosaicSSDConfig(native_head_dim=True)
+    assert mgpu_dims(80, 128, native) == (80, 128) and mgpu_dims(80, 128) == (128, 128)
+    check_ssd(19, "full", config=native, **dict(MOSAIC_CPU, p=80))
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CUDA lowering from a CPU-only machine")

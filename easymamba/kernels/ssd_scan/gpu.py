@@ -174,7 +174,7 @@ def ssd_pallas(
     p, n = x.shape[3], B.shape[3]
     if config is None:
         config = default_config(x.shape[1], p, n, x.dtype, interpret=interpret)
-    if isinstance(config, MosaicSSDConfig) and not mgpu_supported(p, n, x.dtype):
+    if isinstance(config, MosaicSSDConfig) and not mgpu_supported(p, n, x.dtype, config):
         raise ValueError(
             f"the Mosaic GPU SSD form (MosaicSSDConfig) takes bf16 / f16 x with head_dim <= 128, a state size "
             f"that rounds up to a power of two of 64 to 256 and head_dim x state <= 128 x 128 (rounded up: "
@@ -185,8 +185,9 @@ def ssd_pallas(
     static = (bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), y_dtype, config, int(chunk_size),
               backward, interpret)
     # the forward form's sizes: powers of two for the Triton form (`kernel_dims`), multiples of 16 for head dims
-    # in the Mosaic form (`mgpu_dims`: head dim 80 runs at 80); the backward pads further where it must
-    kp, kn = mgpu_dims(p, n) if isinstance(config, MosaicSSDConfig) else kernel_dims(p, n)
+    # in the Mosaic form with `native_head_dim` (`mgpu_dims`: head dim 80 runs at 80); the backward pads further
+    # where it must
+    kp, kn = mgpu_dims(p, n, config) if isinstance(config, MosaicSSDConfig) else kernel_dims(p, n)
     if (kp, kn) == (p, n):
         return _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)
     # Run at the kernels' sizes (exact, zero columns stay zero); autodiff slices the gradients back.

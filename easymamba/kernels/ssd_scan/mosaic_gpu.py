@@ -59,6 +59,10 @@ class MosaicSSDConfig:
     num_slots: int = 2
     approx_math: bool = True  # exp through the approximate ex2 unit (error ~1e-7 relative, far under bf16's)
     overlap: bool = True  # y's epilogue (D, gate, store) runs while the state update's wgmma does
+    # True: a head dim that is a multiple of 16 runs at its own size (head dim 80 as 80, its tiles swizzled at 32
+    # bytes); False: padded to a power of two (80 at 128) like the Triton form. False until timed on a GPU: the
+    # native tiles are checked interpreted and by lowering on the CPU only (docs/kernels.md)
+    native_head_dim: bool = False
 
     def __post_init__(self):
         if self.block_q not in (64, 128):
@@ -67,19 +71,21 @@ class MosaicSSDConfig:
             raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
 
 
-def mgpu_dims(p: int, n: int) -> tuple[int, int]:
-    """The head dim and state size this form runs at for a problem of head dim p and state size n: p rounded up
-    to a multiple of 16 (a wgmma N side and one 32-byte swizzle row of 16-bit values: head dim 80 runs at 80),
-    n to a power of two >= 16. `ssd_pallas` zero-pads to these sizes (exact: `triton.kernel_dims` says why)."""
-    return -(-p // 16) * 16, pu.pow2_at_least(n, 16)
+def mgpu_dims(p: int, n: int, config: MosaicSSDConfig = MosaicSSDConfig()) -> tuple[int, int]:
+    """The head dim and state size this form runs at for a problem of head dim p and state size n: n rounded up
+    to a power of two >= 16; p likewise, or with `config.native_head_dim` to a multiple of 16 (a wgmma N side and
+    one 32-byte swizzle row of 16-bit values: head dim 80 runs at 80). `ssd_pallas` zero-pads to these sizes
+    (exact: `triton.kernel_dims` says why)."""
+    kp = -(-p // 16) * 16 if config.native_head_dim else pu.pow2_at_least(p, 16)
+    return kp, pu.pow2_at_least(n, 16)
 
 
-def mgpu_supported(p: int, n: int, dtype) -> bool:
+def mgpu_supported(p: int, n: int, dtype, config: MosaicSSDConfig = MosaicSSDConfig()) -> bool:
     """Shapes and dtypes this form compiles: 16-bit operands, p and n padded to `mgpu_dims` with p <= 128, n a
     multiple of 64 (the state update's wgmma M tile) up to 256, and the float32 state Sᵀ [n, p], held in the
     registers of one warpgroup, at most 128 x 128 (128 registers a thread; p 128 with n 256 would also overflow
     shared memory: 280 KB)."""
-    kp, kn = mgpu_dims(p, n)
+    kp, kn = mgpu_dims(p, n, config)
     return (
         plgpu is not None
         and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
