@@ -209,7 +209,13 @@ def test_backward_kernels_lower_for_triton(monkeypatch):
     conv_grads = lambda *a: jax.vjp(  # noqa: E731
         lambda *a: causal_conv1d_pallas(*a[:3], initial_state=a[3], seq_idx=seq_idx), *a)[1](
         (conv_in[0], conv_in[3]))
+    # the head dim in blocks of 32 (block_p): the same two kernels at p 32
+    blocked_grads = lambda *a: jax.vjp(  # noqa: E731
+        lambda *a: ssd_pallas(*a[:5], chunk_size=64, D=a[5], z=a[6], dt_bias=a[7], initial_state=a[8],
+                              seq_idx=seq_idx, y_dtype=jnp.bfloat16, backward_config=SSDBackwardConfig(block_p=32),
+                              **static), *a)[1](cot)
     for fn, args, kernels in ((ssd_grads, inputs, ("ssd_bwd_states", "ssd_bwd")),
+                              (blocked_grads, inputs, ("ssd_bwd_states", "ssd_bwd")),
                               (conv_grads, conv_in, ("causal_conv1d_bwd",))):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == len(kernels)  # the forward's outputs are unused: DCE'd
