@@ -104,25 +104,34 @@ def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static):
 def _ssd_bwd(static, residuals, cotangents):
     dt_softplus, dt_limit, y_dtype, _, chunk_size, backward, interpret = static
     *diff, seq_idx = residuals
-    x, B = diff[0], diff[3]
-    p, n = x.shape[3], B.shape[3]
-    if backward != "reference":  # the backward kernels' sizes (the forward's form may have run at others)
-        kp, kn = backward_dims(p, n, backward)
-    if backward != "reference" and (interpret or ssd_backward_supported(min(kp, backward.block_p or kp), kn)):
-        dy, dfinal = cotangents
-        if (kp, kn) != (p, n):  # e.g. head dim 80, run natively by the Mosaic forward: at 128, or 80 in blocks
-            x, dt, A, B, C, D, z, dt_bias, init = diff
-            diff = (_pad_last(x, kp), dt, A, _pad_last(B, kn), _pad_last(C, kn), D,
-                    None if z is None else _pad_last(z, kp), dt_bias,
-                    None if init is None else _pad_state(init, kp, kn))
-            dy, dfinal = _pad_last(dy, kp), _pad_state(dfinal, kp, kn)
-        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ssd_backward_pallas(
-            *diff, seq_idx, dy, dfinal, dt_softplus=dt_softplus, dt_limit=dt_limit, config=backward,
-            interpret=interpret)
-        return (dx[..., :p], ddt, dA, dB[..., :n], dC[..., :n], dD, None if dz is None else dz[..., :p], ddt_bias,
-                None if dinit is None else dinit[:, :, :p, :n], None)
+    if backward != "reference":
+        grads = _pallas_grads(diff, seq_idx, cotangents, backward, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                              interpret=interpret)
+        if grads is not None:
+            return (*grads, None)
     return ssd_chunked_vjp(diff, seq_idx, cotangents, chunk_size=chunk_size, dt_softplus=dt_softplus,
                            dt_limit=dt_limit, y_dtype=y_dtype)
+
+
+def _pallas_grads(diff, seq_idx, cotangents, config, *, dt_softplus, dt_limit, interpret):
+    """The backward kernels' gradients of (x, dt, A, B, C, D, z, dt_bias, initial_state), at the kernels' sizes
+    (`backward_dims`: the forward's form may have run at others, e.g. head dim 80 at 80 in the Mosaic form, which
+    the backward runs at 128, or at 80 in blocks) and sliced back; None for a shape they do not compile."""
+    x, dt, A, B, C, D, z, dt_bias, init = diff
+    p, n = x.shape[3], B.shape[3]
+    kp, kn = backward_dims(p, n, config)
+    if not (interpret or ssd_backward_supported(min(kp, config.block_p or kp), kn)):
+        return None
+    dy, dfinal = cotangents
+    if (kp, kn) != (p, n):
+        x, z, dy = _pad_last(x, kp), None if z is None else _pad_last(z, kp), _pad_last(dy, kp)
+        B, C = _pad_last(B, kn), _pad_last(C, kn)
+        init, dfinal = None if init is None else _pad_state(init, kp, kn), _pad_state(dfinal, kp, kn)
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ssd_backward_pallas(
+        x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dy, dfinal, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        config=config, interpret=interpret)
+    return (dx[..., :p], ddt, dA, dB[..., :n], dC[..., :n], dD, None if dz is None else dz[..., :p], ddt_bias,
+            None if dinit is None else dinit[:, :, :p, :n])
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
