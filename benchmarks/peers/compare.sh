@@ -11,6 +11,8 @@
 #                  unpacks it instead of building (~5 minutes saved)
 #   kernels        benchmarks/ssd.py (SSD forward at every shape, decode step, conv1d; mamba_ssm's Triton SSD in
 #                  the same run) and benchmarks/ssd_backward.py (forward + backward, beside mamba_ssm's autograd)
+#   head-dims      ssd.py at head dim 80 and state 256 (MosaicSSDConfig(native_head_dim=True) beside the default)
+#                  and ssd_backward.py there (the default, 8 warps, block_p 64 / 32 / 16), each beside mamba_ssm
 #   peer-generate  benchmarks/generate_mamba_ssm.py: MambaLMHeadModel.generate with CUDA graphs (no JAX there)
 #   generate       benchmarks/generate.py --impls easymamba at the same shapes, batches and lengths
 #   hybrid         generate.py at the Nemotron-H-8B shape, easymamba, then transformers (pure torch) in its own process
@@ -54,6 +56,11 @@ for s in "$@"; do
                 --parts ssd,decode,conv --out "$OUT/ssd.json"
             stage ssd_bwd env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/ssd_backward.py --quick \
                 --out "$OUT/ssd_backward.json" ;;
+        head-dims)  # the opt-in paths for head dim 80 / state 256 beside the defaults and the peer
+            stage ssd_head_dims env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/ssd.py --quick \
+                --parts ssd --shapes p80,n256 --out "$OUT/ssd_head_dims.json"
+            stage bwd_head_dims env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/ssd_backward.py \
+                --shapes 4,5 --configs 0,10,11,14,15,16 --out "$OUT/ssd_backward_head_dims.json" ;;
         peer-generate)
             [ -n "${BUILD_PID:-}" ] && { wait "$BUILD_PID"; tail -2 "$OUT/build.log"; }
             stage peer_generate env PYTHONPATH="$PEER_PATH" python3 benchmarks/generate_mamba_ssm.py \
