@@ -114,14 +114,16 @@ def test_ssd_backward_float64_derivation():
         check_grads(got, want, SSD_NAMES, inputs, TOL["float64"])
 
 
-def check_ssd_vjp(seed, *, b, l, h, p, g, n, dtype, full, y_dtype, block_q, interpret, config=None):
+def check_ssd_vjp(seed, *, b, l, h, p, g, n, dtype, full, y_dtype, block_q, interpret, config=None,
+                  backward_config=None):
     """jax.vjp of the public `ssd_pallas` (forward kernel + custom VJP -> backward kernels); the forward's
-    `config` defaults to the Triton form's `SSDBlockConfig(block_q)`."""
+    `config` defaults to the Triton form's `SSDBlockConfig(block_q)`, the backward's to `SSDBackwardConfig(block_q)`."""
     inputs, static, seq_idx, cot = ssd_case(seed, b=b, l=l, h=h, p=p, g=g, n=n, dtype=dtype, full=full,
                                             y_dtype=y_dtype)
     config = SSDBlockConfig(block_q=block_q) if config is None else config
+    backward_config = SSDBackwardConfig(block_q=block_q) if backward_config is None else backward_config
     fn = functools.partial(ssd_pallas, chunk_size=8, y_dtype=y_dtype, config=config,
-                           backward_config=SSDBackwardConfig(block_q=block_q), interpret=interpret, **static)
+                           backward_config=backward_config, interpret=interpret, **static)
 
     def grads(x, dt, A, B, C, D, z, dt_bias, init):
         primal = lambda *a: fn(*a[:5], D=a[5], z=a[6], dt_bias=a[7], initial_state=a[8], seq_idx=seq_idx)  # noqa: E731
@@ -162,18 +164,8 @@ def test_ssd_backward_in_head_dim_blocks(p, block_p, padded, monkeypatch):
     blocks = triton_bwd._backward_in_head_dim_blocks
     monkeypatch.setattr(triton_bwd, "_backward_in_head_dim_blocks",
                         lambda x, *a, **k: split.append(x.shape[-1]) or blocks(x, *a, **k))
-    inputs, static, seq_idx, cot = ssd_case(6, b=2, l=37, h=4, p=p, g=2, n=64, dtype=jnp.bfloat16, full=True,
-                                            y_dtype=jnp.bfloat16)
-    fn = functools.partial(ssd_pallas, chunk_size=8, y_dtype=jnp.bfloat16,
-                           config=MosaicSSDConfig(native_head_dim=True), backward_config=config, interpret=True,
-                           **static)
-
-    def grads(x, dt, A, B, C, D, z, dt_bias, init):
-        primal = lambda *a: fn(*a[:5], D=a[5], z=a[6], dt_bias=a[7], initial_state=a[8], seq_idx=seq_idx)  # noqa: E731
-        return jax.vjp(primal, x, dt, A, B, C, D, z, dt_bias, init)[1](cot)
-
-    check_grads(jax.jit(grads)(*inputs), ssd_reference_grads(inputs, static, seq_idx, cot), SSD_NAMES, inputs,
-                TOL["bfloat16"])
+    check_ssd_vjp(6, b=2, l=37, h=4, p=p, g=2, n=64, dtype=jnp.bfloat16, full=True, y_dtype=jnp.bfloat16,
+                  block_q=16, interpret=True, config=MosaicSSDConfig(native_head_dim=True), backward_config=config)
     assert split == [padded]  # the kernels ran at `padded`, in padded / block_p blocks
     with pytest.raises(ValueError, match="block_p must be a power of two"):
         SSDBackwardConfig(block_p=80)
@@ -201,21 +193,20 @@ def test_backward_kernels_lower_for_triton(monkeypatch):
     b, l, h, p, g, n = 2, 100, 4, 64, 2, 128
     inputs, static, seq_idx, cot = ssd_case(7, b=b, l=l, h=h, p=p, g=g, n=n, dtype=jnp.bfloat16, full=True,
                                             y_dtype=jnp.bfloat16)
-    ssd_grads = lambda *a: jax.vjp(  # noqa: E731
-        lambda *a: ssd_pallas(*a[:5], chunk_size=64, D=a[5], z=a[6], dt_bias=a[7], initial_state=a[8],
-                              seq_idx=seq_idx, y_dtype=jnp.bfloat16, **static), *a)[1](cot)
+    def ssd_grads(backward_config=None):
+        return lambda *a: jax.vjp(
+            lambda *a: ssd_pallas(*a[:5], chunk_size=64, D=a[5], z=a[6], dt_bias=a[7], initial_state=a[8],
+                                  seq_idx=seq_idx, y_dtype=jnp.bfloat16, backward_config=backward_config,
+                                  **static), *a)[1](cot)
+
     conv_in = (inputs[0].reshape(b, l, h * p), jnp.ones((h * p, 4), jnp.bfloat16), jnp.ones((h * p,), jnp.bfloat16),
                jnp.ones((b, h * p, 4), jnp.bfloat16))
     conv_grads = lambda *a: jax.vjp(  # noqa: E731
         lambda *a: causal_conv1d_pallas(*a[:3], initial_state=a[3], seq_idx=seq_idx), *a)[1](
         (conv_in[0], conv_in[3]))
-    # the head dim in blocks of 32 (block_p): the same two kernels at p 32
-    blocked_grads = lambda *a: jax.vjp(  # noqa: E731
-        lambda *a: ssd_pallas(*a[:5], chunk_size=64, D=a[5], z=a[6], dt_bias=a[7], initial_state=a[8],
-                              seq_idx=seq_idx, y_dtype=jnp.bfloat16, backward_config=SSDBackwardConfig(block_p=32),
-                              **static), *a)[1](cot)
-    for fn, args, kernels in ((ssd_grads, inputs, ("ssd_bwd_states", "ssd_bwd")),
-                              (blocked_grads, inputs, ("ssd_bwd_states", "ssd_bwd")),
+    # the second: the head dim in blocks of 32 (block_p), the same two kernels at p 32
+    for fn, args, kernels in ((ssd_grads(), inputs, ("ssd_bwd_states", "ssd_bwd")),
+                              (ssd_grads(SSDBackwardConfig(block_p=32)), inputs, ("ssd_bwd_states", "ssd_bwd")),
                               (conv_grads, conv_in, ("causal_conv1d_bwd",))):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == len(kernels)  # the forward's outputs are unused: DCE'd

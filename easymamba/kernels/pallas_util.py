@@ -75,6 +75,11 @@ def pow2_at_least(v: int, floor: int = 1) -> int:
     return 1 << (v - 1).bit_length()
 
 
+def round_up(v: int, m: int) -> int:
+    """The smallest multiple of m >= v."""
+    return -(-v // m) * m
+
+
 def resolve_tpu_interpret(interpret) -> bool:
     """The TPU forms' `interpret` argument: None interprets unless running on a TPU; True / False force it."""
     return jax.default_backend() != "tpu" if interpret is None else bool(interpret)

@@ -98,10 +98,6 @@ def _channel_block(c: int, cap: int) -> int:
     return block
 
 
-def _round_up(v: int, m: int) -> int:
-    return -(-v // m) * m
-
-
 def _act(y, activation):
     return y * jax.nn.sigmoid(y) if activation == "silu" else y
 
@@ -156,9 +152,9 @@ def _conv_forward(x, weight, bias, initial_state, seq_idx, *, activation, interp
     b, l, c = x.shape
     k = weight.shape[1]
     f32 = jnp.float32
-    pad = _round_up(k - 1, SUBLANES)
+    pad = pu.round_up(k - 1, SUBLANES)
     block_c = _channel_block(c, block_c)
-    block_l = min(block_l, _round_up(l, ROW_ALIGN))
+    block_l = min(block_l, pu.round_up(l, ROW_ALIGN))
     n_l = pl.cdiv(l, block_l)
 
     in_specs = [

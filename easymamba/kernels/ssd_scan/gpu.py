@@ -124,9 +124,8 @@ def _pallas_grads(diff, seq_idx, cotangents, config, *, dt_softplus, dt_limit, i
         return None
     dy, dfinal = cotangents
     if (kp, kn) != (p, n):
-        x, z, dy = _pad_last(x, kp), None if z is None else _pad_last(z, kp), _pad_last(dy, kp)
-        B, C = _pad_last(B, kn), _pad_last(C, kn)
-        init, dfinal = None if init is None else _pad_state(init, kp, kn), _pad_state(dfinal, kp, kn)
+        x, z, B, C, init = _pad_operands(x, z, B, C, init, kp, kn)
+        dy, dfinal = _pad_last(dy, kp), _pad_state(dfinal, kp, kn)
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ssd_backward_pallas(
         x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dy, dfinal, dt_softplus=dt_softplus, dt_limit=dt_limit,
         config=config, interpret=interpret)
@@ -200,10 +199,7 @@ def ssd_pallas(
     if (kp, kn) == (p, n):
         return _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)
     # Run at the kernels' sizes (exact, zero columns stay zero); autodiff slices the gradients back.
-    x, z = _pad_last(x, kp), None if z is None else _pad_last(z, kp)
-    B, C = _pad_last(B, kn), _pad_last(C, kn)
-    if initial_state is not None:
-        initial_state = _pad_state(initial_state, kp, kn)
+    x, z, B, C, initial_state = _pad_operands(x, z, B, C, initial_state, kp, kn)
     y, final_state = _ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, static)
     return y[..., :p], final_state[:, :, :p, :n]
 
@@ -211,6 +207,13 @@ def ssd_pallas(
 def _pad_last(a, size):
     """`a` zero-padded at the end of its last axis to `size`."""
     return a if a.shape[-1] == size else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, size - a.shape[-1])])
+
+
+def _pad_operands(x, z, B, C, initial_state, kp, kn):
+    """x and z zero-padded along the head dim to kp, B and C along the state to kn, the state [b, h, p, n] both
+    ways (z and the state may be None)."""
+    return (_pad_last(x, kp), None if z is None else _pad_last(z, kp), _pad_last(B, kn), _pad_last(C, kn),
+            None if initial_state is None else _pad_state(initial_state, kp, kn))
 
 
 def _pad_state(s, kp, kn):

@@ -76,7 +76,7 @@ def mgpu_dims(p: int, n: int, config: MosaicSSDConfig = MosaicSSDConfig()) -> tu
     to a power of two >= 16; p likewise, or with `config.native_head_dim` to a multiple of 16 (a wgmma N side and
     one 32-byte swizzle row of 16-bit values: head dim 80 runs at 80). `ssd_pallas` zero-pads to these sizes
     (exact: `triton.kernel_dims` says why)."""
-    kp = -(-p // 16) * 16 if config.native_head_dim else pu.pow2_at_least(p, 16)
+    kp = pu.round_up(p, 16) if config.native_head_dim else pu.pow2_at_least(p, 16)
     return kp, pu.pow2_at_least(n, 16)
 
 

@@ -202,7 +202,7 @@ def _kernel(*refs, hb, gb, p, n, r, q, l, has_D, has_z, has_init, has_seg):
 
     # rows to cumsum: a = dt A of each head (rows 0..hb-1), then the segment starts; padded to 16 rows, a
     # whole bf16 tile (16 sublanes x 128 lanes), since the rows reach the MXU as bf16 parts
-    k = -(-(hb + has_seg) // 16) * 16
+    k = pu.round_up(hb + has_seg, 16)
     sub = lax.broadcasted_iota(jnp.int32, (k, q), 0)
     dt_rows = dt_ref[...].astype(jnp.float32)  # [hb, q]
     a_rows = dt_rows * A_ref[...].astype(jnp.float32)  # [hb, q]

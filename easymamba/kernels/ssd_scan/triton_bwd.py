@@ -97,7 +97,7 @@ def backward_dims(p: int, n: int, config: SSDBackwardConfig) -> tuple[int, int]:
     block_p (head dim 80 at block_p 16: 80, five blocks; at 64: 128, two)."""
     kp = pu.pow2_at_least(p, 16)
     if config.block_p is not None and config.block_p < kp:
-        kp = -(-p // config.block_p) * config.block_p
+        kp = pu.round_up(p, config.block_p)
     return kp, pu.pow2_at_least(n, 16)
 
 
