@@ -215,6 +215,19 @@ def _jit(name: str, fn, *bound, **jit_kwargs):
 # CUDNN,WHILE,CONDITIONAL"} records the whole loop as one CUDA graph (benchmarks/generate.py --loop-graphs).
 LOOP_COMPILER_OPTIONS: dict[str, Any] = {}
 
+# Decode steps per trip of the loop (`fori_loop`'s unroll), by backend (`jax.default_backend()`; 1 where absent;
+# read when a model's loop is first traced). The fused decode step writes each layer's new conv state to a fresh
+# buffer (an in-place write would race: kernels/decode_step/triton.py), and a loop body of one step must then copy
+# it back into the carry's buffer: one copy kernel per layer and step, 24 of the 172 kernels a 130M step launches
+# at b = 1 (the loop compiled for an H100: docs/benchmarks.md, benchmarks/deviceless.py). With two steps a trip
+# the two steps' outputs alternate between two buffers and XLA inserts no copy. On the CPU a copy costs no launch
+# and a second step in the body only doubles the loop's compile time, so it stays at one.
+LOOP_UNROLL: dict[str, int] = {"gpu": 2}
+
+
+def _loop_unroll() -> int:
+    return LOOP_UNROLL.get(jax.default_backend(), 1)
+
 
 class _Compiled:
     """start / step / loop of one (graphdef, settings), closed over both (so a call hashes the key once, in
@@ -386,15 +399,17 @@ def _loop(graphdef, settings: _Settings, state, carry: _Carry, rng, params: Samp
     advance = (lambda c: c) if per_step else _advance  # noqa: E731
     step = lambda c: _step(graphdef, settings, state, c, rng, params, update_seq=per_step,  # noqa: E731
                            decode_weights=weights)
-    if not settings.eos_token_ids:
-        return advance(jax.lax.fori_loop(0, m, lambda _, c: step(c), carry))  # the carry is fresh: step 0
+    unroll = _loop_unroll()  # steps a trip (LOOP_UNROLL); a remainder of m runs after the loop
+    if not settings.eos_token_ids:  # the carry is fresh: step 0
+        return advance(jax.lax.fori_loop(0, m, lambda _, c: step(c), carry, unroll=unroll))
 
     def running(c: _Carry, ahead: int = 1):
         return (c.step + ahead <= m) & ~jnp.all(c.done)
 
     group = min(STEPS_PER_CHECK, m)
     carry = jax.lax.while_loop(lambda c: running(c, group),
-                               lambda c: jax.lax.fori_loop(0, group, lambda _, c: step(c), c), carry)
+                               lambda c: jax.lax.fori_loop(0, group, lambda _, c: step(c), c, unroll=unroll),
+                               carry)
     return advance(jax.lax.while_loop(running, step, carry))
 
 

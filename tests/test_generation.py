@@ -207,6 +207,34 @@ def test_loop_compiler_options_reach_the_loops_compilation(pair, rows, monkeypat
             np.testing.assert_array_equal(np.asarray(out.sequences), want)
 
 
+def test_two_steps_a_trip_match_transformers(pair, padded, monkeypatch):
+    """`LOOP_UNROLL` (two decode steps a trip of the loop, the GPU's default) generates what transformers does, with
+    an even and an odd step count (the remainder runs after the loop) and with an EOS that stops one row mid-way
+    (the early-stop loop's inner trips); the loop really is traced with unroll=2."""
+    hf_model, model = pair
+    ids, mask = padded
+    free = hf_generate(hf_model, ids, mask)[:, ids.shape[1]:]
+    eos, step = pick_eos(free, row=1)
+    monkeypatch.setattr(generation, "_CACHE", collections.OrderedDict())  # the loop traces afresh
+    monkeypatch.setattr(generation, "LOOP_UNROLL", {jax.default_backend(): 2})
+    unrolls = []
+    fori_loop = jax.lax.fori_loop
+
+    def recording(*args, unroll=None, **kwargs):
+        unrolls.append(unroll)
+        return fori_loop(*args, unroll=unroll, **kwargs)
+
+    monkeypatch.setattr(jax.lax, "fori_loop", recording)
+    fresh = nnx.clone(model)
+    for m, eos_id in ((M, None), (7, None), (M, eos)):
+        extra = {} if eos_id is None else {"eos_token_id": eos_id}
+        want = hf_generate(hf_model, ids, mask, max_new_tokens=m, **extra)
+        out = em.generate(fresh, ids, attention_mask=mask, max_new_tokens=m, eos_token_id=eos_id, pad_token_id=PAD)
+        np.testing.assert_array_equal(out.sequences, want)
+    np.testing.assert_array_equal(out.num_generated, [M, step + 1, M])
+    assert unrolls and set(unrolls) == {2}
+
+
 def test_state_dtype_bfloat16_keeps_bf16_states_close_to_float32(pair, padded):
     """`state_dtype=jnp.bfloat16`: the cache keeps its SSM states in bf16 through prefill and loop, and the logits
     stay within bf16 rounding of the float32-state run (checked over the steps whose tokens agree so far)."""
