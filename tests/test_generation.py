@@ -235,6 +235,25 @@ def test_two_steps_a_trip_match_transformers(pair, padded, monkeypatch):
     assert unrolls and set(unrolls) == {2}
 
 
+def test_fused_decode_with_each_blocks_norm_folded_matches_transformers(pair, padded):
+    """With the fused decode step (kernel_impl="pallas"; Pallas' interpreter on the CPU), `generate`'s prepared
+    weights fold each block's RMS norm weight into in_proj (`"rms_eps"`) and the kernel forms the norm's factor
+    from the block's input: the tokens transformers generates (random norm weights, left padding), and logits
+    within float32 rounding (1e-5) of the op-by-op path's."""
+    hf_model, model = pair
+    ids, mask = padded
+    fused = to_easymamba(hf_model, kernel_impl="pallas")
+    weights = fused.decode_weights()
+    assert all(w is not None and "rms_eps" in w for w in weights)
+    assert not np.allclose(np.asarray(fused.backbone.layers[0].norm.weight[...]), 1.0)  # a weight to fold
+    m = 8
+    out = em.generate(fused, ids, attention_mask=mask, max_new_tokens=m, output_logits=True)
+    np.testing.assert_array_equal(out.sequences, hf_generate(hf_model, ids, mask, max_new_tokens=m))
+    ref = em.generate(model, ids, attention_mask=mask, max_new_tokens=m, output_logits=True)
+    assert model.decode_weights() is None or "rms_eps" not in model.decode_weights()[0]  # the CPU path: unfused
+    assert rel_err(out.logits, ref.logits) <= 1e-5, rel_err(out.logits, ref.logits)
+
+
 def test_state_dtype_bfloat16_keeps_bf16_states_close_to_float32(pair, padded):
     """`state_dtype=jnp.bfloat16`: the cache keeps its SSM states in bf16 through prefill and loop, and the logits
     stay within bf16 rounding of the float32-state run (checked over the steps whose tokens agree so far)."""

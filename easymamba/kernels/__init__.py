@@ -107,7 +107,7 @@ _conv_tpu = jax.jit(_conv1d_tpu.causal_conv1d_tpu, static_argnames=("activation"
 _conv_update_tpu = jax.jit(_conv1d_tpu.causal_conv1d_update_tpu, static_argnames=("activation", "interpret"))
 _state_update_tpu = jax.jit(_state_update_tpu_mod.selective_state_update_tpu,
                             static_argnames=("dt_softplus", "dt_limit", "interpret", "block_h"))
-_DECODE_STATIC = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype")
+_DECODE_STATIC = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype", "rms_eps")
 _decode_step_xla = jax.jit(decode_step_ref, static_argnames=_DECODE_STATIC)
 _decode_step_pallas = jax.jit(decode_step_pallas, static_argnames=_DECODE_STATIC + ("block_p", "interpret"))
 
@@ -364,11 +364,13 @@ def selective_state_update(
 
 
 def mamba2_decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
-                       active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False,
-                       y_dtype=None, impl: str = "auto", interpret: bool | None = None):
+                       active=None, rms_input=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf),
+                       A_is_log: bool = False, y_dtype=None, rms_eps: float = 1e-5, impl: str = "auto",
+                       interpret: bool | None = None):
     """A Mamba-2 layer's decode step from the in_proj output to the out_proj input (`decode_step/triton.py`'s
     docstring; operands as `decode_step_ref`). Returns (y [b, e] in y_dtype (default z's dtype), new conv_state,
-    new ssm_state).
+    new ssm_state). `rms_input` [b, d] (optional): the block's input before its RMS norm, whose weight is folded
+    into in_proj; the rows of zxbcdt are scaled by the norm's factor first (`decode_step_ref`).
 
     impl: "pallas" the kernel (compiled on an sm_80+ GPU, interpreted on CPU; no TPU form), "xla" the jitted
     `decode_step_ref`, "auto" the kernel where it compiles and was measured faster (GPU), else XLA; resolved by
@@ -383,9 +385,10 @@ def mamba2_decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias
     if impl == "pallas" and not choice.form.is_pallas:
         raise NotImplementedError(f"the decode-step kernel cannot run here ({choice.reason}); use impl='xla'")
     n_groups, eps, dt_limit, y_dtype = _decode_static(n_groups, eps, dt_limit, y_dtype)
-    kw = dict(n_groups=n_groups, eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype)
+    kw = dict(n_groups=n_groups, eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype,
+              rms_eps=float(rms_eps))
     if choice.form.is_pallas:
         return _decode_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
-                                   active, **kw, interpret=choice.interpret)
+                                   active, rms_input, **kw, interpret=choice.interpret)
     return _decode_step_xla(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
-                            active, **kw)
+                            active, rms_input, **kw)

@@ -119,13 +119,23 @@ class ResidualBlock(nnx.Module):
              position_ids=None, embeddings=None):
         """One token: hidden (b, 1, d), the layer's view -> (hidden (b, 1, d), the renewed view)."""
         del embeddings
-        residual, normed = self._pre(hidden)
+        if isinstance(decode_weights, dict) and "rms_eps" in decode_weights and attention_mask is None:
+            # this block's norm weight is inside the mixer's prepared in_proj, and its fused decode step takes the
+            # input as it is and normalises it in its kernel (no launch of the norm's own)
+            residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
+            normed = hidden.astype(self.norm.weight.dtype)
+        else:
+            residual, normed = self._pre(hidden)
         out, view = self.mixer.run_step(normed, view, attention_mask=attention_mask, position_ids=position_ids,
                                         active_rows=active_rows, decode_weights=decode_weights)
         return self._post(residual, out), view
 
     def decode_weights(self):
-        """The mixer's weights prepared once for a decode loop (`Backbone.decode_weights`), or None."""
+        """The mixer's weights prepared once for a decode loop (`Backbone.decode_weights`), or None. A mixer that
+        can take this block's RMS norm into its decode step (`FOLDS_PRE_NORM`: the Mamba-2 mixer's fused kernel)
+        gets the norm, and its weights then say so (`"rms_eps"`, read by `step`)."""
+        if getattr(self.mixer, "FOLDS_PRE_NORM", False) and type(self.norm) is RMSNorm and self.norm.dtype is None:
+            return self.mixer.decode_weights(pre_norm=self.norm)
         return self.mixer.decode_weights()
 
     def _pre(self, hidden):

@@ -131,6 +131,10 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         check_active_rows(active_rows, b, conv_state)
         if attention_mask is None and self._fused_decode():
             return self._fused_decode_step(hidden, conv_state, ssm_state, active_rows, decode_weights)
+        if isinstance(decode_weights, dict) and "rms_eps" in decode_weights:
+            raise ValueError("decode_weights made with the block's norm folded in (pre_norm=) are for the fused "
+                             "decode step, which this step does not take (a mask, hooks, a mesh or kernel_impl "
+                             "changed since they were made); make them again, or pass none")
         out, states = self._forward(hidden, attention_mask, conv_state, ssm_state, decode=True)
         return out, hold_rows(active_rows, (conv_state, ssm_state), states)
 
@@ -184,22 +188,38 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
                 and kernels.resolve("decode_step", self.kernel_impl, dims=dict(
                     p=cfg.head_dim, n=cfg.state_size, k=cfg.conv_kernel)).form.is_pallas)
 
-    def decode_weights(self) -> dict | None:
+    FOLDS_PRE_NORM = True  # decode_weights(pre_norm=) takes the block's RMS norm into the fused decode step
+
+    def decode_weights(self, pre_norm=None) -> dict | None:
         """in_proj's parts packed into one kernel, and out_proj's kernel, both laid out for few rows
         (`layers.few_row_kernel`), for a decode loop to make ONCE, outside the loop, and pass to every step
         (`decode_weights=`). Made inside the step, XLA keeps in_proj's concatenation in the loop, fused into the
         matmul, which then indexes five operands: 4.4 us per layer against 3.6 for one packed kernel (130M, b1,
         H100; docs/benchmarks.md); and a step jitted alone (the streaming path) would relayout both weights on
         every call, so without them the step uses the weights as stored. None when this mixer's decode step is
-        not the fused one (a mesh, hooks or a non-Pallas kernel_impl)."""
+        not the fused one (a mesh, hooks or a non-Pallas kernel_impl).
+
+        `pre_norm`: the block's RMS norm before this mixer (`ResidualBlock.decode_weights`). in_proj(w * x * s)
+        = s * (x @ (w[:, None] * W)) for the norm's weight w and a row's factor s = rsqrt(mean(x^2) + eps): with no
+        in_proj bias, w goes into the packed kernel (multiplied in float32, then rounded once), `"rms_eps"` into
+        the result, and each step hands the un-normalised input to the kernel, which forms s itself
+        (`mamba2_decode_step(rms_input=)`). Two launches a layer and step fewer: the norm's sum of squares and its
+        multiply (benchmarks/deviceless.py decode). The numbers are the norm's to rounding: bf16 rounds x and
+        w * W instead of the normalised input."""
         if not self._fused_decode():
             return None
         kernel, bias = self.in_proj.packed_params()
         first = getattr(self.in_proj, self.in_proj.part_names[0])
+        fold = pre_norm is not None and bias is None
+        if fold:
+            kernel = pre_norm.weight[...].astype(jnp.float32)[:, None] * kernel.astype(jnp.float32)
         kernel, bias = first.promote_dtype((kernel, bias), dtype=first.dtype)
         out_kernel = self.out_proj.kernel[...].astype(self.out_proj.dtype)
-        return {"in_proj_kernel": few_row_kernel(kernel), "in_proj_bias": bias,
-                "out_proj_kernel": few_row_kernel(out_kernel)}
+        weights = {"in_proj_kernel": few_row_kernel(kernel), "in_proj_bias": bias,
+                   "out_proj_kernel": few_row_kernel(out_kernel)}
+        if fold:
+            weights["rms_eps"] = float(pre_norm.eps)
+        return weights
 
     def _fused_decode_step(self, hidden, conv_state, ssm_state, active_rows, decode_weights=None):
         """One token of an unsharded model, no mask, no hooks: in_proj, then conv update + SiLU + state update +
@@ -208,20 +228,23 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         Operands go to the kernel as they are stored (conv weights in parts, A_log): anything computed from them
         before the custom call is one more launch per layer and token."""
         cfg = self.config
+        rms_input, rms_eps = None, 1e-5
         if decode_weights is None:
             zxbcdt = self.in_proj.packed(hidden)[:, 0]                     # (b, 2e + 2gn + h)
         else:
             first = getattr(self.in_proj, self.in_proj.part_names[0])
             zxbcdt = linear(first, hidden, decode_weights["in_proj_kernel"], decode_weights["in_proj_bias"],
                             few_rows=True)[:, 0]
+            if "rms_eps" in decode_weights:  # hidden is the block's input, the norm's weight in in_proj's kernel
+                rms_input, rms_eps = hidden[:, 0], decode_weights["rms_eps"]
         conv = self.conv1d
         parts = [getattr(conv, name) for name in conv.part_names]         # x, B, C
         weight = tuple(part.weight[...].astype(zxbcdt.dtype) for part in parts)
         bias = None if parts[0].bias is None else tuple(part.bias[...].astype(zxbcdt.dtype) for part in parts)
         y, conv_state, ssm_state = mamba2_decode_step(
             zxbcdt, conv_state, weight, bias, self.A_log[...], self.D[...], self.dt_bias[...], ssm_state,
-            self.norm.weight[...], active_rows, n_groups=cfg.n_groups, eps=self.norm.eps,
-            dt_limit=cfg.time_step_limit, A_is_log=True, y_dtype=self.dtype, impl="pallas")
+            self.norm.weight[...], active_rows, rms_input, n_groups=cfg.n_groups, eps=self.norm.eps,
+            dt_limit=cfg.time_step_limit, A_is_log=True, y_dtype=self.dtype, rms_eps=rms_eps, impl="pallas")
         proj = self.out_proj
         if decode_weights is None:
             out = proj(y[:, None].astype(self.dtype))                      # (b, 1, d)

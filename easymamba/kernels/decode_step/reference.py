@@ -16,7 +16,7 @@ from jax import lax
 from easymamba.kernels.conv1d.reference import causal_conv1d_update_ref
 from easymamba.kernels.state_update.reference import selective_state_update_ref
 
-__all__ = ["decode_step_ref", "check_row_mask"]
+__all__ = ["decode_step_ref", "check_row_mask", "rms_scale", "scale_rows"]
 
 _IN_PROJ_PARTS = ("z", "x", "B", "C", "dt")
 _CONV_PARTS = ("x", "B", "C")
@@ -103,8 +103,21 @@ def _round_like(x, dtype):
     return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
+def rms_scale(rms_input, eps: float):
+    """rsqrt(mean(x^2) + eps) per row of rms_input [b, d], in float32: the factor an RMS norm multiplies a row by."""
+    x = rms_input.astype(jnp.float32)
+    return lax.rsqrt(jnp.mean(x * x, axis=-1) + eps)  # [b]
+
+
+def scale_rows(zxbcdt, scale):
+    """The in_proj output (packed or its parts) with each row times scale [b], rounded back to its dtype."""
+    one = lambda a: _round_like(a.astype(jnp.float32) * scale[:, None], a.dtype).astype(a.dtype)  # noqa: E731
+    return tuple(map(one, zxbcdt)) if isinstance(zxbcdt, (tuple, list)) else one(zxbcdt)
+
+
 def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active=None,
-                    *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False, y_dtype=None):
+                    rms_input=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False,
+                    y_dtype=None, rms_eps: float = 1e-5):
     """A Mamba-2 layer's decode step from the existing references: conv update + SiLU, state update, gated norm.
 
     zxbcdt: the in_proj output for one token, [b, 2e + 2gn + h] packed as [z | x | B | C | dt] (HF), or the
@@ -113,10 +126,21 @@ def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, s
     A [h] (float32, negative; or A_log when `A_is_log`); D [h]; dt_bias [h]; ssm_state [b, h, p, n];
     norm_weight [e]; active [b] bool or None (rows where False keep both states). Returns (y [b, e] in y_dtype
     (default z's), the input of out_proj; new conv_state in conv_state's dtype; new ssm_state in ssm_state's dtype).
+
+    rms_input [b, d] or None: the block's input before its RMS norm, when zxbcdt is in_proj of that input with the
+    norm's weight folded into in_proj (`Mamba2Mixer.decode_weights(pre_norm=)`): each row of zxbcdt is first
+    multiplied by the norm's factor rsqrt(mean(rms_input^2) + rms_eps) (`rms_scale`) and rounded back to its
+    dtype, which makes it in_proj of the normalised input. (The fused kernel does this itself: the norm then costs
+    no launch of its own.)
     """
     (b, e, c, k, h, p, n, g), widths, act, weight, bias = _operands(zxbcdt, conv_weight, conv_bias, conv_state,
                                                                     ssm_state, n_groups)
     check_row_mask(active, b)
+    if rms_input is not None:
+        if rms_input.ndim != 2 or rms_input.shape[0] != b:
+            raise ValueError(f"rms_input has shape {tuple(rms_input.shape)}; expected (b, d) with b = {b}")
+        zxbcdt = scale_rows(zxbcdt, rms_scale(rms_input, rms_eps))
+        act = _operands(zxbcdt, conv_weight, conv_bias, conv_state, ssm_state, n_groups)[2]
     old_conv, old_ssm = conv_state, ssm_state
     z, dt = _part(act, "z", e, 1), _part(act, "dt", h, 1)
     join = lambda src, axis: jnp.concatenate([_part(src, m, widths[m], axis) for m in _CONV_PARTS], axis)  # noqa

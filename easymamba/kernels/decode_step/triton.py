@@ -12,7 +12,9 @@ group), from the in_proj output [z | x | B | C | dt] (HF's packing; xBC = [x | B
 
 which is `Mamba2Mixer.__call__` at l == 1 with a cache, op for op: `causal_conv1d_update` + SiLU,
 `selective_state_update` (dt_softplus, no z) and `GatedRMSNorm(y, z)` (mamba_ssm `Mamba2.step`).
-`decode_step_ref` is those references composed.
+`decode_step_ref` is those references composed. With `rms_input` x [b, d], first each row's [z | xBC | dt] is
+multiplied by rsqrt(mean(x^2) + rms_eps) and rounded back to its dtype: the block's RMS norm, whose weight the
+caller folded into in_proj (`Mamba2Mixer.decode_weights(pre_norm=)`), so the norm costs no launch of its own.
 
 The kernel: one program per (batch row, head, block of `block_p` channels of the head; the whole head at large
 batch, down to 16 channels at small, so that b = 1 still spreads over the GPU).
@@ -70,11 +72,12 @@ def _softplus(v):
     return jnp.where(v > 20.0, v, jnp.log1p(jnp.exp(jnp.minimum(v, 20.0))))
 
 
-def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log, has_active):
+def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log, has_active, rms):
     """`where[part] = (input position, offset)` for z, x, B, C, dt, w_x, w_B, w_C and (if any) b_x, b_B, b_C;
-    then the inputs conv_state, A, D, dt_bias, ssm_state at positions n_in - 5 .. n_in - 1, and the row's
-    `active` flag [1] int32 after them when `has_active`."""
-    n_ops = n_in - 1 if has_active else n_in
+    then the inputs conv_state, A, D, dt_bias, ssm_state, then the row's RMS-norm input when `rms` = (eps, d,
+    chunk, steps): d elements (zero-padded to steps * chunk), its sum of squares read `chunk` elements at a time;
+    then the row's `active` flag [1] int32 when `has_active`."""
+    n_ops = n_in - int(has_active) - int(rms is not None)
     ins, (y_ref, ss_ref, conv_out_ref, state_out_ref) = refs[:n_in], refs[n_in:]
     conv_ref, A_ref, D_ref, dtb_ref, state_ref = ins[n_ops - 5:n_ops]
     live = ins[n_in - 1][0] != 0 if has_active else None  # this row steps (else its states stay as loaded)
@@ -88,9 +91,24 @@ def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log, h
     gi = hi // r
     c0 = hi * p + pj * block_p  # this program's channels, within x (and within z and y)
     state = state_ref[...].astype(f32)  # [P, n], loaded first so its latency overlaps the conv's loads
-    z = load("z", c0, block_p).astype(f32)  # [P]
+    if rms is not None:  # the block's RMS norm, whose weight in_proj holds: this row's factor, from its input
+        rms_eps, d, chunk, steps = rms
+
+        def add_squares(i, acc):
+            v = ins[n_ops][pl.ds(pl.multiple_of(i * chunk, chunk), chunk)].astype(f32)
+            return acc + jnp.sum(v * v)
+
+        norm_scale = lax.rsqrt(lax.fori_loop(0, steps, add_squares, jnp.zeros((), f32)) / d + rms_eps)
+
+    def act(part, start, size):  # a part of the in_proj output, times the norm factor, rounded back to its dtype
+        v = load(part, start, size)
+        return v if rms is None else (v.astype(f32) * norm_scale).astype(v.dtype)
+
+    z = act("z", c0, block_p).astype(f32)  # [P]
     pos, offset = where["dt"]
-    dt = ins[pos][offset + hi].astype(f32) + dtb_ref[...].astype(f32)
+    dt = ins[pos][offset + hi]
+    dt = dt.astype(f32) if rms is None else (dt.astype(f32) * norm_scale).astype(dt.dtype).astype(f32)
+    dt = dt + dtb_ref[...].astype(f32)
     A = A_ref[...].astype(f32)
     A = -jnp.exp(A) if A_is_log else A
     D = D_ref[...].astype(f32)
@@ -102,7 +120,7 @@ def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log, h
         [size] float32, rounded to the activation dtype as the reference; new window [size, k])."""
         rows = row0 + lax.broadcasted_iota(jnp.int32, (size, 1), 0)  # [S, 1]
         shifted = conv_ref[rows, jnp.minimum(col + 1, k - 1)].astype(f32)  # [S, k]: column j <- column j + 1
-        new = load(part, start, size)  # [S]
+        new = act(part, start, size)  # [S]
         window = jnp.where(col == k - 1, new.astype(f32)[:, None], shifted)  # [S, k]
         wpos, woff = where["w_" + part]
         acc = jnp.sum(window * ins[wpos][pl.ds(woff + start, size), :].astype(f32), axis=1)  # [S]
@@ -144,8 +162,14 @@ def _default_block_p(b: int, h: int, p: int) -> int:
     return bp
 
 
-def _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, active=None, *, n_groups,
-                 dt_limit, A_is_log, block_p, interpret):
+def _rms_chunk(d: int) -> int:
+    """Elements of the RMS-norm input a kernel reads at a time: the largest power of two dividing d, at most 1024
+    (Triton loads power-of-two shapes; `_kernel_call` zero-pads a d with no factor of 16)."""
+    return min(d & -d, 1024)
+
+
+def _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, active=None, rms_input=None,
+                 *, n_groups, dt_limit, A_is_log, block_p, interpret, rms_eps=1e-5):
     """The pallas_call: (gated y [b, e] float32, sums of its squares per program [b, h * p / block_p], new
     conv_state, new ssm_state). Batch rows and heads are independent here (a mesh can run it per shard); the
     norm's group reduction, which spans heads, is `_finish_norm`'s."""
@@ -183,13 +207,21 @@ def _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_
     inputs += [conv_state, A, D, dt_bias, ssm_state]
     specs += [whole_row(c, k), per_head, per_head, per_head, state_spec]
     state_pos = len(inputs) - 1
+    rms = None
+    if rms_input is not None:
+        d = rms_input.shape[1]
+        padded = rms_input if _rms_chunk(d) >= 16 else jnp.pad(rms_input, ((0, 0), (0, (-d) % 16)))
+        chunk = _rms_chunk(padded.shape[1])
+        rms = (float(rms_eps), d, chunk, padded.shape[1] // chunk)
+        inputs.append(padded)
+        specs.append(whole_row(padded.shape[1]))
     if active is not None:
         inputs.append(active.astype(jnp.int32)[:, None])  # [b, 1]
         specs.append(whole_row(1))
     n_in = len(inputs)
 
     kernel = functools.partial(_kernel, where=where, n_in=n_in, e=e, g=g, n=n, p=p, k=k, r=r, block_p=bp,
-                               dt_limit=dt_limit, A_is_log=A_is_log, has_active=active is not None)
+                               dt_limit=dt_limit, A_is_log=A_is_log, has_active=active is not None, rms=rms)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((b, e), jnp.float32), jax.ShapeDtypeStruct((b, h * npb), jnp.float32),
@@ -216,28 +248,30 @@ def _finish_norm(y, ss, norm_weight, *, n_groups, eps, y_dtype):
     return y.reshape(b, e).astype(y_dtype)
 
 
-def _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active, *,
-             n_groups, eps, dt_limit, A_is_log, y_dtype, block_p, interpret):
+def _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active, rms_input,
+             *, n_groups, eps, dt_limit, A_is_log, y_dtype, rms_eps, block_p, interpret):
     y, ss, conv_state, ssm_state = _kernel_call(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias,
-                                                ssm_state, active, n_groups=n_groups, dt_limit=dt_limit,
-                                                A_is_log=A_is_log, block_p=block_p, interpret=interpret)
+                                                ssm_state, active, rms_input, n_groups=n_groups, dt_limit=dt_limit,
+                                                A_is_log=A_is_log, block_p=block_p, interpret=interpret,
+                                                rms_eps=rms_eps)
     z_dtype = (zxbcdt[0] if isinstance(zxbcdt, (tuple, list)) else zxbcdt).dtype
     y = _finish_norm(y, ss, norm_weight, n_groups=n_groups, eps=eps, y_dtype=z_dtype if y_dtype is None else y_dtype)
     return y, conv_state, ssm_state
 
 
-_NONDIFF = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype", "block_p", "interpret")
+_NONDIFF = ("n_groups", "eps", "dt_limit", "A_is_log", "y_dtype", "rms_eps", "block_p", "interpret")
+_N_OPERANDS = 11  # zxbcdt ... norm_weight, active, rms_input
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(10, 10 + len(_NONDIFF))))
+@functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(_N_OPERANDS, _N_OPERANDS + len(_NONDIFF))))
 def _decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active,
-                 *statics):
+                 rms_input, *statics):
     return _forward(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active,
-                    **dict(zip(_NONDIFF, statics)))
+                    rms_input, **dict(zip(_NONDIFF, statics)))
 
 
 def _decode_step_fwd(*args):
-    return _decode_step(*args), args[:10]
+    return _decode_step(*args), args[:_N_OPERANDS]
 
 
 def _decode_step_bwd(*rest):
@@ -245,9 +279,13 @@ def _decode_step_bwd(*rest):
     statics, (residuals, cotangents) = dict(zip(_NONDIFF, rest[:len(_NONDIFF)])), rest[len(_NONDIFF):]
     statics.pop("block_p")
     statics.pop("interpret")
-    *residuals, active = residuals
-    _, vjp = jax.vjp(functools.partial(decode_step_ref, active=active, **statics), *residuals)
-    return (*vjp(cotangents), None)  # `active` is a bool mask: no cotangent
+    *residuals, active, rms_input = residuals
+    if rms_input is None:
+        _, vjp = jax.vjp(functools.partial(decode_step_ref, active=active, **statics), *residuals)
+        return (*vjp(cotangents), None, None)  # `active` is a bool mask: no cotangent
+    _, vjp = jax.vjp(lambda *a: decode_step_ref(*a[:-1], active, a[-1], **statics), *residuals, rms_input)
+    *grads, d_rms = vjp(cotangents)
+    return (*grads, None, d_rms)
 
 
 _decode_step.defvjp(_decode_step_fwd, _decode_step_bwd)
@@ -261,15 +299,19 @@ def _static(n_groups, eps, dt_limit, y_dtype):
 
 
 def decode_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight,
-                       active=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf), A_is_log: bool = False,
-                       y_dtype=None, block_p: int | None = None, interpret: bool | None = None):
+                       active=None, rms_input=None, *, n_groups: int, eps: float, dt_limit=(0.0, math.inf),
+                       A_is_log: bool = False, y_dtype=None, rms_eps: float = 1e-5, block_p: int | None = None,
+                       interpret: bool | None = None):
     """Same contract as `decode_step_ref`; one Pallas kernel plus the norm's last step in XLA. Compiled on GPU
     (shapes: `decode_step_supported`), interpreted elsewhere. `block_p`: channels of a head per program, a power of
     two dividing p (default: the whole head at large b h, fewer at small; `_default_block_p`). `interpret`: Pallas'
     interpreter (None: compiled on a GPU, interpreted elsewhere)."""
     n_groups, eps, dt_limit, y_dtype = _static(n_groups, eps, dt_limit, y_dtype)
-    kw = dict(n_groups=n_groups, eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype)
+    kw = dict(n_groups=n_groups, eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype,
+              rms_eps=float(rms_eps))
     jax.eval_shape(functools.partial(decode_step_ref, **kw),  # the reference's shape checks; abstract, no compute
-                   zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active)
+                   zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active,
+                   rms_input)
     return _decode_step(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, ssm_state, norm_weight, active,
-                        *kw.values(), None if block_p is None else int(block_p), pu.default_interpret(interpret))
+                        rms_input, *kw.values(), None if block_p is None else int(block_p),
+                        pu.default_interpret(interpret))
