@@ -12,7 +12,8 @@
 #   kernels        benchmarks/ssd.py (SSD forward at every shape, decode step, conv1d; mamba_ssm's Triton SSD in
 #                  the same run) and benchmarks/ssd_backward.py (forward + backward, beside mamba_ssm's autograd)
 #   head-dims      ssd.py at head dim 80 and state 256 (MosaicSSDConfig(native_head_dim=True) beside the default)
-#                  and ssd_backward.py there (the default, 8 warps, block_p 64 / 32 / 16), each beside mamba_ssm
+#                  and ssd_backward.py there (the default, 8 warps, block_p 64 / 32 / 16, the configs that spill
+#                  least by benchmarks/deviceless.py), then at the 2.7B shapes with those, each beside mamba_ssm
 #   peer-generate  benchmarks/generate_mamba_ssm.py: MambaLMHeadModel.generate with CUDA graphs (no JAX there)
 #   generate       benchmarks/generate.py --impls easymamba at the same shapes, batches and lengths
 #   hybrid         generate.py at the Nemotron-H-8B shape, easymamba, then transformers (pure torch) in its own process
@@ -60,7 +61,10 @@ for s in "$@"; do
             stage ssd_head_dims env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/ssd.py --quick \
                 --parts ssd --shapes p80,n256 --out "$OUT/ssd_head_dims.json"
             stage bwd_head_dims env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/ssd_backward.py \
-                --shapes 4,5 --configs 0,10,11,14,15,16 --out "$OUT/ssd_backward_head_dims.json" ;;
+                --shapes 4,5 --configs 0,10,11,14,15,16,17,18,19,20 --out "$OUT/ssd_backward_head_dims.json"
+            # the configs that spill least (benchmarks/deviceless.py backward) at the 2.7B shapes
+            stage bwd_spills env JAX_PLATFORMS=cuda PYTHONPATH="$OURS_PATH" python3 benchmarks/ssd_backward.py \
+                --shapes 0,1 --configs 0,12,17,18,19,20 --out "$OUT/ssd_backward_spills.json" ;;
         peer-generate)
             [ -n "${BUILD_PID:-}" ] && { wait "$BUILD_PID"; tail -2 "$OUT/build.log"; }
             stage peer_generate env PYTHONPATH="$PEER_PATH" python3 benchmarks/generate_mamba_ssm.py \
