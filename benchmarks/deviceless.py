@@ -123,9 +123,9 @@ def decode_loop(shape: str, batch: int, new: int, sharding):
     import easymamba as em
     from easymamba import generation
     from easymamba.sampling import SamplingParams
-    from generate import SHAPES
+    from generate import config_kwargs
 
-    cfg = em.Mamba2Config(**SHAPES[shape])
+    cfg = em.Mamba2Config(**config_kwargs(shape))  # the shapes and settings benchmarks/generate.py times
     model = nnx.eval_shape(lambda: em.Mamba2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
                                                         param_dtype=jnp.bfloat16))
     ids = jnp.ones((batch, 4), jnp.int32)
@@ -154,8 +154,9 @@ def report_decode(shapes, batches, new, sharding, work):
     rows = []
     for shape in shapes:
         for batch in batches:
-            for unroll in (1, 2):
-                generation.LOOP_UNROLL["gpu"] = unroll
+            for unroll in (1, 2) if hasattr(generation, "LOOP_UNROLL") else (1,):  # (an older checkout: one)
+                if hasattr(generation, "LOOP_UNROLL"):
+                    generation.LOOP_UNROLL["gpu"] = unroll
                 fn, args = decode_loop(shape, batch, new, sharding)
                 seconds, hlo = compile_for(fn, args, sharding, os.path.join(work, f"decode_{shape}_{batch}"))
                 comps = computations(hlo)
@@ -169,7 +170,8 @@ def report_decode(shapes, batches, new, sharding, work):
                       f"{per['pallas']:g} | {per['library']:g} | {per['copy']:g} | {other:g} | {seconds:.1f} |",
                       flush=True)
                 rows.append(dict(shape=shape, batch=batch, unroll=unroll, launches=total, compile_s=seconds, **per))
-    generation.LOOP_UNROLL["gpu"] = 2
+    if hasattr(generation, "LOOP_UNROLL"):
+        generation.LOOP_UNROLL["gpu"] = 2
     return rows
 
 

@@ -43,6 +43,8 @@ SHAPES = {
     "1.3B": dict(hidden_size=2048, num_hidden_layers=48, num_heads=64),
     "2.7B": dict(hidden_size=2560, num_hidden_layers=64, num_heads=80),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=32, state_size=16),
+    # the Mamba-2 mixer of Nemotron-Nano-9B-v2 / Nemotron-3 (128 heads of 80, 8 groups) in a pure Mamba-2 stack
+    "p80": dict(hidden_size=5120, num_hidden_layers=24, num_heads=128, head_dim=80, n_groups=8),
 }
 
 

@@ -186,6 +186,33 @@ def test_rms_input_is_the_rms_norms_factor():
         mamba2_decode_step(**ops, rms_input=jnp.ones((3, 24)), **kw, impl="xla")
 
 
+def test_head_dim_a_multiple_of_16_interpret():
+    # head dim 48 (like 80, 96: a multiple of 16, no power of two): the default block is its largest power-of-two
+    # divisor, 16 channels a program, 3 programs a head, the first of each group writing its B / C windows
+    check(14, b=2, h=4, p=48, n=8, g=2, k=4, dtype=jnp.float32, interpret=True, steps=2, form="parts5")
+    check(15, b=1, h=2, p=48, n=8, g=1, k=4, dtype=jnp.bfloat16, interpret=True, rms=32, active=[True])
+
+
+def test_head_dims_the_compiled_kernel_takes(monkeypatch):
+    from easymamba.kernels import resolver
+    from easymamba.kernels.decode_step.triton import _default_block_p, decode_step_supported
+    # real checkpoints' head dims: 64 (Mamba-2, Nemotron-H), 80 (Nemotron-Nano-9B-v2), 128; state 128 / 256
+    for p, n in ((64, 128), (80, 128), (96, 128), (128, 256), (80, 256), (48, 16)):
+        assert decode_step_supported(p, n, 4), (p, n)
+    for p, n, k in ((40, 128, 4), (80, 100, 4), (64, 128, 3), (256, 256, 4)):
+        assert not decode_step_supported(p, n, k), (p, n, k)
+    # blocks are powers of two: 80 -> 16 always; 96 -> 32 with many programs, 16 with few; 64 as before
+    assert _default_block_p(1, 128, 80) == 16 and _default_block_p(64, 128, 80) == 16
+    assert _default_block_p(64, 128, 96) == 32 and _default_block_p(1, 24, 96) == 16
+    assert _default_block_p(1, 24, 64) == 16 and _default_block_p(64, 24, 64) == 64
+    # on a GPU, "auto" takes the kernel at head dim 80; "pallas" refuses head dim 40 with the rule in words
+    monkeypatch.setattr(resolver, "_pallas_runs_here", lambda backend: (True, "sm_90 GPU"))
+    auto = resolver.resolve("decode_step", "auto", dims=dict(p=80, n=128, k=4), backend="gpu", interpret=False)
+    assert auto.form is resolver.Form.TRITON, auto
+    with pytest.raises(ValueError, match="a multiple of 16"):
+        resolver.resolve("decode_step", "pallas", dims=dict(p=40, n=128, k=4), backend="gpu", interpret=False)
+
+
 def test_public_wrapper():
     rng = np.random.default_rng(5)
     ops = inputs(rng, **SHAPES["g3"], dtype=jnp.float32)

@@ -120,8 +120,8 @@ GPU_SHAPES = {
                             "easymamba/kernels/conv1d/triton.py)",
     "selective_state_update": "head_dim p and state size n powers of two with p * n <= 128 * 256 "
                               "(state_update_supported in easymamba/kernels/state_update/triton.py)",
-    "decode_step": "head_dim p, state size n and conv width k powers of two with p * n <= 128 * 256 "
-                   "(decode_step_supported in easymamba/kernels/decode_step/triton.py)",
+    "decode_step": "state size n and conv width k powers of two, head_dim p a power of two or a multiple of 16, "
+                   "p * n <= 128 * 256 (decode_step_supported in easymamba/kernels/decode_step/triton.py)",
 }
 
 # op -> the shapes its TPU kernel handles (the `*_tpu_supported` of its file), for the error sentences

@@ -57,9 +57,11 @@ __all__ = ["decode_step_pallas", "decode_step_supported"]
 
 
 def decode_step_supported(p: int, n: int, k: int) -> bool:
-    """Shapes the compiled (Triton) kernel handles: [p, n] state tiles and [p | n, k] conv windows with power-of-two
-    sides."""
-    return pu.is_pow2(p) and pu.is_pow2(n) and pu.is_pow2(k) and p * n <= 128 * 256
+    """Shapes the compiled (Triton) kernel handles: [block_p, n] state tiles and [block_p | n, k] conv windows with
+    power-of-two sides, so n and k powers of two, and p a power of two or a multiple of 16 (head dim 80, 96: its
+    programs then take 16 or 32 channels each, `_default_block_p`); p * n <= 128 * 256."""
+    return ((pu.is_pow2(p) or (p > 0 and p % 16 == 0)) and pu.is_pow2(n) and pu.is_pow2(k)
+            and p * n <= 128 * 256)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -155,8 +157,10 @@ def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log, h
 def _default_block_p(b: int, h: int, p: int) -> int:
     """Channels of a head per program: the whole head once there are >= 1024 programs, else halved down to 16 so
     that small batches still spread over the GPU (H100, 130M layer, docs/benchmarks.md: the kernel 3.3 us with 16
-    channels vs 4.0 with 64 at b = 1; the layer step 13.4 vs 15.2 us at b = 16; equal at b = 64)."""
-    bp = p
+    channels vs 4.0 with 64 at b = 1; the layer step 13.4 vs 15.2 us at b = 16; equal at b = 64). A head dim that
+    is a multiple of 16 but no power of two starts from its largest power-of-two divisor (80: 16, 96: 32), the
+    widest block the compiled kernel loads."""
+    bp = p & -p if p % 16 == 0 and not pu.is_pow2(p) else p
     while b * h * (p // bp) < 1024 and bp > 16 and bp % 2 == 0:
         bp //= 2
     return bp
@@ -303,8 +307,9 @@ def decode_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias
                        A_is_log: bool = False, y_dtype=None, rms_eps: float = 1e-5, block_p: int | None = None,
                        interpret: bool | None = None):
     """Same contract as `decode_step_ref`; one Pallas kernel plus the norm's last step in XLA. Compiled on GPU
-    (shapes: `decode_step_supported`), interpreted elsewhere. `block_p`: channels of a head per program, a power of
-    two dividing p (default: the whole head at large b h, fewer at small; `_default_block_p`). `interpret`: Pallas'
+    (shapes: `decode_step_supported`), interpreted elsewhere. `block_p`: channels of a head per program, dividing p (a
+    power of two where compiled; default: the whole head, or its largest power-of-two divisor, at large b h, fewer
+    at small; `_default_block_p`). `interpret`: Pallas'
     interpreter (None: compiled on a GPU, interpreted elsewhere)."""
     n_groups, eps, dt_limit, y_dtype = _static(n_groups, eps, dt_limit, y_dtype)
     kw = dict(n_groups=n_groups, eps=eps, dt_limit=dt_limit, A_is_log=bool(A_is_log), y_dtype=y_dtype,
