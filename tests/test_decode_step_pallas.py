@@ -213,6 +213,16 @@ def test_head_dims_the_compiled_kernel_takes(monkeypatch):
         resolver.resolve("decode_step", "pallas", dims=dict(p=40, n=128, k=4), backend="gpu", interpret=False)
 
 
+def test_sum_by_halves_is_the_sum():
+    # the norm's sum over the kernel's partial sums, as adds of halves (an odd length's last element aside)
+    from easymamba.kernels.decode_step.triton import _sum_by_halves
+    rng = np.random.default_rng(16)
+    for m in (1, 2, 3, 7, 24, 96, 320):
+        x = rng.normal(size=(2, 3, m))
+        got = np.asarray(_sum_by_halves(jnp.asarray(x, jnp.float32)))
+        assert got.shape == (2, 3) and rel_err(got, x.sum(-1)) <= 1e-6, m
+
+
 def test_public_wrapper():
     rng = np.random.default_rng(5)
     ops = inputs(rng, **SHAPES["g3"], dtype=jnp.float32)
