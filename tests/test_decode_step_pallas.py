@@ -304,7 +304,16 @@ def test_auto_picks_kernel_gpu():
 
     assert resolve_impl("auto", "decode_step", dims=dict(p=64, n=128, k=4)) == (
         "pallas" if PALLAS_FASTER_ON_GPU["decode_step"] else "xla")
-    assert resolve_impl("auto", "decode_step", dims=dict(p=48, n=128, k=4)) == "xla"
+    assert resolve_impl("auto", "decode_step", dims=dict(p=40, n=128, k=4)) == "xla"  # not a multiple of 16
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_dim_80_with_rms_input_gpu(dtype):
+    # Nemotron-Nano-9B-v2's mixer shape (head dim 80 in blocks of 16, 8 groups) with the block's norm folded in
+    check(12, b=2, h=16, p=80, n=128, g=8, k=4, dtype=dtype, interpret=False, steps=2, rms=1280, form="parts5",
+          A_is_log=True)
 
 
 # -- the model's decode path ------------------------------------------------------------------------------------
