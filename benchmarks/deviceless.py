@@ -123,11 +123,16 @@ def decode_loop(shape: str, batch: int, new: int, sharding):
     import easymamba as em
     from easymamba import generation
     from easymamba.sampling import SamplingParams
-    from generate import config_kwargs
+    from generate import HYBRID_SHAPES, config_kwargs, hybrid_kwargs
 
-    cfg = em.Mamba2Config(**config_kwargs(shape))  # the shapes and settings benchmarks/generate.py times
-    model = nnx.eval_shape(lambda: em.Mamba2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
-                                                        param_dtype=jnp.bfloat16))
+    # the shapes and settings benchmarks/generate.py times: Mamba-2 stacks, and the Nemotron-H hybrid shapes
+    if shape in HYBRID_SHAPES:
+        kw = hybrid_kwargs(shape)
+        cfg = em.NemotronHConfig(**dict(kw, layers_block_type=tuple(kw["layers_block_type"])))
+        family = em.NemotronHForCausalLM
+    else:
+        cfg, family = em.Mamba2Config(**config_kwargs(shape)), em.Mamba2ForCausalLM
+    model = nnx.eval_shape(lambda: family(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
     ids = jnp.ones((batch, 4), jnp.int32)
     settings = dict(do_sample=None, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
                     eos_token_id=None, pad_token_id=None, output_logits=False, decode_weights=True)
@@ -139,7 +144,9 @@ def decode_loop(shape: str, batch: int, new: int, sharding):
     state = [v.get_raw_value() for v in entry.variables]
     logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32)
     carry = jax.eval_shape(lambda lg: generation._start_carry(static, lg, ids, None, params), logits)
-    carry = carry.replace(cache=jax.eval_shape(lambda: model.init_cache(batch)))
+    # key/value slots for the prompt and every new token where the family has attention layers (as generate)
+    cache = jax.eval_shape(lambda: model.init_cache(batch, max_length=ids.shape[1] + new))
+    carry = carry.replace(cache=cache)
     rng = jax.eval_shape(lambda: jax.random.key(0))
     fn = generation._jit("loop", generation._loop, entry.graphdef, static, donate_argnums=(1,))
     return fn, (state, carry, rng, params)
@@ -263,7 +270,8 @@ def report_backward(config_ids, sharding, work):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", choices=("decode", "backward"))
-    parser.add_argument("--shapes", default="130M,1.3B,2.7B", help="decode: model shapes (benchmarks/generate.py)")
+    parser.add_argument("--shapes", default="130M,1.3B,2.7B",
+                        help="decode: model shapes (benchmarks/generate.py's SHAPES or HYBRID_SHAPES)")
     parser.add_argument("--batches", default="1,64", help="decode: batch sizes")
     parser.add_argument("--new", type=int, default=16, help="decode: max_new_tokens (an even count)")
     parser.add_argument("--configs", default=None, help="backward: indices into ssd_backward.CONFIGS (all)")
