@@ -137,8 +137,7 @@ def decode_loop(shape: str, batch: int, new: int, sharding):
     settings = dict(do_sample=None, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
                     eos_token_id=None, pad_token_id=None, output_logits=False, decode_weights=True)
     config = generation._config(model, ids, None, new, None, settings)
-    static = generation._Settings(config.max_new_tokens, config.eos_token_ids, config.resolved_pad_token_id,
-                                  config.output_logits, config.decode_weights)
+    static = generation._Settings.of(config)
     params = SamplingParams.from_config(config)
     entry = generation._split(model)
     state = [v.get_raw_value() for v in entry.variables]

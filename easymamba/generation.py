@@ -196,6 +196,11 @@ class _Settings:
     output_logits: bool
     decode_weights: bool
 
+    @classmethod
+    def of(cls, config: "GenerationConfig") -> "_Settings":
+        return cls(config.max_new_tokens, config.eos_token_ids, config.resolved_pad_token_id, config.output_logits,
+                   config.decode_weights)
+
 
 # Traces per function name, for tests: a call with the same shapes and settings must not add any.
 _TRACES: collections.Counter = collections.Counter()
@@ -218,7 +223,7 @@ LOOP_COMPILER_OPTIONS: dict[str, Any] = {}
 # Decode steps per trip of the loop (`fori_loop`'s unroll), by backend (`jax.default_backend()`; 1 where absent;
 # read when a model's loop is first traced). The fused decode step writes each layer's new conv state to a fresh
 # buffer (an in-place write would race: kernels/decode_step/triton.py), and a loop body of one step must then copy
-# it back into the carry's buffer: one copy kernel per layer and step, 24 of the 172 kernels a 130M step launches
+# it back into the carry's buffer: one copy kernel per layer and step, 24 of the 201 kernels a 130M step launched
 # at b = 1 (the loop compiled for an H100: docs/benchmarks.md, benchmarks/deviceless.py). With two steps a trip
 # the two steps' outputs alternate between two buffers and XLA inserts no copy. On the CPU a copy costs no launch
 # and a second step in the body only doubles the loop's compile time, so it stays at one.
@@ -587,8 +592,7 @@ def _start(model, input_ids, attention_mask, cache, rng, generation_config, max_
     if n > 1 and cache is not None:
         raise ValueError(f"num_return_sequences ({n}) > 1 with a cache: a cache holds one state per row of "
                          "input_ids; repeat the rows of both yourself, or leave num_return_sequences at 1")
-    static = _Settings(config.max_new_tokens, config.eos_token_ids, config.resolved_pad_token_id,
-                       config.output_logits, config.decode_weights)
+    static = _Settings.of(config)
     params = SamplingParams.from_config(config)
     entry = _split(model)
     state, fns = [v.get_raw_value() for v in entry.variables], _entry_decode_fns(entry, static)

@@ -31,7 +31,7 @@ from flax import nnx, struct
 from easymamba.config.common import check_resource_bounds
 from easymamba.layers import Embedding, is_concrete, normal_init
 from easymamba.models.attention import position_ids_from_mask
-from easymamba.models.common import as_array, check_attention_mask, check_left_padded, sow_hook
+from easymamba.models.common import as_array, check_attention_mask, check_left_padded, norm_folded, sow_hook
 from easymamba.models.compiled import CompiledLM
 from easymamba.models.family import ties_lm_head
 from easymamba.norms import RMSNorm
@@ -119,13 +119,8 @@ class ResidualBlock(nnx.Module):
              position_ids=None, embeddings=None):
         """One token: hidden (b, 1, d), the layer's view -> (hidden (b, 1, d), the renewed view)."""
         del embeddings
-        if isinstance(decode_weights, dict) and "rms_eps" in decode_weights and attention_mask is None:
-            # this block's norm weight is inside the mixer's prepared in_proj, and its fused decode step takes the
-            # input as it is and normalises it in its kernel (no launch of the norm's own)
-            residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
-            normed = hidden.astype(self.norm.weight.dtype)
-        else:
-            residual, normed = self._pre(hidden)
+        # with the norm folded into the mixer's prepared in_proj, its fused decode step normalises in its kernel
+        residual, normed = self._pre(hidden, folded=norm_folded(decode_weights) and attention_mask is None)
         out, view = self.mixer.run_step(normed, view, attention_mask=attention_mask, position_ids=position_ids,
                                         active_rows=active_rows, decode_weights=decode_weights)
         return self._post(residual, out), view
@@ -138,9 +133,12 @@ class ResidualBlock(nnx.Module):
             return self.mixer.decode_weights(pre_norm=self.norm)
         return self.mixer.decode_weights()
 
-    def _pre(self, hidden):
+    def _pre(self, hidden, folded: bool = False):
+        """(residual, the mixer's input): the norm's output, or with `folded` the input in the norm's dtype (the
+        mixer applies the norm itself: `decode_weights`)."""
         residual = hidden.astype(jnp.float32) if self.residual_in_fp32 else hidden
-        return residual, self.norm(hidden.astype(self.norm.weight.dtype))
+        x = hidden.astype(self.norm.weight.dtype)
+        return residual, x if folded else self.norm(x)
 
     def _post(self, residual, out):
         hidden = residual + out

@@ -43,6 +43,12 @@ def init_dt_bias(key, num_heads: int, config, dtype) -> jax.Array:
     return _inverse_softplus(dt).astype(dtype)
 
 
+def norm_folded(decode_weights) -> bool:
+    """Whether a mixer's prepared decode weights hold its block's RMS norm (`Mamba2Mixer.decode_weights(pre_norm=)`):
+    the block then hands the mixer its input un-normalised, and the fused decode step normalises."""
+    return isinstance(decode_weights, dict) and "rms_eps" in decode_weights
+
+
 def check_active_rows(active_rows, b: int, conv_state) -> None:
     """A mixer's `active_rows`: (b,) bool, and only with states to hold."""
     if active_rows is None:

@@ -35,7 +35,14 @@ from easymamba import kernels
 from easymamba.config import Mamba2Config
 from easymamba.kernels import mamba2_decode_step
 from easymamba.layers import SplitConv1d, SplitLinear, few_row_kernel, kaiming_uniform_init, linear
-from easymamba.models.common import SSMViewMixer, check_active_rows, hold_rows, init_dt_bias, sow_hook
+from easymamba.models.common import (
+    SSMViewMixer,
+    check_active_rows,
+    hold_rows,
+    init_dt_bias,
+    norm_folded,
+    sow_hook,
+)
 from easymamba.norms import GatedRMSNorm
 from easymamba.sharding import MeshRules, constrain
 
@@ -131,7 +138,7 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
         check_active_rows(active_rows, b, conv_state)
         if attention_mask is None and self._fused_decode():
             return self._fused_decode_step(hidden, conv_state, ssm_state, active_rows, decode_weights)
-        if isinstance(decode_weights, dict) and "rms_eps" in decode_weights:
+        if norm_folded(decode_weights):
             raise ValueError("decode_weights made with the block's norm folded in (pre_norm=) are for the fused "
                              "decode step, which this step does not take (a mask, hooks, a mesh or kernel_impl "
                              "changed since they were made); make them again, or pass none")
@@ -235,7 +242,7 @@ class Mamba2Mixer(SSMViewMixer, nnx.Module):
             first = getattr(self.in_proj, self.in_proj.part_names[0])
             zxbcdt = linear(first, hidden, decode_weights["in_proj_kernel"], decode_weights["in_proj_bias"],
                             few_rows=True)[:, 0]
-            if "rms_eps" in decode_weights:  # hidden is the block's input, the norm's weight in in_proj's kernel
+            if norm_folded(decode_weights):  # hidden is the block's input, the norm's weight in in_proj's kernel
                 rms_input, rms_eps = hidden[:, 0], decode_weights["rms_eps"]
         conv = self.conv1d
         parts = [getattr(conv, name) for name in conv.part_names]         # x, B, C

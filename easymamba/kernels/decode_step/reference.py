@@ -16,7 +16,7 @@ from jax import lax
 from easymamba.kernels.conv1d.reference import causal_conv1d_update_ref
 from easymamba.kernels.state_update.reference import selective_state_update_ref
 
-__all__ = ["decode_step_ref", "check_row_mask", "rms_scale", "scale_rows"]
+__all__ = ["decode_step_ref", "check_row_mask"]
 
 _IN_PROJ_PARTS = ("z", "x", "B", "C", "dt")
 _CONV_PARTS = ("x", "B", "C")
@@ -103,13 +103,13 @@ def _round_like(x, dtype):
     return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
-def rms_scale(rms_input, eps: float):
+def _rms_scale(rms_input, eps: float):
     """rsqrt(mean(x^2) + eps) per row of rms_input [b, d], in float32: the factor an RMS norm multiplies a row by."""
     x = rms_input.astype(jnp.float32)
     return lax.rsqrt(jnp.mean(x * x, axis=-1) + eps)  # [b]
 
 
-def scale_rows(zxbcdt, scale):
+def _scale_rows(zxbcdt, scale):
     """The in_proj output (packed or its parts) with each row times scale [b], rounded back to its dtype."""
     one = lambda a: _round_like(a.astype(jnp.float32) * scale[:, None], a.dtype).astype(a.dtype)  # noqa: E731
     return tuple(map(one, zxbcdt)) if isinstance(zxbcdt, (tuple, list)) else one(zxbcdt)
@@ -129,7 +129,7 @@ def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, s
 
     rms_input [b, d] or None: the block's input before its RMS norm, when zxbcdt is in_proj of that input with the
     norm's weight folded into in_proj (`Mamba2Mixer.decode_weights(pre_norm=)`): each row of zxbcdt is first
-    multiplied by the norm's factor rsqrt(mean(rms_input^2) + rms_eps) (`rms_scale`) and rounded back to its
+    multiplied by the norm's factor rsqrt(mean(rms_input^2) + rms_eps) (`_rms_scale`) and rounded back to its
     dtype, which makes it in_proj of the normalised input. (The fused kernel does this itself: the norm then costs
     no launch of its own.)
     """
@@ -139,7 +139,7 @@ def decode_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, A, D, dt_bias, s
     if rms_input is not None:
         if rms_input.ndim != 2 or rms_input.shape[0] != b:
             raise ValueError(f"rms_input has shape {tuple(rms_input.shape)}; expected (b, d) with b = {b}")
-        zxbcdt = scale_rows(zxbcdt, rms_scale(rms_input, rms_eps))
+        zxbcdt = _scale_rows(zxbcdt, _rms_scale(rms_input, rms_eps))
         act = _operands(zxbcdt, conv_weight, conv_bias, conv_state, ssm_state, n_groups)[2]
     old_conv, old_ssm = conv_state, ssm_state
     z, dt = _part(act, "z", e, 1), _part(act, "dt", h, 1)

@@ -102,15 +102,15 @@ def _kernel(*refs, where, n_in, e, g, n, p, k, r, block_p, dt_limit, A_is_log, h
 
         norm_scale = lax.rsqrt(lax.fori_loop(0, steps, add_squares, jnp.zeros((), f32)) / d + rms_eps)
 
-    def act(part, start, size):  # a part of the in_proj output, times the norm factor, rounded back to its dtype
-        v = load(part, start, size)
+    def scaled(v):  # a value of the in_proj output, times the norm's factor, rounded back to its dtype
         return v if rms is None else (v.astype(f32) * norm_scale).astype(v.dtype)
+
+    def act(part, start, size):
+        return scaled(load(part, start, size))
 
     z = act("z", c0, block_p).astype(f32)  # [P]
     pos, offset = where["dt"]
-    dt = ins[pos][offset + hi]
-    dt = dt.astype(f32) if rms is None else (dt.astype(f32) * norm_scale).astype(dt.dtype).astype(f32)
-    dt = dt + dtb_ref[...].astype(f32)
+    dt = scaled(ins[pos][offset + hi]).astype(f32) + dtb_ref[...].astype(f32)
     A = A_ref[...].astype(f32)
     A = -jnp.exp(A) if A_is_log else A
     D = D_ref[...].astype(f32)
@@ -298,12 +298,9 @@ def _decode_step_bwd(*rest):
     statics.pop("block_p")
     statics.pop("interpret")
     *residuals, active, rms_input = residuals
-    if rms_input is None:
-        _, vjp = jax.vjp(functools.partial(decode_step_ref, active=active, **statics), *residuals)
-        return (*vjp(cotangents), None, None)  # `active` is a bool mask: no cotangent
     _, vjp = jax.vjp(lambda *a: decode_step_ref(*a[:-1], active, a[-1], **statics), *residuals, rms_input)
-    *grads, d_rms = vjp(cotangents)
-    return (*grads, None, d_rms)
+    *grads, d_rms = vjp(cotangents)  # d_rms None without rms_input
+    return (*grads, None, d_rms)  # `active` is a bool mask: no cotangent
 
 
 _decode_step.defvjp(_decode_step_fwd, _decode_step_bwd)
